@@ -1,0 +1,172 @@
+"""Convolutional feature backbones for memory-bank methods (PatchCore and the like).
+
+Each backbone is described by a :class:`BackboneSpec`: how to build it, which layers it exposes and
+at which stride, its input normalisation, and the registered weights it loads. Nothing about a
+backbone is hard-coded in the methods that use it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from anomalens.backbones.taef2 import TAEF2_STRIDES, TAEF2Features
+from anomalens.weights import load_state_dict_checked, read_checkpoint, resolve
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build a feature backbone and read its pretrained weights."""
+
+    name: str  # registry key
+    build: Callable[[tuple[str, ...]], nn.Module]  # layers -> random-init module returning one map per layer
+    strides: dict[str, int]  # every extractable layer and its stride relative to the input
+    default_layers: tuple[str, ...]  # the two mid-level stages PatchCore uses by default
+    weights: str  # registered component in anomalens.weights.WEIGHTS
+    mean: tuple[float, float, float]  # input normalisation (images arrive in [0, 1])
+    std: tuple[float, float, float]
+    load_weights: Callable[[nn.Module, dict[str, torch.Tensor], str], None]  # (module, state dict, source)
+
+
+class _TorchvisionFeatures(nn.Module):
+    """A torchvision classifier cut to the requested layers with ``create_feature_extractor`` (no hooks)."""
+
+    def __init__(self, architecture: str, layers: tuple[str, ...]):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        self.architecture = architecture
+        self.layers = layers
+        self.extractor = create_feature_extractor(
+            _torchvision_classifier(architecture), return_nodes={name: name for name in layers}
+        )
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs = self.extractor(images)
+        return [outputs[name] for name in self.layers]
+
+
+def _torchvision_classifier(architecture: str) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError(
+            f"backbone {architecture!r} needs torchvision: pip install 'torchvision>=0.19' "
+            "(it installs the matching PyPI torch)"
+        ) from error
+    return getattr(torchvision.models, architecture)(weights=None)
+
+
+def _load_torchvision(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    # Check the checkpoint against the whole classifier, then keep the nodes the extractor uses.
+    classifier = _torchvision_classifier(module.architecture)
+    load_state_dict_checked(classifier, state, source=source)
+    needed = module.extractor.state_dict()
+    module.extractor.load_state_dict({key: value for key, value in classifier.state_dict().items() if key in needed})
+
+
+def _load_taef2(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    load_state_dict_checked(module.encoder, state, source=source)
+
+
+_RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "wide_resnet50_2": BackboneSpec(
+        name="wide_resnet50_2",
+        build=lambda layers: _TorchvisionFeatures("wide_resnet50_2", layers),
+        strides=_RESNET_STRIDES,
+        default_layers=("layer2", "layer3"),
+        weights="wide_resnet50_2",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        load_weights=_load_torchvision,
+    ),
+    "resnet18": BackboneSpec(
+        name="resnet18",
+        build=lambda layers: _TorchvisionFeatures("resnet18", layers),
+        strides=_RESNET_STRIDES,
+        default_layers=("layer2", "layer3"),
+        weights="resnet18",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        load_weights=_load_torchvision,
+    ),
+    "taef2": BackboneSpec(
+        name="taef2",
+        build=lambda layers: TAEF2Features(layers),
+        strides=TAEF2_STRIDES,
+        default_layers=("block9", "block13"),
+        weights="taef2_encoder",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        load_weights=_load_taef2,
+    ),
+}
+
+
+def list_backbones() -> list[str]:
+    """Names of the available feature backbones."""
+    return sorted(BACKBONES)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """The spec of backbone ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(list_backbones())}")
+    return BACKBONES[name]
+
+
+class FeatureBackbone(nn.Module):
+    """A frozen backbone that normalises ``[0, 1]`` images and returns the requested layers' maps.
+
+    Args:
+        name: A name from :func:`list_backbones`.
+        layers: Layer names (see the spec's ``strides``); ``None`` uses the spec's defaults.
+        pretrained: ``"default"`` loads the registered weights, a path loads that checkpoint,
+            ``None`` keeps the random initialisation (tests, speed measurements).
+        weights_dir: Folder searched first for the registered weights.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        layers: tuple[str, ...] | None = None,
+        pretrained: str | None = "default",
+        weights_dir: str | os.PathLike | None = None,
+        method_hint: str | None = None,
+    ):
+        super().__init__()
+        self.spec = get_backbone_spec(name)
+        self.layers = tuple(layers) if layers else self.spec.default_layers
+        unknown = [layer for layer in self.layers if layer not in self.spec.strides]
+        if unknown:
+            raise ValueError(
+                f"unknown layer(s) {unknown} for backbone {name!r}; valid layers: {', '.join(self.spec.strides)}"
+            )
+        self.strides = [self.spec.strides[layer] for layer in self.layers]
+        self.model = self.spec.build(self.layers)
+        if pretrained is not None:
+            reference = self.spec.weights if pretrained == "default" else pretrained
+            path = resolve(reference, weights_dir=weights_dir, method_hint=method_hint)
+            self.spec.load_weights(self.model, read_checkpoint(path), str(path))
+        self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
+        self.model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FeatureBackbone:
+        """The backbone stays in eval mode (frozen batch-norm statistics)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, 3, H, W)`` in [0, 1] to ``[(B, C_l, H/s_l, W/s_l) for each layer l]``."""
+        return self.model((images - self.mean) / self.std)

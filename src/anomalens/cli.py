@@ -1,0 +1,319 @@
+"""The ``anomalens`` command line.
+
+Commands:
+    predict    score image files and folders; write heatmaps, raw maps, scores.jsonl / scores.csv
+    benchmark  reproduce paper-style tables on MVTec AD, VisA, Real-IAD or your own folder
+    fit        fit a detector on reference images and save it (for predict --detector)
+    weights    download the pretrained weights a method needs, or list where they are found
+    list       the available methods, backbones and datasets
+
+Method options: ``--backbone`` and ``--pretrained`` (``none`` builds random weights), or any config field
+with ``--set NAME=VALUE`` (repeatable). Errors are reported in one line, without a traceback
+(set ``ANOMALENS_DEBUG=1`` for one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+from anomalens.weights import WEIGHTS_DIR_ENV
+
+logger = logging.getLogger("anomalens")
+
+
+def _add_method_options(parser: ArgumentParser, method_required: bool = True) -> None:
+    parser.add_argument("--method", required=method_required, help="detector method (see `anomalens list`)")
+    parser.add_argument("--backbone", default=None, help="backbone name (method option)")
+    parser.add_argument("--pretrained", default=None, help="pretrained weights: a tag, a path, or 'none' (random)")
+    parser.add_argument(
+        "--set", dest="options", action="append", default=[], metavar="NAME=VALUE", help="any method config field"
+    )
+    parser.add_argument("--weights-dir", default=None, help=f"folder with pretrained weights (or ${WEIGHTS_DIR_ENV})")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="anomalens", description="Visual anomaly detection with foundation models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only, no progress bars")
+    commands = parser.add_subcommands(dest="command", required=True)
+
+    predict = ArgumentParser(description="Score images; write heatmaps, raw maps and scores.")
+    _add_method_options(predict, method_required=False)
+    predict.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--detector", default=None, help="a detector folder saved by `anomalens fit`")
+    predict.add_argument("--reference", nargs="+", default=None, help="normal reference images and/or folders")
+    predict.add_argument("--class-name", default=None, help="the product's name, e.g. bottle")
+    predict.add_argument("--threshold", type=float, default=None, help="score above which an image is anomalous")
+    predict.add_argument("--raw-format", default="npy", choices=["npy", "png16"], help="format of the raw maps")
+    predict.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlays")
+    predict.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    predict.add_argument("--save-detector", default=None, help="also save the fitted detector to this folder")
+    commands.add_subcommand("predict", predict, help="score images")
+
+    benchmark = ArgumentParser(description="Benchmark a method on a dataset; write results.json and results.md.")
+    _add_method_options(benchmark)
+    benchmark.add_argument("--dataset", required=True, help="mvtec, visa, realiad or folder")
+    benchmark.add_argument("--root", required=True, help="dataset root folder")
+    benchmark.add_argument("--category", nargs="+", default=None, help="categories (default: all)")
+    benchmark.add_argument("--shots", default="1", help="reference images per category: an integer, or 'all'")
+    benchmark.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for drawing references")
+    benchmark.add_argument("--eval-size", default="256", help="side maps and masks are resized to; 'none' = native")
+    benchmark.add_argument("--out", default=None, help="output folder for results.json and results.md")
+    commands.add_subcommand("benchmark", benchmark, help="reproduce paper-style tables")
+
+    fit = ArgumentParser(description="Fit a detector on reference images and save it.")
+    _add_method_options(fit)
+    fit.add_argument("--reference", nargs="+", default=None, help="normal reference images and/or folders")
+    fit.add_argument("--class-name", default=None, help="the product's name, e.g. bottle")
+    fit.add_argument("--threshold", type=float, default=None, help="fixed threshold (default: leave-one-out)")
+    fit.add_argument("--out", required=True, help="folder to save the detector in")
+    commands.add_subcommand("fit", fit, help="fit and save a detector")
+
+    weights = ArgumentParser(description="Pretrained weights.")
+    commands.add_subcommand("weights", weights, help="download or list pretrained weights")
+    weights_commands = weights.add_subcommands(dest="action", required=True)
+    download = ArgumentParser(description="Download the weights METHOD needs into the cache.")
+    download.add_argument("method", help="method name")
+    download.add_argument("--backbone", default=None, help="backbone name (method option)")
+    download.add_argument("--pretrained", default=None, help="pretrained weights tag or path")
+    download.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE")
+    download.add_argument("--weights-dir", default=None, help="look here first")
+    weights_commands.add_subcommand("download", download, help="fill the weights cache")
+    listing = ArgumentParser(description="Registered weights and where they are found.")
+    listing.add_argument("--weights-dir", default=None, help="look here first")
+    weights_commands.add_subcommand("list", listing, help="list registered weights")
+
+    commands.add_subcommand("list", ArgumentParser(description="Methods, backbones and datasets."), help="list names")
+    return parser
+
+
+def _method_options(args: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in args.options or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        options[name.strip().replace("-", "_")] = value
+    if getattr(args, "backbone", None) is not None:
+        options["backbone"] = args.backbone
+    if getattr(args, "pretrained", None) is not None:
+        options["pretrained"] = args.pretrained
+    if getattr(args, "batch_size", None) is not None:
+        options["batch_size"] = args.batch_size
+    return options
+
+
+def _create(args: Any):
+    import anomalens
+
+    options = _method_options(args)
+    cls = anomalens.get_method(args.method)
+    from anomalens.config import config_fields
+
+    # --batch-size is a runtime option: only pass it to configs that have the field.
+    if "batch_size" in options and "batch_size" not in config_fields(cls.config_class):
+        options.pop("batch_size")
+    detector = anomalens.create(args.method, weights_dir=args.weights_dir, **options)
+    return detector.to(args.device)
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, dynamic_ncols=True)
+
+
+def _reference_images(entries: Sequence[str] | None) -> list:
+    """Load reference images, reporting and skipping unreadable ones."""
+    from anomalens.images import ImageLoadError, find_images, load_image
+
+    if not entries:
+        return []
+    images = []
+    for path in find_images(entries):
+        try:
+            images.append(load_image(path))
+        except ImageLoadError as error:
+            logger.warning("skipped reference %s: %s", path, error.reason)
+    if not images:
+        raise ValueError(f"no readable reference image in {list(entries)}")
+    return images
+
+
+def _fit_detector(detector, args: Any) -> str:
+    """Fit from --reference (deriving the default threshold); returns how the threshold was chosen."""
+    from anomalens.predict import leave_one_out_threshold
+
+    references = _reference_images(args.reference)
+    if not references:
+        if not detector.is_fitted:
+            detector.fit(None, class_name=args.class_name)
+        return "detector" if detector.threshold is not None else "none"
+    if args.threshold is None and detector.few_shot:
+        logger.info("fitting on %d reference image(s) and deriving the threshold (leave-one-out)", len(references))
+        detector.threshold = leave_one_out_threshold(detector, references, class_name=args.class_name)
+        return "leave-one-out" if detector.threshold is not None else "none"
+    detector.fit(references, class_name=args.class_name)
+    return "given" if args.threshold is not None else "none"
+
+
+def cmd_predict(args: Any) -> int:
+    import anomalens
+    from anomalens.predict import collect_inputs, run_predict
+
+    if args.detector:
+        detector = anomalens.load(args.detector, map_location=args.device)
+        if args.method and args.method != detector.method_name:
+            raise ValueError(f"--method {args.method!r} differs from the saved detector's {detector.method_name!r}")
+    elif args.method:
+        detector = _create(args)
+    else:
+        raise ValueError("give --method (and references) or --detector SAVED_FOLDER")
+    total = len(collect_inputs(args.inputs)[0])
+    if total == 0:
+        raise ValueError(f"no image files found in {args.inputs}")
+    source = _fit_detector(detector, args)
+    if args.save_detector:
+        detector.save(args.save_detector)
+    bar = _progress(total, "scoring", args.quiet)
+    finished = [0]
+
+    def advance(done: int) -> None:
+        bar.update(done - finished[0])
+        finished[0] = done
+
+    try:
+        summary = run_predict(
+            detector,
+            args.inputs,
+            args.out,
+            threshold=args.threshold,
+            threshold_source="given" if args.threshold is not None else source,
+            batch_size=args.batch_size,
+            raw_format=args.raw_format,
+            overwrite=args.overwrite,
+            write_overlays=not args.no_overlays,
+            run_info={"command": _command_line()},
+            progress=advance,
+        )
+    finally:
+        bar.close()
+    if summary.threshold is not None:
+        print(f"threshold {summary.threshold:.6g} ({summary.threshold_source})")
+    for item in summary.skipped_inputs:
+        print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
+    print(summary.line())
+    return 0
+
+
+def cmd_benchmark(args: Any) -> int:
+    from anomalens.benchmark import parse_shots, run_benchmark
+
+    shots = parse_shots(args.shots)
+    eval_size = None if str(args.eval_size).lower() == "none" else int(args.eval_size)
+    detector = _create(args)
+    results = run_benchmark(
+        detector,
+        args.dataset,
+        args.root,
+        categories=args.category,
+        shots=shots,
+        seeds=args.seeds,
+        out_dir=args.out,
+        batch_size=args.batch_size,
+        eval_size=eval_size,
+        command=_command_line(),
+        progress_factory=lambda total, desc: _progress(total, desc, args.quiet),
+    )
+    from anomalens.benchmark import results_table
+
+    print(results_table(results))
+    if args.out:
+        print(f"results written to {os.path.join(args.out, 'results.json')} and results.md")
+    return 0
+
+
+def cmd_fit(args: Any) -> int:
+    detector = _create(args)
+    if args.threshold is not None:
+        detector.threshold = args.threshold
+    source = _fit_detector(detector, args)
+    path = detector.save(args.out)
+    threshold = "none" if detector.threshold is None else f"{detector.threshold:.6g} ({source})"
+    print(f"saved fitted {detector.method_name} detector to {path}; threshold {threshold}")
+    return 0
+
+
+def cmd_weights(args: Any) -> int:
+    import anomalens
+    from anomalens.weights import WEIGHTS, resolve
+
+    if args.action == "list":
+        for name, source in sorted(WEIGHTS.items()):
+            try:
+                where = str(resolve(name, weights_dir=args.list.weights_dir, allow_download=False))
+            except FileNotFoundError:
+                where = "not found"
+            print(f"{name:20s} {source.size_mb:7.1f} MB  {source.licence:28s} {where}")
+        return 0
+    download = args.download
+    cls = anomalens.get_method(download.method)
+    from anomalens.config import build_config
+
+    config = build_config(cls.config_class, _method_options(download), method=download.method)
+    references = cls.required_weights(config)
+    if not references:
+        print(f"{download.method} with this configuration needs no pretrained weights")
+    for reference in references:
+        path = resolve(reference, weights_dir=download.weights_dir, method_hint=download.method)
+        print(f"{reference}: {path}")
+    return 0
+
+
+def cmd_list(args: Any) -> int:
+    import anomalens
+    from anomalens.backbones import list_backbones
+    from anomalens.datasets import list_datasets
+
+    print("methods:   " + ", ".join(anomalens.list_methods()))
+    print("backbones: " + ", ".join(list_backbones()))
+    print("datasets:  " + ", ".join(list_datasets()))
+    return 0
+
+
+def _command_line() -> str:
+    return "anomalens " + " ".join(shlex.quote(part) for part in sys.argv[1:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anomalens`` command."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"predict": cmd_predict, "benchmark": cmd_benchmark, "fit": cmd_fit, "weights": cmd_weights}
+    handlers["list"] = cmd_list
+    command_args = getattr(args, args.command)
+    if args.command in ("predict", "benchmark"):
+        command_args.quiet = args.quiet
+    try:
+        return handlers[args.command](command_args if args.command != "weights" else args.weights)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+        if os.environ.get("ANOMALENS_DEBUG"):
+            raise
+        print(f"anomalens: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The detector API every method implements.
+
+A :class:`Detector` is a plain ``torch.nn.Module``: fitted state (memory banks, adapters) lives in
+buffers and parameters, so ``state_dict`` captures a fitted detector and :meth:`Detector.save` writes
+it as safetensors beside a JSON config. Methods implement two hooks:
+
+- ``_fit(reference_images, class_name)``: build state from ``(H, W, 3)`` uint8 references (may be empty
+  for zero-shot methods);
+- ``_predict_batch(images)``: score a batch, returning image scores ``(B,)`` and anomaly maps at any
+  common resolution ``(B, h, w)``; the base class resizes each map back to its image's own size.
+
+Everything else (input loading and validation, batching, result type, persistence) is shared here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalens.config import config_hash, config_to_dict
+from anomalens.images import ImageLike, describe, load_image
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "anomalens-detector"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+TENSORS_FILE = "model.safetensors"
+
+
+@dataclass
+class AnomalyResult:
+    """The output of every method for one image.
+
+    Attributes:
+        score: Image-level anomaly score; higher means more anomalous.
+        anomaly_map: ``(H, W)`` float32 map at the input image's own resolution.
+        label: ``True`` (anomalous) / ``False`` when a threshold applies, else ``None``.
+        threshold: The threshold the label was decided with, if any.
+        source: What the image was (its path, or a short description of an in-memory image).
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    label: bool | None = None
+    threshold: float | None = None
+    source: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Detector(nn.Module):
+    """Base class of all anomaly detectors.
+
+    Subclasses set ``method_name`` and ``config_class`` and implement ``_fit`` and ``_predict_batch``.
+
+    Args:
+        config: The method's config dataclass instance.
+        weights_dir: Folder searched first for pretrained weights (see :mod:`anomalens.weights`).
+        load_pretrained: ``False`` builds the architecture only (used by :meth:`load`, which restores
+            every tensor from the saved file).
+    """
+
+    method_name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    zero_shot: ClassVar[bool] = False  # whether fit() may be called without references
+    few_shot: ClassVar[bool] = True  # whether fit() accepts reference images
+
+    def __init__(self, config: Any, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True):
+        super().__init__()
+        self.config = config
+        self.weights_dir = weights_dir
+        self.load_pretrained = load_pretrained
+        self.class_name: str | None = None
+        self.threshold: float | None = None
+        self.register_buffer("_is_fitted", torch.tensor(False))
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has been called (restored by :meth:`load`)."""
+        return bool(self._is_fitted)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the detector's tensors live on."""
+        return self._is_fitted.device
+
+    @property
+    def config_hash(self) -> str:
+        """Short hash of the method and config, recorded with every score."""
+        return config_hash(self.method_name, self.config)
+
+    def fit(self, reference_images: Sequence[ImageLike] | None = None, class_name: str | None = None) -> Detector:
+        """Prepare the detector for a product class.
+
+        Args:
+            reference_images: Normal images (paths, PIL images or arrays). Zero-shot methods accept none;
+                few-shot methods need at least one.
+            class_name: The product's name (e.g. ``"bottle"``), used by language-guided methods.
+
+        Returns:
+            ``self``, fitted.
+
+        Raises:
+            ValueError: References given to a zero-shot-only method, none given to a method that needs
+                them, or a reference that is not a readable image.
+        """
+        references = list(reference_images or [])
+        if references and not self.few_shot:
+            raise ValueError(f"method {self.method_name!r} is zero-shot and takes no reference images")
+        if not references and not self.zero_shot:
+            raise ValueError(
+                f"method {self.method_name!r} needs at least one normal reference image; got none "
+                "(pass reference_images=[...] or --reference DIR)"
+            )
+        if class_name is not None and not isinstance(class_name, str):
+            raise ValueError(f"class_name must be a string, got {class_name!r}")
+        arrays = [load_image(image) for image in references]
+        self.class_name = class_name
+        with torch.inference_mode():
+            self._fit(arrays, class_name)
+        self._is_fitted.fill_(True)
+        return self
+
+    def predict(self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None) -> list[AnomalyResult]:
+        """Score images.
+
+        Args:
+            images: One image or a sequence (paths, PIL images or ``(H, W[, C])`` arrays); sizes may differ.
+            batch_size: Images per forward pass; defaults to the config's ``batch_size`` (or 8).
+
+        Returns:
+            One :class:`AnomalyResult` per image, in order; each ``anomaly_map`` has that image's ``(H, W)``.
+
+        Raises:
+            RuntimeError: The detector is not fitted.
+            ImageLoadError: An input is not a readable image (the message names it).
+        """
+        if not self.is_fitted:
+            raise RuntimeError(f"{self.method_name} detector is not fitted: call fit() first (or load a saved one)")
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, Sequence):
+            images = [images]
+        size = batch_size or getattr(self.config, "batch_size", 8)
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        results: list[AnomalyResult] = []
+        for start in range(0, len(images), size):
+            chunk = images[start : start + size]
+            arrays = [load_image(image) for image in chunk]
+            results.extend(self.predict_arrays(arrays, [describe(image) for image in chunk]))
+        return results
+
+    def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list[AnomalyResult]:
+        """Score already-loaded ``(H, W, 3)`` uint8 arrays as one batch (the batch commands' entry point)."""
+        if not self.is_fitted:
+            raise RuntimeError(f"{self.method_name} detector is not fitted: call fit() first (or load a saved one)")
+        if not arrays:
+            return []
+        with torch.inference_mode():
+            scores, maps = self._predict_batch(list(arrays))
+            scores = scores.detach().float().cpu()
+            maps = maps.detach().float()
+            results = []
+            for index, array in enumerate(arrays):
+                height, width = array.shape[:2]
+                full = resize_map(maps[index], (height, width)).cpu().numpy().astype(np.float32, copy=False)
+                score = float(scores[index])
+                label = None if self.threshold is None else bool(score > self.threshold)
+                results.append(
+                    AnomalyResult(
+                        score=score,
+                        anomaly_map=full,
+                        label=label,
+                        threshold=self.threshold,
+                        source=sources[index] if sources else "",
+                    )
+                )
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description: method, config, class name, threshold, fitted state."""
+        return {
+            "method": self.method_name,
+            "config": config_to_dict(self.config),
+            "config_hash": self.config_hash,
+            "class_name": self.class_name,
+            "threshold": self.threshold,
+            "fitted": self.is_fitted,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the detector to folder ``path`` (``config.json`` + ``model.safetensors``), atomically.
+
+        The file holds every tensor of the module (backbone and fitted state), so :meth:`load`
+        needs no network and no other weights.
+        """
+        from safetensors.torch import save_file
+
+        target = Path(path)
+        if target.exists() and not (target / CONFIG_FILE).exists():
+            if not target.is_dir() or any(target.iterdir()):
+                raise ValueError(f"cannot save detector to {target}: it exists and is not a saved detector")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.describe()}
+            meta["anomalens_version"] = _package_version()
+            (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+            save_file(_unshare(tensors), str(staging / TENSORS_FILE), metadata={"format": FORMAT_NAME})
+            if target.exists():
+                backup = target.with_name(f".{target.name}.old")
+                shutil.rmtree(backup, ignore_errors=True)
+                os.replace(target, backup)
+                os.replace(staging, target)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("saved %s detector to %s", self.method_name, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Detector:
+        """Load a detector written by :meth:`save` (any method; see :func:`anomalens.load`)."""
+        from anomalens.registry import load
+
+        detector = load(path, map_location=map_location)
+        if cls is not Detector and not isinstance(detector, cls):
+            raise ValueError(f"{path} holds a {detector.method_name!r} detector, not {cls.method_name!r}")
+        return detector
+
+    # ------------------------------------------------------------------ hooks for methods
+    @classmethod
+    def required_weights(cls, config: Any) -> list[str]:
+        """Weight references (see :func:`anomalens.weights.resolve`) this config loads; for ``weights download``."""
+        return []
+
+    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
+        raise NotImplementedError
+
+    def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score a batch. Returns scores ``(B,)`` and maps ``(B, h, w)`` at one common resolution."""
+        raise NotImplementedError
+
+
+def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize an ``(h, w)`` map to ``size`` = ``(H, W)``."""
+    if tuple(anomaly_map.shape[-2:]) == tuple(size):
+        return anomaly_map
+    return F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone tensors that share storage, which safetensors refuses to write."""
+    seen: dict[int, str] = {}
+    result = {}
+    for name, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -id(tensor)
+        result[name] = tensor.clone() if pointer in seen else tensor
+        seen.setdefault(pointer, name)
+    return result
+
+
+def _package_version() -> str:
+    from anomalens import __version__
+
+    return __version__
+
+
+def config_from_saved(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check the ``config.json`` of a saved detector folder."""
+    folder = Path(path)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file() or not (folder / TENSORS_FILE).is_file():
+        raise ValueError(f"{folder} is not a saved anomalens detector (expected {CONFIG_FILE} and {TENSORS_FILE})")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{config_path} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{config_path} was written by a newer anomalens (format {meta['format_version']})")
+    return meta

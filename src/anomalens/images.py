@@ -1,0 +1,193 @@
+"""Image input: any PNG, JPEG, BMP or TIFF, returned as an RGB ``uint8`` array.
+
+Grayscale, palette, RGBA, 16-bit, float, CMYK and EXIF-rotated images are all normalised to
+``(H, W, 3)`` uint8 in display orientation. A file that cannot be read raises
+:class:`ImageLoadError`, a ``ValueError`` whose message names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+"""What the API accepts as an image: a path, a PIL image, or an ``(H, W)``/``(H, W, C)`` array."""
+
+
+class ImageLoadError(ValueError):
+    """An input could not be read as an image; ``source`` names it."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"cannot read image {source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale integer or float pixel data of any depth to uint8."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        # 16-bit data (also stored by PIL as int32 "I" mode): scale by the container's range.
+        maximum = 65535 if array.max(initial=0) > 255 or array.dtype in (np.uint16, np.int32) else 255
+        return np.clip(np.rint(array.astype(np.float64) * (255.0 / maximum)), 0, 255).astype(np.uint8)
+    array = array.astype(np.float64)
+    finite = np.isfinite(array)
+    if not finite.all():
+        array = np.where(finite, array, 0.0)
+    high = array.max(initial=0.0)
+    scale = 255.0 if high <= 1.0 else 255.0 / high
+    return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """Convert a loaded PIL image of any mode to ``(H, W, 3)`` uint8."""
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        gray = _scale_to_uint8(np.asarray(image, dtype=np.uint16))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("I", "F"):
+        gray = _scale_to_uint8(np.asarray(image))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        # Composite on black: transparent regions carry no part to inspect.
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def array_to_rgb(array: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """Normalise an ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` array to RGB uint8."""
+    if not isinstance(array, np.ndarray):
+        raise ImageLoadError(source, f"expected a numpy array, got {type(array).__name__}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ImageLoadError(source, f"array shape {array.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageLoadError(source, f"zero-size image {array.shape[1]}x{array.shape[0]}")
+    array = _scale_to_uint8(array)
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] == 4:
+        alpha = array[:, :, 3:4].astype(np.float32) / 255.0
+        array = np.rint(array[:, :, :3].astype(np.float32) * alpha).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """Read one image as RGB.
+
+    Args:
+        image: A file path, a PIL image or a numpy array.
+
+    Returns:
+        ``(H, W, 3)`` uint8 array in display orientation (EXIF rotation applied).
+
+    Raises:
+        ImageLoadError: The file is missing, empty, not an image, corrupt or of zero size.
+    """
+    if isinstance(image, np.ndarray):
+        return array_to_rgb(image)
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ImageLoadError("<PIL image>", f"zero-size image {image.width}x{image.height}")
+        return _pil_to_rgb(image)
+    if not isinstance(image, (str, os.PathLike)):
+        raise ImageLoadError(repr(image)[:80], f"unsupported input type {type(image).__name__}")
+    path = Path(image)
+    if not path.exists():
+        raise ImageLoadError(str(path), "no such file")
+    if path.is_dir():
+        raise ImageLoadError(str(path), "is a directory")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(str(path), "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                if opened.width == 0 or opened.height == 0:
+                    raise ImageLoadError(str(path), f"zero-size image {opened.width}x{opened.height}")
+                return _pil_to_rgb(opened)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(str(path), "not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageLoadError(str(path), f"too many pixels ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageLoadError(str(path), f"corrupt or truncated image ({error})") from None
+
+
+def describe(image: Any) -> str:
+    """A short name for an image input, for messages and records."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, np.ndarray):
+        return f"<array {tuple(image.shape)}>"
+    if isinstance(image, Image.Image):
+        return f"<PIL image {image.width}x{image.height}>"
+    return f"<{type(image).__name__}>"
+
+
+def find_images(inputs: Iterable[str | os.PathLike], *, recursive: bool = True) -> list[Path]:
+    """Expand files and folders into a sorted, de-duplicated list of image files.
+
+    Folders contribute the files whose extension is one of :data:`IMAGE_EXTENSIONS` (case-insensitive);
+    files named explicitly are kept whatever their extension, so that a bad one is reported, not ignored.
+
+    Raises:
+        ValueError: An input path does not exist.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            candidates = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.exists():
+            candidates = [path]
+        else:
+            raise ValueError(f"input {str(path)!r} does not exist")
+        for candidate in candidates:
+            key = candidate.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(candidate)
+    return found
+
+
+def load_mask(path: str | os.PathLike, shape: Sequence[int]) -> np.ndarray:
+    """Read a ground-truth mask as a boolean ``(H, W)`` array (non-zero = anomalous).
+
+    Raises:
+        ValueError: The mask cannot be read or its size differs from the image's ``shape`` (H, W).
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            mask = (
+                np.asarray(opened.convert("L")) > 0 if opened.mode not in ("I", "I;16", "F") else np.asarray(opened) > 0
+            )
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise ValueError(f"cannot read mask {path}: {error}") from None
+    if tuple(mask.shape) != tuple(shape[:2]):
+        raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    return mask

@@ -1,0 +1,351 @@
+"""One resolver for every pretrained component, and a checked state-dict loader.
+
+A weight reference can be:
+
+- a registered component name (``"taef2_encoder"``, ``"wide_resnet50_2"``; see :data:`WEIGHTS`),
+  looked up in order in the ``weights_dir`` argument, ``$ANOMALENS_WEIGHTS_DIR``, the cache
+  (``$ANOMALENS_CACHE``, default ``~/.cache/anomalens``), then downloaded on a connected machine;
+- a local file (``.pth``, ``.pt``, ``.bin``, ``.safetensors``) or folder;
+- a Hugging Face repo id for diffusers / transformers components (``"stabilityai/stable-diffusion-2-1-base"``,
+  optionally ``"hf:ORG/NAME"``), resolved through the Hugging Face cache;
+- an open_clip model and pretrained tag (``"open_clip:ViT-B-16-plus-240/laion400m_e31"``).
+
+Offline (``HF_HUB_OFFLINE=1`` or ``ANOMALENS_OFFLINE=1``) nothing is downloaded, and a missing weight
+raises :class:`WeightsNotFoundError` naming the component and both ways to supply it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR_ENV = "ANOMALENS_WEIGHTS_DIR"
+CACHE_ENV = "ANOMALENS_CACHE"
+OFFLINE_ENVS = ("ANOMALENS_OFFLINE", "HF_HUB_OFFLINE")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a registered pretrained component comes from."""
+
+    component: str  # registry key, used in messages and as a cache sub-folder
+    filename: str  # file name searched for in weights folders and the cache
+    url: str  # direct download address for connected machines
+    sha256: str | None  # expected digest of the file (None: not pinned upstream)
+    size_mb: float  # download size, for messages
+    licence: str  # licence of the weights
+
+
+_TAESD_COMMIT = "5cccb12dc72074a4be35680c3b108548a7c69978"
+
+WEIGHTS: dict[str, WeightSource] = {
+    "taef2_encoder": WeightSource(
+        component="taef2_encoder",
+        filename="taef2_encoder.pth",
+        url=f"https://github.com/madebyollin/taesd/raw/{_TAESD_COMMIT}/taef2_encoder.pth",
+        sha256="10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+        size_mb=2.7,
+        licence="MIT",
+    ),
+    "taef2_decoder": WeightSource(
+        component="taef2_decoder",
+        filename="taef2_decoder.pth",
+        url=f"https://github.com/madebyollin/taesd/raw/{_TAESD_COMMIT}/taef2_decoder.pth",
+        sha256="0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
+        size_mb=2.7,
+        licence="MIT",
+    ),
+    "wide_resnet50_2": WeightSource(
+        component="wide_resnet50_2",
+        filename="wide_resnet50_2-32ee1156.pth",
+        url="https://download.pytorch.org/models/wide_resnet50_2-32ee1156.pth",
+        sha256=None,
+        size_mb=263.0,
+        licence="BSD-3-Clause (torchvision)",
+    ),
+    "resnet18": WeightSource(
+        component="resnet18",
+        filename="resnet18-f37072fd.pth",
+        url="https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        sha256=None,
+        size_mb=44.7,
+        licence="BSD-3-Clause (torchvision)",
+    ),
+}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A pretrained component is neither on disk nor downloadable; the message says how to supply it."""
+
+
+def is_offline() -> bool:
+    """Whether downloads are disabled by ``ANOMALENS_OFFLINE`` or ``HF_HUB_OFFLINE``."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENVS)
+
+
+def cache_dir() -> Path:
+    """The folder downloads are stored in (``$ANOMALENS_CACHE/weights`` or ``~/.cache/anomalens/weights``)."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "anomalens")
+    return Path(root) / "weights"
+
+
+def _search_folders(weights_dir: str | os.PathLike | None) -> list[Path]:
+    folders = []
+    if weights_dir:
+        folders.append(Path(weights_dir))
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        folders.append(Path(os.environ[WEIGHTS_DIR_ENV]))
+    folders.append(cache_dir())
+    return folders
+
+
+def _find_in(folder: Path, source: WeightSource) -> Path | None:
+    """Look for ``source.filename`` in ``folder``, ``folder/<component>`` or any direct sub-folder."""
+    candidates = [folder / source.filename, folder / source.component / source.filename]
+    if folder.is_dir():
+        candidates += sorted(child / source.filename for child in folder.iterdir() if child.is_dir())
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _download_command(method_hint: str | None) -> str:
+    return f"anomalens weights download {method_hint or 'METHOD'}"
+
+
+def _how_to_supply(component: str, source: WeightSource | None, method_hint: str | None) -> str:
+    filename = source.filename if source else component
+    return (
+        f"Supply it either (1) on a connected machine with `{_download_command(method_hint)}` "
+        f"(fills {cache_dir()}), or "
+        f"(2) by putting {filename} in a folder passed as --weights-dir DIR or set in {WEIGHTS_DIR_ENV}=DIR."
+    )
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(source: WeightSource, destination: Path | None = None) -> Path:
+    """Download a registered component into the cache (atomically, checking its SHA-256)."""
+    destination = destination or cache_dir() / source.component / source.filename
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("downloading %s (%.1f MB) from %s", source.component, source.size_mb, source.url)
+    handle, temporary = tempfile.mkstemp(prefix=".download.", dir=destination.parent)
+    try:
+        with os.fdopen(handle, "wb") as output, urllib.request.urlopen(source.url, timeout=60) as response:
+            shutil.copyfileobj(response, output, length=1 << 20)
+        if source.sha256 and sha256_of(temporary) != source.sha256:
+            raise OSError(f"checksum mismatch for {source.url} (expected sha256 {source.sha256})")
+        os.replace(temporary, destination)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return destination
+
+
+_REPO_ID = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(
+    reference: str | os.PathLike,
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    method_hint: str | None = None,
+    allow_download: bool = True,
+) -> Path:
+    """Find pretrained weights on disk, downloading them on a connected machine if needed.
+
+    Args:
+        reference: A registered component name, a local file or folder, a Hugging Face repo id,
+            or ``"open_clip:MODEL/TAG"``.
+        weights_dir: A folder searched before ``$ANOMALENS_WEIGHTS_DIR`` and the cache.
+        method_hint: The method asking, named in the error's ``weights download`` command.
+        allow_download: ``False`` never downloads, whatever the environment says.
+
+    Returns:
+        The path of the checkpoint file (or of the model folder, for hub repos).
+
+    Raises:
+        WeightsNotFoundError: Not found and not downloadable; the message names the component, the places
+            searched, and both ways to supply it.
+    """
+    text = os.fspath(reference)
+    online = allow_download and not is_offline()
+    if text in WEIGHTS:
+        source = WEIGHTS[text]
+        searched = _search_folders(weights_dir)
+        for folder in searched:
+            found = _find_in(folder, source)
+            if found is not None:
+                return found
+        reason = "downloads are disabled (offline)"
+        if online:
+            try:
+                return download(source)
+            except OSError as error:  # URLError is an OSError
+                reason = f"the download from {source.url} failed ({error})"
+        raise WeightsNotFoundError(
+            f"pretrained weights for component {text!r} ({source.filename}, {source.size_mb:.1f} MB) were not found "
+            f"in {', '.join(str(folder) for folder in searched)} and {reason}. "
+            + _how_to_supply(text, source, method_hint)
+        )
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if text.startswith("open_clip:"):
+        return _resolve_open_clip(text.removeprefix("open_clip:"), online=online, method_hint=method_hint)
+    if _REPO_ID.match(text):
+        return _resolve_hub_repo(text.removeprefix("hf:"), online=online, method_hint=method_hint)
+    raise WeightsNotFoundError(
+        f"weights {text!r} are neither a registered component ({', '.join(sorted(WEIGHTS))}), an existing "
+        "file or folder, a Hugging Face repo id (ORG/NAME), nor open_clip:MODEL/TAG"
+    )
+
+
+def _resolve_hub_repo(repo_id: str, *, online: bool, method_hint: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:  # pragma: no cover - huggingface_hub is a dependency of transformers
+        raise ImportError("resolving hub repos needs huggingface_hub: pip install huggingface_hub") from error
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=not online))
+    except Exception as error:  # noqa: BLE001 - hub errors have many types; all mean "not available"
+        raise WeightsNotFoundError(
+            f"pretrained weights for component {repo_id!r} (Hugging Face repo) are not in the local Hugging Face "
+            f"cache and {'the download failed' if online else 'downloads are disabled (offline)'} ({error}). "
+            f"Supply them either (1) on a connected machine with `{_download_command(method_hint)}`, "
+            f"or (2) by passing a local folder holding the repo's files (--weights-dir DIR or {WEIGHTS_DIR_ENV})."
+        ) from None
+
+
+def _resolve_open_clip(name_and_tag: str, *, online: bool, method_hint: str | None) -> Path:
+    if "/" not in name_and_tag:
+        raise ValueError(f"open_clip weights must be given as open_clip:MODEL/TAG, got {name_and_tag!r}")
+    model_name, tag = name_and_tag.split("/", 1)
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(model_name, tag)
+    if not config:
+        valid = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none (unknown model)"
+        raise ValueError(f"unknown open_clip pretrained tag {tag!r} for {model_name!r}; valid tags: {valid}")
+    open_clip_cache = cache_dir() / "open_clip"
+    cached = _open_clip_cached(config, open_clip_cache)
+    if cached is not None:
+        return cached
+    try:
+        if not online:
+            raise OSError("not in the open_clip or Hugging Face cache")
+        return Path(open_clip.download_pretrained(config, cache_dir=str(open_clip_cache)))
+    except Exception as error:  # noqa: BLE001
+        raise WeightsNotFoundError(
+            f"pretrained weights for component 'open_clip:{model_name}/{tag}' were not found locally and "
+            f"{'the download failed' if online else 'downloads are disabled (offline)'} ({error}). "
+            f"Supply them either (1) on a connected machine with `{_download_command(method_hint)}`, "
+            f"or (2) by passing the checkpoint file as the model's `pretrained` option or placing it in "
+            f"--weights-dir DIR / {WEIGHTS_DIR_ENV}."
+        ) from None
+
+
+def _open_clip_cached(config: Mapping, open_clip_cache: Path) -> Path | None:
+    """An open_clip checkpoint already on disk (Hugging Face cache or open_clip's URL cache), if any."""
+    hub_entry = config.get("hf_hub", "")
+    if hub_entry:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = (
+            os.path.split(hub_entry.rstrip("/")) if not hub_entry.endswith("/") else (hub_entry[:-1], "")
+        )
+        for name in [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
+            for folder in (str(open_clip_cache), None):
+                found = try_to_load_from_cache(repo_id, name, cache_dir=folder)
+                if isinstance(found, str) and os.path.isfile(found):
+                    return Path(found)
+    url = config.get("url", "")
+    if url:
+        candidate = open_clip_cache / os.path.basename(url)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` file or a torch pickle (read with ``weights_only=True``).
+
+    Nested ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and ``module.`` prefixes are removed.
+
+    Raises:
+        ValueError: The file holds no tensor dictionary.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"checkpoint {path} does not hold a dictionary of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_state_dict_checked(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``module``, checking that every key and shape matches.
+
+    Buffers a sub-module lists in ``resizable_buffers`` (e.g. a memory bank) take the saved shape.
+    Floating-point tensors are cast to the module's dtype (so fp16 checkpoints load into fp32 models).
+
+    Raises:
+        ValueError: Missing, unexpected or mis-shaped keys; the message lists them and names ``source``.
+    """
+    for prefix, submodule in module.named_modules():
+        for name in getattr(submodule, "resizable_buffers", ()):
+            key = f"{prefix}.{name}" if prefix else name
+            if key in state:
+                current = getattr(submodule, name)
+                setattr(submodule, name, torch.empty(state[key].shape, dtype=current.dtype, device=current.device))
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(state))
+        if tuple(state[key].shape) != tuple(expected[key].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                parts.append(f"{title}: {shown}")
+        raise ValueError(f"weights {source} do not fit {type(module).__name__}: " + "; ".join(parts))
+    converted = {
+        key: value.to(expected[key].dtype) if value.is_floating_point() else value for key, value in state.items()
+    }
+    module.load_state_dict(converted, strict=True)
