@@ -133,6 +133,9 @@ class FeatureBackbone(nn.Module):
         pretrained: ``"default"`` loads the registered weights, a path loads that checkpoint,
             ``None`` keeps the random initialisation (tests, speed measurements).
         weights_dir: Folder searched first for the registered weights.
+        method_hint: The method asking, named in a missing-weights error.
+        init_seed: Seeds the random initialisation (used when ``pretrained`` is ``None``), without touching
+            the global random state.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class FeatureBackbone(nn.Module):
         pretrained: str | None = "default",
         weights_dir: str | os.PathLike | None = None,
         method_hint: str | None = None,
+        init_seed: int = 0,
     ):
         super().__init__()
         self.spec = get_backbone_spec(name)
@@ -152,7 +156,9 @@ class FeatureBackbone(nn.Module):
                 f"unknown layer(s) {unknown} for backbone {name!r}; valid layers: {', '.join(self.spec.strides)}"
             )
         self.strides = [self.spec.strides[layer] for layer in self.layers]
-        self.model = self.spec.build(self.layers)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.model = self.spec.build(self.layers)
         if pretrained is not None:
             reference = self.spec.weights if pretrained == "default" else pretrained
             path = resolve(reference, weights_dir=weights_dir, method_hint=method_hint)

@@ -38,7 +38,7 @@ class PatchCoreConfig:
     coreset_projection_dim: int = 128  # random projection width used by the greedy coreset search
     smoothing_sigma: float = 4.0  # Gaussian sigma, in pixels at image_size, applied to the upsampled map
     batch_size: int = 8  # images per forward pass
-    seed: int = 0  # seeds the coreset's projection and starting point
+    seed: int = 0  # seeds the coreset's projection and start, and random init when pretrained is None
 
     def __post_init__(self) -> None:
         spec = get_backbone_spec(self.backbone)
@@ -95,6 +95,7 @@ class PatchCore(Detector):
             pretrained=config.pretrained if load_pretrained else None,
             weights_dir=weights_dir,
             method_hint=f"patchcore --backbone {config.backbone}",
+            init_seed=config.seed,
         )
         self.memory = NearestNeighbourMemory(metric="l2")
 

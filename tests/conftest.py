@@ -1,0 +1,81 @@
+"""Shared fixtures: an offline, isolated environment; synthetic datasets; tiny detectors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import anomalens
+
+SHARED = Path(os.environ.get("ANOMALENS_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared"))
+
+# Tiny configurations for every registered method: the contract tests run each of them.
+TINY_CONFIGS: dict[str, dict] = {
+    "patchcore": {"backbone": "taef2", "pretrained": None, "image_size": 32, "coreset_ratio": 0.5, "batch_size": 4},
+}
+
+
+@pytest.fixture(autouse=True)
+def offline_environment(monkeypatch, tmp_path_factory):
+    """No network, no user cache, no weights folder from the caller's shell."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ANOMALENS_OFFLINE", "1")
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("ANOMALENS_WEIGHTS_DIR", raising=False)
+
+
+def textured_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth, product-like texture: horizontal stripes plus mild noise, ``(H, W, 3)`` uint8."""
+    rows = np.linspace(0, 6 * np.pi, height)[:, None]
+    base = 120 + 60 * np.sin(rows + rng.uniform(0, 0.2)) * np.ones((1, width))
+    image = base[:, :, None] + rng.normal(0, 4, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def plant_defect(image: np.ndarray, top: int, left: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A saturated square (the defect) and its mask."""
+    defective = image.copy()
+    defective[top : top + size, left : left + size] = (255, 20, 20)
+    mask = np.zeros(image.shape[:2], dtype=np.uint8)
+    mask[top : top + size, left : left + size] = 255
+    return defective, mask
+
+
+def write_mvtec(root: Path, category: str = "widget", *, n_train: int = 4, n_good: int = 3, n_bad: int = 3,
+                size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:  # fmt: skip
+    """Write a synthetic MVTec AD category (non-square images, one defect type with masks)."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    base = root / category
+    for index in range(n_train):
+        _save(base / "train" / "good" / f"{index:03d}.png", textured_image(rng, height, width))
+    for index in range(n_good):
+        _save(base / "test" / "good" / f"{index:03d}.png", textured_image(rng, height, width))
+    for index in range(n_bad):
+        image, mask = plant_defect(textured_image(rng, height, width), 8 + 2 * index, 10 + 3 * index, 10)
+        _save(base / "test" / "scratch" / f"{index:03d}.png", image)
+        _save(base / "ground_truth" / "scratch" / f"{index:03d}_mask.png", mask)
+    return root
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def mvtec_root(tmp_path) -> Path:
+    return write_mvtec(tmp_path / "mvtec")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def tiny_detector(method: str, **overrides):
+    return anomalens.create(method, **{**TINY_CONFIGS[method], **overrides})

@@ -1,0 +1,179 @@
+"""Every CLI command, on tiny random models and synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalens.cli import main
+from anomalens.predict import leave_one_out_threshold, output_names
+
+from conftest import tiny_detector
+
+TINY = ["--method", "patchcore", "--backbone", "taef2", "--pretrained", "none", "--set", "image_size=32"]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["-q", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _inputs_with_bad_files(mvtec_root, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in (mvtec_root / "widget" / "test").rglob("*.png"):
+        (inputs / path.parent.name).mkdir(exist_ok=True)
+        (inputs / path.parent.name / path.name).write_bytes(path.read_bytes())
+    (inputs / "empty.png").write_bytes(b"")
+    (inputs / "text.jpg").write_text("not an image")
+    return inputs
+
+
+def test_predict_with_references(capsys, mvtec_root, tmp_path):
+    inputs = _inputs_with_bad_files(mvtec_root, tmp_path)
+    references = str(mvtec_root / "widget" / "train" / "good")
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(capsys, "predict", *TINY, str(inputs), "--reference", references, "--out", str(out))
+    assert code == 0, stderr
+    assert "scored 6 image(s)" in stdout and "skipped 2" in stdout and "(leave-one-out)" in stdout
+    assert "empty.png: empty file" in stderr and "text.jpg: not a recognised image format" in stderr
+    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    threshold = records[0]["threshold"]
+    assert all(r["label"] == ("anomalous" if r["score"] > threshold else "normal") for r in records)
+    assert {r["method"] for r in records} == {"patchcore"} and len({r["config_hash"] for r in records}) == 1
+    with open(out / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == [r["path"] for r in records]
+    first = records[0]
+    overlay = np.asarray(Image.open(out / first["overlay"]))
+    assert overlay.shape == (40, 48, 3)
+    assert np.load(out / first["map"]).shape == (40, 48)
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["path"].rsplit("/", 1)[1] for e in errors) == ["empty.png", "text.jpg"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["scored"] == 6 and run["skipped"] == 2
+    assert run["threshold_source"] == "leave-one-out" and "leave-one-out" in run["threshold_rule"]
+
+
+def test_predict_refuses_to_mix_runs(capsys, mvtec_root, tmp_path):
+    args = ["predict", *TINY, str(mvtec_root / "widget" / "test" / "good"), "--threshold", "0.5"]
+    args += ["--reference", str(mvtec_root / "widget" / "train" / "good" / "000.png"), "--out", str(tmp_path / "out")]
+    assert _run(capsys, *args)[0] == 0
+    (tmp_path / "out" / "my_notes.txt").write_text("keep me")
+    code, _, stderr = _run(capsys, *args)
+    assert code == 2 and "already holds a run" in stderr and "--overwrite" in stderr
+    code, stdout, _ = _run(capsys, *args, "--overwrite", "--raw-format", "png16", "--no-overlays")
+    assert code == 0 and "scored 3 image(s)" in stdout
+    assert (tmp_path / "out" / "my_notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "out" / "maps" / "000.npy").exists() and (tmp_path / "out" / "maps" / "000.png").exists()
+    assert not (tmp_path / "out" / "overlays").exists()
+    record = json.loads((tmp_path / "out" / "scores.jsonl").read_text().splitlines()[0])
+    raw = np.asarray(Image.open(tmp_path / "out" / record["map"]))
+    assert raw.dtype == np.uint16 and raw.max() == 65535 and record["map_scale_max"] > 0
+    assert record["threshold"] == 0.5
+
+
+def test_fit_then_predict_with_saved_detector(capsys, mvtec_root, tmp_path):
+    references = str(mvtec_root / "widget" / "train" / "good")
+    code, stdout, _ = _run(capsys, "fit", *TINY, "--reference", references, "--out", str(tmp_path / "det"))
+    assert code == 0 and "saved fitted patchcore detector" in stdout and "(leave-one-out)" in stdout
+    test = str(mvtec_root / "widget" / "test")
+    code, stdout, _ = _run(capsys, "predict", "--detector", str(tmp_path / "det"), test, "--out", str(tmp_path / "o"))
+    assert code == 0 and "scored 6 image(s)" in stdout
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["threshold"] is not None and run["threshold_source"] == "detector"
+
+
+def test_predict_errors_are_one_line(capsys, mvtec_root, tmp_path):
+    code, _, stderr = _run(capsys, "predict", "--method", "nope", str(mvtec_root), "--out", str(tmp_path / "o"))
+    assert code == 2 and "valid methods: patchcore" in stderr and "Traceback" not in stderr
+    code, _, stderr = _run(capsys, "predict", *TINY, str(mvtec_root), "--out", str(tmp_path / "o"))
+    assert code == 2 and "needs at least one normal reference image" in stderr
+    code, _, stderr = _run(capsys, "predict", *TINY, "--set", "bogus=1", str(mvtec_root), "--out", str(tmp_path / "o"))
+    assert code == 2 and "unknown option(s) ['bogus']" in stderr and "coreset_ratio" in stderr
+    code, _, stderr = _run(capsys, "predict", *TINY, str(tmp_path / "absent"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "does not exist" in stderr
+
+
+def test_benchmark_writes_schema(capsys, mvtec_root, tmp_path):
+    out = tmp_path / "bench"
+    args = ["benchmark", *TINY, "--dataset", "mvtec", "--root", str(mvtec_root), "--shots", "2"]
+    code, stdout, stderr = _run(capsys, *args, "--seeds", "0", "1", "--eval-size", "32", "--out", str(out))
+    assert code == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    assert {"method", "dataset", "config", "shots", "seeds", "categories", "mean"} <= set(results)
+    assert results["shots"] == 2 and results["seeds"] == [0, 1] and "command" in results and "machine" in results
+    record = results["categories"]["widget"]
+    for name in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+        assert 0.0 <= record[name] <= 1.0 and record[f"{name}_std"] >= 0.0
+    assert record["n_images"] == 6 and record["seconds_per_image"] > 0 and record["peak_memory_mb"] > 0
+    table = (out / "results.md").read_text()
+    assert "| widget |" in table and "| **mean** |" in table and "AUPRO" in table and "±" in table
+    assert "| widget |" in stdout
+
+
+def test_benchmark_shots_all_and_errors(capsys, mvtec_root, tmp_path):
+    args = ["benchmark", *TINY, "--dataset", "mvtec", "--root", str(mvtec_root), "--eval-size", "none"]
+    code, stdout, _ = _run(capsys, *args, "--shots", "all")
+    assert code == 0 and "all-shot" in stdout
+    code, _, stderr = _run(capsys, *args, "--shots", "9")
+    assert code == 2 and "training pool has only 4 images" in stderr
+    code, _, stderr = _run(capsys, *args, "--shots", "0")
+    assert code == 2 and "is not zero-shot" in stderr
+    code, _, stderr = _run(capsys, *args, "--category", "bottle")
+    assert code == 2 and "valid: widget" in stderr
+
+
+def test_weights_commands(capsys, tmp_path):
+    code, _, stderr = _run(capsys, "weights", "download", "patchcore", "--backbone", "taef2")
+    assert code == 2 and "'taef2_encoder'" in stderr and "--weights-dir" in stderr
+    (tmp_path / "taef2_encoder.pth").write_bytes(b"x")
+    code, stdout, _ = _run(
+        capsys, "weights", "download", "patchcore", "--backbone", "taef2", "--weights-dir", str(tmp_path)
+    )
+    assert code == 0 and "taef2_encoder.pth" in stdout
+    code, stdout, _ = _run(capsys, "weights", "list", "--weights-dir", str(tmp_path))
+    assert code == 0 and "wide_resnet50_2" in stdout and "not found" in stdout and str(tmp_path) in stdout
+    code, stdout, _ = _run(capsys, "list")
+    assert code == 0 and "patchcore" in stdout and "taef2" in stdout and "realiad" in stdout
+
+
+def test_console_script_runs(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "anomalens.cli", "list"], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert completed.returncode == 0 and "methods:" in completed.stdout
+
+
+def test_leave_one_out_threshold_rule():
+    rng = np.random.default_rng(0)
+    from conftest import textured_image
+
+    references = [textured_image(rng, 32, 32) for _ in range(3)]
+    detector = tiny_detector("patchcore", coreset_ratio=1.0)
+    threshold = leave_one_out_threshold(detector, references)
+    held_out = []
+    for index in range(3):
+        others = references[:index] + references[index + 1 :]
+        held_out.append(tiny_detector("patchcore", coreset_ratio=1.0).fit(others).predict([references[index]])[0].score)
+    assert threshold == pytest.approx(max(held_out))
+    assert len(detector.memory) == 3 * 64  # ends fitted on all references
+    assert leave_one_out_threshold(tiny_detector("patchcore"), references[:1]) is None
+
+
+def test_output_names_avoid_collisions(tmp_path):
+    from pathlib import Path
+
+    names = output_names(
+        [Path("a/x.png"), Path("b/x.png"), Path("/r/sub/y.png"), Path("/r/sub/y.jpg")],
+        [None, None, Path("/r"), Path("/r")],
+    )
+    assert names == ["x", "x-2", "sub/y", "sub/y-2"]

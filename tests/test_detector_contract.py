@@ -1,0 +1,131 @@
+"""One contract every registered method honours: shapes, determinism, save/load, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import anomalens
+
+from conftest import TINY_CONFIGS, plant_defect, textured_image, tiny_detector
+
+METHODS = anomalens.list_methods()
+
+
+def test_every_method_has_a_tiny_config():
+    assert sorted(TINY_CONFIGS) == METHODS
+
+
+def _references_and_queries():
+    rng = np.random.default_rng(0)
+    references = [textured_image(rng, 40, 48) for _ in range(3)]
+    normal = textured_image(rng, 40, 48)
+    defective, _ = plant_defect(textured_image(rng, 40, 48), 10, 12, 12)
+    odd_size = textured_image(rng, 23, 61)  # another resolution and aspect ratio in the same batch
+    return references, [normal, defective, odd_size]
+
+
+def _fit(detector, references):
+    return detector.fit(references if detector.few_shot else None, class_name="widget")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_output_type_and_shapes(method):
+    references, queries = _references_and_queries()
+    detector = _fit(tiny_detector(method), references)
+    results = detector.predict(queries)
+    assert len(results) == 3
+    for result, query in zip(results, queries):
+        assert isinstance(result, anomalens.AnomalyResult)
+        assert isinstance(result.score, float) and np.isfinite(result.score)
+        assert result.anomaly_map.dtype == np.float32 and result.anomaly_map.shape == query.shape[:2]
+        assert np.isfinite(result.anomaly_map).all()
+        assert result.label is None  # no threshold yet
+    assert len(detector.predict(queries[0])) == 1  # a single image is accepted too
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic_under_seed(method):
+    references, queries = _references_and_queries()
+    first = _fit(tiny_detector(method, seed=3), references).predict(queries)
+    second = _fit(tiny_detector(method, seed=3), references).predict(queries)
+    for a, b in zip(first, second):
+        assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip(method, tmp_path):
+    references, queries = _references_and_queries()
+    detector = _fit(tiny_detector(method), references)
+    detector.threshold = 1.25
+    detector.save(tmp_path / "saved")
+    meta = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert meta["method"] == method and meta["class_name"] == "widget" and meta["threshold"] == 1.25
+    restored = anomalens.load(tmp_path / "saved")
+    assert type(restored) is type(detector) and restored.is_fitted and restored.threshold == 1.25
+    for a, b in zip(detector.predict(queries), restored.predict(queries)):
+        assert a.score == pytest.approx(b.score, rel=1e-6) and np.allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+        assert b.label == (b.score > 1.25)
+    detector.save(tmp_path / "saved")  # saving again over a saved detector replaces it
+    assert anomalens.load(tmp_path / "saved").is_fitted
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_errors_are_clear(method, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['no_such_option'\].*valid options: "):
+        anomalens.create(method, no_such_option=1)
+    detector = tiny_detector(method)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        detector.predict([np.zeros((8, 8, 3), np.uint8)])
+    if not detector.zero_shot:
+        with pytest.raises(ValueError, match="needs at least one normal reference image"):
+            detector.fit(None)
+    _fit(detector, _references_and_queries()[0])
+    with pytest.raises(anomalens.ImageLoadError, match="missing.png"):
+        detector.predict([tmp_path / "missing.png"])
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a saved anomalens detector"):
+        anomalens.load(tmp_path / "junk")
+    with pytest.raises(ValueError, match="exists and is not a saved detector"):
+        detector.save(tmp_path / "junk")
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown method 'nope'; valid methods: .*patchcore"):
+        anomalens.create("nope")
+
+
+def test_register_third_party_method():
+    from dataclasses import dataclass
+
+    @dataclass
+    class MeanConfig:
+        batch_size: int = 2  # images per forward pass
+
+    @anomalens.register_method
+    class MeanBrightness(anomalens.Detector):
+        method_name = "mean_brightness_test"
+        config_class = MeanConfig
+        zero_shot, few_shot = True, False
+
+        def _fit(self, reference_images, class_name):
+            pass
+
+        def _predict_batch(self, images):
+            maps = torch.stack([torch.from_numpy(image[:8, :8, 0].astype(np.float32)) for image in images])
+            return maps.flatten(1).mean(1), maps
+
+    try:
+        detector = anomalens.create("mean_brightness_test").fit()
+        result = detector.predict([np.full((16, 20, 3), 10, np.uint8)])[0]
+        assert result.score == 10.0 and result.anomaly_map.shape == (16, 20)
+        with pytest.raises(ValueError, match="zero-shot and takes no reference images"):
+            detector.fit([np.zeros((4, 4, 3), np.uint8)])
+    finally:
+        from anomalens import registry
+
+        registry._REGISTERED.pop("mean_brightness_test")

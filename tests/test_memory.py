@@ -1,0 +1,99 @@
+"""Nearest-neighbour memory and coreset against brute-force computations; smoothing against scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from anomalens.memory import NearestNeighbourMemory, greedy_coreset_indices
+from anomalens.postprocess import gaussian_blur
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("max_chunk_bytes", [2**12, 2**28])  # tiny chunks exercise the running top-k merge
+def test_search_matches_brute_force(metric, max_chunk_bytes):
+    generator = torch.Generator().manual_seed(1)
+    bank = torch.randn(300, 16, generator=generator)
+    queries = torch.randn(70, 16, generator=generator)
+    memory = NearestNeighbourMemory(metric=metric, max_chunk_bytes=max_chunk_bytes).fit(bank)
+    distances, indices = memory.search(queries, k=3)
+    if metric == "l2":
+        expected = torch.cdist(queries.double(), bank.double())
+    else:
+        normalised = torch.nn.functional.normalize
+        expected = 1 - normalised(queries.double(), dim=1) @ normalised(bank.double(), dim=1).T
+    expected_distances, expected_indices = expected.topk(3, dim=1, largest=False)
+    assert torch.allclose(distances.double(), expected_distances, atol=1e-4)
+    assert torch.equal(indices, expected_indices)
+
+
+def test_search_validates_inputs():
+    memory = NearestNeighbourMemory()
+    with pytest.raises(RuntimeError, match="empty"):
+        memory.search(torch.zeros(1, 4))
+    memory.fit(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        memory.search(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="k must be"):
+        memory.search(torch.zeros(2, 4), k=6)
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+        NearestNeighbourMemory(metric="manhattan")
+
+
+def _brute_force_greedy(points: torch.Tensor, count: int, start: int) -> list[int]:
+    selected = [start]
+    for _ in range(count - 1):
+        distances = torch.cdist(points.double(), points[selected].double()).min(1).values
+        selected.append(int(distances.argmax()))
+    return selected
+
+
+def test_coreset_is_greedy_k_center():
+    generator = torch.Generator().manual_seed(3)
+    points = torch.randn(200, 8, generator=generator)
+    indices = greedy_coreset_indices(points, 25, projection_dim=None, generator=torch.Generator().manual_seed(0))
+    assert indices.tolist() == _brute_force_greedy(points, 25, int(indices[0]))
+    assert len(set(indices.tolist())) == 25
+
+
+def test_coreset_is_seeded_and_projected():
+    points = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
+    first = greedy_coreset_indices(points, 40, projection_dim=8, generator=torch.Generator().manual_seed(5))
+    again = greedy_coreset_indices(points, 40, projection_dim=8, generator=torch.Generator().manual_seed(5))
+    other = greedy_coreset_indices(points, 40, projection_dim=8, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    with pytest.raises(ValueError, match=r"\[1, 500\]"):
+        greedy_coreset_indices(points, 501)
+
+
+def test_coreset_covers_better_than_random():
+    points = torch.randn(1000, 4, generator=torch.Generator().manual_seed(0))
+    coreset = greedy_coreset_indices(points, 50, projection_dim=None, generator=torch.Generator().manual_seed(0))
+    random_subset = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:50]
+    radius = torch.cdist(points, points[coreset]).min(1).values.max()
+    random_radius = torch.cdist(points, points[random_subset]).min(1).values.max()
+    assert radius < random_radius
+
+
+def test_fit_with_ratio_and_state_dict_round_trip():
+    memory = NearestNeighbourMemory().fit(torch.randn(100, 6), coreset_ratio=0.1)
+    assert len(memory) == 10
+    restored = NearestNeighbourMemory()
+    from anomalens.weights import load_state_dict_checked
+
+    load_state_dict_checked(restored, memory.state_dict(), source="test")
+    assert torch.equal(restored.bank, memory.bank)
+    with pytest.raises(ValueError, match=r"coreset_ratio must be in \(0, 1\], got 0"):
+        memory.fit(torch.randn(4, 6), coreset_ratio=0)
+
+
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 4.0])
+def test_gaussian_blur_matches_scipy(sigma):
+    maps = np.random.default_rng(0).random((2, 20, 13)).astype(np.float32)
+    smoothed = gaussian_blur(torch.from_numpy(maps), sigma).numpy()
+    for index in range(2):
+        expected = ndimage.gaussian_filter(maps[index].astype(np.float64), sigma, mode="nearest", truncate=4.0)
+        assert np.allclose(smoothed[index], expected, atol=1e-5)
+    assert torch.equal(gaussian_blur(torch.from_numpy(maps), 0), torch.from_numpy(maps))
