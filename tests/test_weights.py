@@ -127,3 +127,25 @@ def test_fp16_checkpoint_is_cast_to_model_dtype():
     module = torch.nn.Linear(2, 2)
     load_state_dict_checked(module, {"weight": torch.ones(2, 2).half(), "bias": torch.zeros(2).half()}, source="x")
     assert module.weight.dtype == torch.float32 and module.weight.sum() == 4
+
+
+def test_download_checks_digest_and_fills_cache(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import anomalens.weights as weights
+
+    payload = tmp_path / "upstream.pth"
+    payload.write_bytes(b"weights!")
+    good = replace(weights.WEIGHTS["taef2_encoder"], url=payload.as_uri(), sha256=weights.sha256_of(payload))
+    monkeypatch.setitem(weights.WEIGHTS, "taef2_encoder", good)
+    monkeypatch.delenv("ANOMALENS_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    path = resolve("taef2_encoder")
+    assert path.read_bytes() == b"weights!" and path.parent.name == "taef2_encoder"
+    assert resolve("taef2_encoder") == path  # second time from the cache
+    path.unlink()
+    monkeypatch.setitem(weights.WEIGHTS, "taef2_encoder", replace(good, sha256="0" * 64))
+    with pytest.raises(WeightsNotFoundError, match="checksum mismatch") as caught:
+        resolve("taef2_encoder", method_hint="patchcore --backbone taef2")
+    assert "anomalens weights download patchcore --backbone taef2" in str(caught.value)
+    assert not list(path.parent.iterdir())  # no partial file left behind
