@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import anomalens
@@ -79,3 +81,26 @@ def rng() -> np.random.Generator:
 
 def tiny_detector(method: str, **overrides):
     return anomalens.create(method, **{**TINY_CONFIGS[method], **overrides})
+
+
+@dataclass
+class BrightnessConfig:
+    batch_size: int = 4  # images per forward pass
+    fail_on_width: int = 0  # raise on any image of this width (0: never), to simulate a model error
+
+
+class BrightnessDetector(anomalens.Detector):
+    """A zero-shot toy method for engine tests: the score is the image's mean brightness."""
+
+    method_name = "brightness_test"
+    config_class = BrightnessConfig
+    zero_shot, few_shot = True, False
+
+    def _fit(self, reference_images, class_name):
+        pass
+
+    def _predict_batch(self, images):
+        if any(image.shape[1] == self.config.fail_on_width for image in images):
+            raise RuntimeError(f"cannot handle width {self.config.fail_on_width}")
+        maps = torch.stack([torch.full((4, 4), float(image.mean())) for image in images])
+        return maps.flatten(1).amax(1), maps

@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import anomalens
 
-from conftest import TINY_CONFIGS, plant_defect, textured_image, tiny_detector
+from conftest import TINY_CONFIGS, BrightnessDetector, plant_defect, textured_image, tiny_detector
 
 METHODS = anomalens.list_methods()
 
@@ -100,27 +99,10 @@ def test_unknown_method_lists_valid_ones():
 
 
 def test_register_third_party_method():
-    from dataclasses import dataclass
-
-    @dataclass
-    class MeanConfig:
-        batch_size: int = 2  # images per forward pass
-
-    @anomalens.register_method
-    class MeanBrightness(anomalens.Detector):
-        method_name = "mean_brightness_test"
-        config_class = MeanConfig
-        zero_shot, few_shot = True, False
-
-        def _fit(self, reference_images, class_name):
-            pass
-
-        def _predict_batch(self, images):
-            maps = torch.stack([torch.from_numpy(image[:8, :8, 0].astype(np.float32)) for image in images])
-            return maps.flatten(1).mean(1), maps
-
+    anomalens.register_method(BrightnessDetector)
     try:
-        detector = anomalens.create("mean_brightness_test").fit()
+        assert "brightness_test" in anomalens.list_methods()
+        detector = anomalens.create("brightness_test").fit()
         result = detector.predict([np.full((16, 20, 3), 10, np.uint8)])[0]
         assert result.score == 10.0 and result.anomaly_map.shape == (16, 20)
         with pytest.raises(ValueError, match="zero-shot and takes no reference images"):
@@ -128,4 +110,6 @@ def test_register_third_party_method():
     finally:
         from anomalens import registry
 
-        registry._REGISTERED.pop("mean_brightness_test")
+        registry._REGISTERED.pop("brightness_test")
+    with pytest.raises(ValueError, match="must be a Detector subclass"):
+        anomalens.register_method(int)

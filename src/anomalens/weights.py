@@ -52,39 +52,34 @@ class WeightSource:
 
 _TAESD_COMMIT = "5cccb12dc72074a4be35680c3b108548a7c69978"
 
+
+def _taesd(component: str, sha256: str) -> WeightSource:
+    return WeightSource(
+        component=component,
+        filename=f"{component}.pth",
+        url=f"https://github.com/madebyollin/taesd/raw/{_TAESD_COMMIT}/{component}.pth",
+        sha256=sha256,
+        size_mb=2.7,
+        licence="MIT",
+    )
+
+
+def _torchvision(component: str, filename: str, size_mb: float) -> WeightSource:
+    return WeightSource(
+        component=component,
+        filename=filename,
+        url=f"https://download.pytorch.org/models/{filename}",
+        sha256=None,  # torchvision pins the first 8 hex digits in the file name only
+        size_mb=size_mb,
+        licence="BSD-3-Clause (torchvision)",
+    )
+
+
 WEIGHTS: dict[str, WeightSource] = {
-    "taef2_encoder": WeightSource(
-        component="taef2_encoder",
-        filename="taef2_encoder.pth",
-        url=f"https://github.com/madebyollin/taesd/raw/{_TAESD_COMMIT}/taef2_encoder.pth",
-        sha256="10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
-        size_mb=2.7,
-        licence="MIT",
-    ),
-    "taef2_decoder": WeightSource(
-        component="taef2_decoder",
-        filename="taef2_decoder.pth",
-        url=f"https://github.com/madebyollin/taesd/raw/{_TAESD_COMMIT}/taef2_decoder.pth",
-        sha256="0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
-        size_mb=2.7,
-        licence="MIT",
-    ),
-    "wide_resnet50_2": WeightSource(
-        component="wide_resnet50_2",
-        filename="wide_resnet50_2-32ee1156.pth",
-        url="https://download.pytorch.org/models/wide_resnet50_2-32ee1156.pth",
-        sha256=None,
-        size_mb=263.0,
-        licence="BSD-3-Clause (torchvision)",
-    ),
-    "resnet18": WeightSource(
-        component="resnet18",
-        filename="resnet18-f37072fd.pth",
-        url="https://download.pytorch.org/models/resnet18-f37072fd.pth",
-        sha256=None,
-        size_mb=44.7,
-        licence="BSD-3-Clause (torchvision)",
-    ),
+    "taef2_encoder": _taesd("taef2_encoder", "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6"),
+    "taef2_decoder": _taesd("taef2_decoder", "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"),
+    "wide_resnet50_2": _torchvision("wide_resnet50_2", "wide_resnet50_2-32ee1156.pth", 263.0),
+    "resnet18": _torchvision("resnet18", "resnet18-f37072fd.pth", 44.7),
 }
 
 

@@ -78,27 +78,23 @@ def _load_taef2(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
 
 _RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
+
+def _resnet(architecture: str) -> BackboneSpec:
+    return BackboneSpec(
+        name=architecture,
+        build=lambda layers: _TorchvisionFeatures(architecture, layers),
+        strides=_RESNET_STRIDES,
+        default_layers=("layer2", "layer3"),
+        weights=architecture,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        load_weights=_load_torchvision,
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "wide_resnet50_2": BackboneSpec(
-        name="wide_resnet50_2",
-        build=lambda layers: _TorchvisionFeatures("wide_resnet50_2", layers),
-        strides=_RESNET_STRIDES,
-        default_layers=("layer2", "layer3"),
-        weights="wide_resnet50_2",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        load_weights=_load_torchvision,
-    ),
-    "resnet18": BackboneSpec(
-        name="resnet18",
-        build=lambda layers: _TorchvisionFeatures("resnet18", layers),
-        strides=_RESNET_STRIDES,
-        default_layers=("layer2", "layer3"),
-        weights="resnet18",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        load_weights=_load_torchvision,
-    ),
+    "wide_resnet50_2": _resnet("wide_resnet50_2"),
+    "resnet18": _resnet("resnet18"),
     "taef2": BackboneSpec(
         name="taef2",
         build=lambda layers: TAEF2Features(layers),
