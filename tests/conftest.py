@@ -15,10 +15,22 @@ import anomalens
 
 SHARED = Path(os.environ.get("ANOMALENS_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared"))
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_CLIP = "anomalens-tiny-clip"  # tests/assets/anomalens-tiny-clip.json: 3 ViT blocks, 64 wide, real BPE vocabulary
+
 # Tiny configurations for every registered method: the contract tests run each of them.
 TINY_CONFIGS: dict[str, dict] = {
     "patchcore": {"backbone": "taef2", "pretrained": None, "image_size": 32, "coreset_ratio": 0.5, "batch_size": 4},
+    "winclip": {"backbone": TINY_CLIP, "pretrained": None, "batch_size": 4},
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def tiny_clip_config():
+    """Register the tiny open_clip config (open_clip's extension point for model configs)."""
+    import open_clip
+
+    open_clip.add_model_config(ASSETS / f"{TINY_CLIP}.json")
 
 
 @pytest.fixture(autouse=True)

@@ -175,7 +175,7 @@ class Detector(nn.Module):
             results = []
             for index, array in enumerate(arrays):
                 height, width = array.shape[:2]
-                full = resize_map(maps[index], (height, width)).cpu().numpy().astype(np.float32, copy=False)
+                full = self._map_to_image(maps[index], (height, width)).cpu().numpy().astype(np.float32, copy=False)
                 score = float(scores[index])
                 label = None if self.threshold is None else bool(score > self.threshold)
                 results.append(
@@ -256,6 +256,10 @@ class Detector(nn.Module):
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Score a batch. Returns scores ``(B,)`` and maps ``(B, h, w)`` at one common resolution."""
         raise NotImplementedError
+
+    def _map_to_image(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bring one ``(h, w)`` map from the model's input geometry to its image's ``(H, W)``."""
+        return resize_map(anomaly_map, size)
 
 
 def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

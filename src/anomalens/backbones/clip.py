@@ -1,0 +1,341 @@
+"""A thin wrapper over open_clip: image, patch, window and text embeddings, plus v-v attention.
+
+Nothing of open_clip is copied: models are built with ``open_clip.create_model`` (any model name and
+pretrained tag, a checkpoint file, or random weights), intermediate tokens come from the vision tower's
+``forward_intermediates``, and v-v attention is added by :func:`add_vv_attention`, which swaps chosen
+transformer blocks for a wrapper and can be undone.
+
+Token layouts: ``(B, N, C)`` patch tokens (``N = h * w`` patches, row-major, class token removed) at the
+transformer width ``C``; projected tokens and embeddings are ``(…, E)`` in the joint image-text space.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalens.prompts import PromptSet
+from anomalens.weights import resolve
+
+logger = logging.getLogger(__name__)
+
+RESIZE_MODES = ("resize", "crop")
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError("CLIP methods need open_clip: pip install 'open_clip_torch>=2.32'") from error
+    return open_clip
+
+
+def list_clip_models() -> list[str]:
+    """open_clip model names (``open_clip.list_models()``)."""
+    return _open_clip().list_models()
+
+
+def clip_weights_reference(model_name: str, pretrained: str | None) -> str | None:
+    """The weights reference :func:`anomalens.weights.resolve` takes for ``(model_name, pretrained)``."""
+    if pretrained is None:
+        return None
+    if os.path.exists(pretrained):
+        return pretrained
+    return f"open_clip:{model_name}/{pretrained}"
+
+
+class VVAttentionBlock(nn.Module):
+    """A transformer block wrapper that also computes a parallel value-value attention path.
+
+    The wrapped block's output is returned unchanged. Alongside, the wrapper adds
+    ``out_proj(softmax(v v^T / sqrt(d)) v)`` of the block's normalised input to ``state["tokens"]``,
+    the v-v path's running sum (CLIP Surgery, Li et al. 2023): the first wrapped block starts it from its
+    input, later ones add to it. After a forward pass ``state["tokens"]`` holds ``(B, 1 + N, C)`` tokens.
+    """
+
+    def __init__(self, block: nn.Module, state: dict, first: bool, batch_first: bool):
+        super().__init__()
+        self.block = block
+        self.state = state
+        self.first = first
+        self.batch_first = batch_first
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        tokens = x if self.batch_first else x.transpose(0, 1)  # (B, L, C)
+        attention = self.block.attn
+        width = tokens.shape[-1]
+        heads = attention.num_heads
+        weight = attention.in_proj_weight[2 * width :]
+        bias = attention.in_proj_bias[2 * width :] if attention.in_proj_bias is not None else None
+        values = F.linear(self.block.ln_1(tokens), weight, bias)  # (B, L, C)
+        batch, length, _ = values.shape
+        values = values.reshape(batch, length, heads, width // heads).transpose(1, 2)  # (B, H, L, d)
+        mixed = F.scaled_dot_product_attention(values, values, values)
+        mixed = attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
+        start = tokens if self.first else self.state["tokens"]
+        self.state["tokens"] = start + mixed
+        return self.block(x, *args, **kwargs)
+
+
+def add_vv_attention(visual: nn.Module, last_k: int) -> dict:
+    """Add a v-v attention path to the last ``last_k`` blocks of an open_clip vision transformer.
+
+    The original path's outputs (image embedding, intermediate tokens) are unchanged. After each forward
+    pass, the returned ``state["tokens"]`` holds the v-v path's ``(B, 1 + N, C)`` tokens, better localised
+    than the original ones; project them with the vision tower's ``ln_post`` and ``proj``.
+
+    Args:
+        visual: ``model.visual`` of an open_clip ``CLIP`` model (a ``VisionTransformer``).
+        last_k: How many final blocks get the parallel path (``1 <= last_k <= depth``).
+
+    Returns:
+        The state dict written on every forward. Undo with :func:`remove_vv_attention`.
+    """
+    blocks = visual.transformer.resblocks
+    if not 1 <= last_k <= len(blocks):
+        raise ValueError(f"last_k must be in [1, {len(blocks)}], got {last_k}")
+    if any(isinstance(block, VVAttentionBlock) for block in blocks):
+        raise ValueError("v-v attention is already added to this model; remove it first")
+    state: dict = {"tokens": None}
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    start = len(blocks) - last_k
+    for index in range(start, len(blocks)):
+        blocks[index] = VVAttentionBlock(blocks[index], state, first=index == start, batch_first=batch_first)
+    return state
+
+
+def remove_vv_attention(visual: nn.Module) -> None:
+    """Put back the original blocks swapped by :func:`add_vv_attention`."""
+    blocks = visual.transformer.resblocks
+    for index, block in enumerate(blocks):
+        if isinstance(block, VVAttentionBlock):
+            blocks[index] = block.block
+
+
+@dataclass
+class ImageFeatures:
+    """What one vision forward pass yields for a batch."""
+
+    embedding: torch.Tensor  # (B, E) global image embedding, L2-normalised
+    layer_tokens: list[torch.Tensor]  # per requested layer: (B, N, C) patch tokens, class token removed
+    vv_tokens: torch.Tensor | None  # (B, N, C) v-v path patch tokens, when v-v attention is on
+    embedded: torch.Tensor | None  # (B, 1 + N, C) transformer input tokens, if asked for (window embeddings)
+
+
+class CLIPBackbone(nn.Module):
+    """An open_clip model with the pieces anomaly methods need.
+
+    Args:
+        model_name: An open_clip model name (see ``open_clip.list_models()``).
+        pretrained: An open_clip pretrained tag (e.g. ``"laion400m_e31"``, ``"openai"``), a checkpoint path,
+            or ``None`` for random weights (seeded by ``init_seed``) with the real architecture.
+        image_size: Input side; ``None`` takes the model's.
+        resize_mode: ``"resize"`` squashes the whole image to the square input; ``"crop"`` resizes the shorter
+            side and centre-crops, and maps are placed back in the crop's region (edges replicated outside).
+        vv_layers: Add v-v attention to this many final blocks (0: off).
+        weights_dir: Searched first for checkpoint files.
+        method_hint: The method asking, named in a missing-weights error.
+        init_seed: Seed of the random initialisation when ``pretrained`` is ``None``.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None,
+        *,
+        image_size: int | None = None,
+        resize_mode: str = "resize",
+        vv_layers: int = 0,
+        weights_dir: str | os.PathLike | None = None,
+        method_hint: str | None = None,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        open_clip = _open_clip()
+        if model_name not in open_clip.list_models():
+            raise ValueError(
+                f"unknown open_clip model {model_name!r}; valid models: {', '.join(open_clip.list_models())}"
+            )
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize_mode {resize_mode!r}; valid modes: {', '.join(RESIZE_MODES)}")
+        self.model_name = model_name
+        reference = clip_weights_reference(model_name, pretrained)
+        path = str(resolve(reference, weights_dir=weights_dir, method_hint=method_hint)) if reference else None
+        extra = {"force_image_size": image_size} if image_size else {}
+        quick_gelu = pretrained == "openai"  # OpenAI's weights use QuickGELU; same FLOPs either way
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.model = open_clip.create_model(model_name, pretrained=path, force_quick_gelu=quick_gelu, **extra)
+        self.model.eval().requires_grad_(False)
+        self.visual = self.model.visual
+        if not hasattr(self.visual, "forward_intermediates") or not hasattr(self.visual, "_embeds"):
+            raise ValueError(f"{model_name!r} is not an open_clip VisionTransformer; CLIP methods need one")
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        preprocess = open_clip.get_model_preprocess_cfg(self.model)
+        size = preprocess["size"]
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.resize_mode = resize_mode
+        self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1), persistent=False)
+        patch = self.visual.patch_size
+        self.grid = (self.image_size // patch[0], self.image_size // patch[1])
+        self.depth = len(self.visual.transformer.resblocks)
+        self.vv_state = add_vv_attention(self.visual, vv_layers) if vv_layers else None
+        self._text_cache: dict[tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ images
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``(H, W, 3)`` uint8 images to the normalised ``(B, 3, S, S)`` model input."""
+        size = self.image_size
+        batch = []
+        for image in images:
+            tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
+            height, width = tensor.shape[-2:]
+            if self.resize_mode == "crop":
+                scale = size / min(height, width)
+                resized = (max(size, round(height * scale)), max(size, round(width * scale)))
+                tensor = F.interpolate(tensor, size=resized, mode="bicubic", antialias=True, align_corners=False)
+                top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
+                tensor = tensor[:, :, top : top + size, left : left + size]
+            else:
+                tensor = F.interpolate(tensor, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            batch.append(tensor)
+        pixels = torch.cat(batch).clamp_(0.0, 1.0).to(self.mean.device)
+        return (pixels - self.mean) / self.std
+
+    def restore_map(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Map an ``(S, S)`` map on the model input back onto the original ``(H, W)`` image."""
+        height, width = size
+        if self.resize_mode != "crop":
+            return F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        side = min(height, width)  # the crop covers a centred side x side square of the original
+        square = F.interpolate(anomaly_map[None, None], size=(side, side), mode="bilinear", align_corners=False)
+        top, left = (height - side) // 2, (width - side) // 2
+        padding = (left, width - side - left, top, height - side - top)
+        return F.pad(square, padding, mode="replicate")[0, 0]
+
+    def encode_image(
+        self, pixels: torch.Tensor, layers: Sequence[int] = (), with_embedded: bool = False
+    ) -> ImageFeatures:
+        """One vision forward pass.
+
+        Args:
+            pixels: ``(B, 3, S, S)`` from :meth:`preprocess`.
+            layers: Block indices (0-based, negative from the end) whose patch tokens to return.
+            with_embedded: Also return the transformer's input tokens (for :meth:`window_embeddings`).
+
+        Returns:
+            :class:`ImageFeatures`.
+        """
+        indices = [layer % self.depth for layer in layers]
+        embedded = self.visual._embeds(pixels) if with_embedded else None
+        output = self.visual.forward_intermediates(pixels, indices=indices or [self.depth - 1], output_fmt="NLC")
+        tokens = output["image_intermediates"] if indices else []
+        vv_tokens = None
+        if self.vv_state is not None:
+            vv_tokens = self.vv_state["tokens"][:, 1:]
+            self.vv_state["tokens"] = None
+        embedding = F.normalize(output["image_features"], dim=-1)
+        return ImageFeatures(embedding=embedding, layer_tokens=list(tokens), vv_tokens=vv_tokens, embedded=embedded)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(…, C)`` transformer tokens into the joint space with the tower's own ``ln_post`` and ``proj``."""
+        projected = self.visual.ln_post(tokens)
+        if self.visual.proj is not None:
+            projected = projected @ self.visual.proj
+        return projected
+
+    def window_embeddings(self, embedded: torch.Tensor, windows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """CLIP image embeddings of windows: each window's patch tokens plus the class token, alone.
+
+        Args:
+            embedded: ``(B, 1 + N, C)`` transformer input tokens (positional embeddings included).
+            windows: ``(W, k)`` patch indices of each window (``k`` patches, indices into ``N``).
+            chunk: Sequences per transformer call (bounds memory).
+
+        Returns:
+            ``(B, W, E)`` L2-normalised window embeddings.
+        """
+        batch, _, width = embedded.shape
+        count, size = windows.shape
+        index = torch.cat([torch.zeros(count, 1, dtype=torch.long), windows + 1], dim=1).to(embedded.device)
+        sequences = embedded[:, index].reshape(batch * count, size + 1, width)  # token gathering, no masks
+        outputs = []
+        for start in range(0, sequences.shape[0], chunk):
+            hidden = self.visual.transformer(sequences[start : start + chunk])
+            pooled, _ = self.visual._pool(hidden)
+            outputs.append(pooled @ self.visual.proj if self.visual.proj is not None else pooled)
+        if self.vv_state is not None:
+            self.vv_state["tokens"] = None
+        return F.normalize(torch.cat(outputs), dim=-1).reshape(batch, count, -1)
+
+    # ------------------------------------------------------------------ text
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learned temperature, ``exp(logit_scale)`` (100 for the released models)."""
+        return float(self.model.logit_scale.exp())
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``(P, E)`` L2-normalised embeddings of ``prompts``."""
+        tokens = self.tokenizer(list(prompts)).to(self.mean.device)
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    def text_embeddings(self, class_name: str, prompt_set: PromptSet) -> torch.Tensor:
+        """``(2, E)``: the normal and the anomalous ensemble embedding of ``class_name``, cached.
+
+        Each is the normalised mean of its prompts' embeddings. The cache key is
+        ``(model, class name, prompt set)``, so scoring N images encodes the text once.
+        """
+        key = (class_name, prompt_set)
+        if key not in self._text_cache:
+            normal, anomalous = prompt_set.prompts(class_name)
+            embeddings = [F.normalize(self.encode_text(prompts).mean(0), dim=-1) for prompts in (normal, anomalous)]
+            self._text_cache[key] = torch.stack(embeddings)
+            logger.debug("encoded %d prompts for %r", len(normal) + len(anomalous), class_name)
+        return self._text_cache[key]
+
+    def anomaly_probability(self, embeddings: torch.Tensor, text: torch.Tensor, temperature: float | None = None):
+        """Softmax probability of the anomalous state: ``(…, E)`` normalised embeddings -> ``(…)``."""
+        scale = self.logit_scale if temperature is None else temperature
+        logits = scale * embeddings @ text.T  # (…, 2)
+        return logits.softmax(dim=-1)[..., 1]
+
+
+def sliding_windows(grid: tuple[int, int], scale: int, stride: int = 1) -> torch.Tensor:
+    """Patch indices of every ``scale x scale`` window over an ``(h, w)`` grid, row-major: ``(W, scale**2)``."""
+    height, width = grid
+    if not 1 <= scale <= min(height, width):
+        raise ValueError(f"window scale must be in [1, {min(height, width)}] for a {height}x{width} grid, got {scale}")
+    rows = torch.arange(0, height - scale + 1, stride)
+    cols = torch.arange(0, width - scale + 1, stride)
+    offsets = (torch.arange(scale)[:, None] * width + torch.arange(scale)[None, :]).reshape(-1)
+    starts = (rows[:, None] * width + cols[None, :]).reshape(-1)
+    return starts[:, None] + offsets[None, :]
+
+
+def harmonic_window_aggregation(window_scores: torch.Tensor, windows: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Each patch's score as the harmonic mean of the scores of the windows that cover it.
+
+    Args:
+        window_scores: ``(B, W)`` positive scores.
+        windows: ``(W, k)`` patch indices.
+        num_patches: ``N``, the grid's patch count.
+
+    Returns:
+        ``(B, N)``; a patch no window covers gets 0.
+    """
+    batch = window_scores.shape[0]
+    reciprocal = 1.0 / window_scores.clamp_min(1e-12)  # (B, W)
+    sums = torch.zeros(batch, num_patches, dtype=reciprocal.dtype, device=reciprocal.device)
+    counts = torch.zeros(num_patches, dtype=reciprocal.dtype, device=reciprocal.device)
+    flat = windows.reshape(-1).to(reciprocal.device)
+    sums.index_add_(1, flat, reciprocal.repeat_interleave(windows.shape[1], dim=1))
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=reciprocal.dtype))
+    return torch.where(counts > 0, counts / sums.clamp_min(1e-30), torch.zeros_like(sums))

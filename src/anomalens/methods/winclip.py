@@ -1,0 +1,206 @@
+"""WinCLIP and WinCLIP+ (Jeong et al., "WinCLIP: Zero-/Few-Shot Anomaly Classification and Segmentation",
+CVPR 2023).
+
+Zero-shot (no references):
+1. Text: the compositional prompt ensemble (state words x templates, :mod:`anomalens.prompts`) gives one
+   normal and one anomalous embedding for the class, encoded once and cached.
+2. Windows: for each scale s in ``scales`` (2 and 3 patches, stride 1), every s x s window of the patch grid
+   is embedded alone: its patch tokens plus the class token go through the transformer (token gathering,
+   batched over all windows), and the pooled output is projected into the joint space.
+3. Each window's anomaly probability is the softmax over (normal, anomalous) text similarities at CLIP's
+   temperature. A patch's score at a scale is the harmonic mean over the windows covering it. The image
+   scale (the global embedding's probability) counts as one more scale; the map is the mean over scales,
+   upsampled and Gaussian-smoothed.
+4. Image score: the mean of the global probability and the map's maximum.
+
+Few-shot, WinCLIP+ (1..k references): the reference images' patch tokens (block ``patch_layer``, projected)
+and window embeddings at each scale form one cosine memory per scale. A query patch's or window's visual
+score is ``1 - max cosine similarity`` to that scale's memory; window scores are spread to patches by the
+mean over covering windows; the few-shot map is the mean over scales. The final map is the mean of the
+language-guided and the few-shot map, and the image score is the mean of the zero-shot image score and the
+few-shot map's maximum.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalens.backbones.clip import (
+    RESIZE_MODES,
+    CLIPBackbone,
+    clip_weights_reference,
+    harmonic_window_aggregation,
+    sliding_windows,
+)
+from anomalens.detector import Detector
+from anomalens.memory import NearestNeighbourMemory
+from anomalens.postprocess import gaussian_blur
+from anomalens.prompts import DEFAULT_CLASS_NAME, build_prompt_set
+
+
+@dataclass
+class WinCLIPConfig:
+    """Configuration of :class:`WinCLIP`."""
+
+    backbone: str = "ViT-B-16-plus-240"  # open_clip model name
+    pretrained: str | None = "laion400m_e31"  # open_clip pretrained tag, a checkpoint path, or None (random init)
+    shots: int | None = None  # 0 forces zero-shot, k >= 1 few-shot (fit needs references); None: as fit() is called
+    class_name: str | None = None  # product name for the prompts when fit() is given none ("object" if neither)
+    scales: tuple[int, ...] = (2, 3)  # window sides in patches (stride 1); the image scale is always added
+    image_size: int | None = None  # model input side; None = the model's own (240 for ViT-B-16-plus-240)
+    resize_mode: str = "resize"  # "resize" (squash to square) or "crop" (centre crop; map placed back in the crop)
+    normal_states: tuple[str, ...] | None = None  # normal state phrases with one "{}"; None = WinCLIP's
+    anomalous_states: tuple[str, ...] | None = None  # anomalous state phrases with one "{}"; None = WinCLIP's
+    templates: tuple[str, ...] | None = None  # prompt templates with one "{}"; None = WinCLIP's 22
+    defect_words: tuple[str, ...] = ()  # extra anomalous states "{} with <word>", e.g. ("scratch", "crack")
+    patch_layer: int = -1  # block whose patch tokens form WinCLIP+'s patch-scale memory (-1 = last)
+    temperature: float | None = None  # softmax temperature of text similarities; None = CLIP's logit scale
+    smoothing_sigma: float = 4.0  # Gaussian sigma of the map, in pixels at the model's input size
+    batch_size: int = 8  # images per forward pass
+    seed: int = 0  # seeds random initialisation when pretrained is None
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(int(scale) for scale in self.scales)
+        if not self.scales or any(scale < 1 for scale in self.scales):
+            raise ValueError(f"WinCLIP option scales={list(self.scales)} must be one or more integers >= 1")
+        if self.shots is not None and self.shots < 0:
+            raise ValueError(f"WinCLIP option shots={self.shots} must be >= 0 or None")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"WinCLIP option resize_mode={self.resize_mode!r} must be one of {', '.join(RESIZE_MODES)}"
+            )
+        if self.smoothing_sigma < 0 or self.batch_size < 1:
+            raise ValueError(
+                f"WinCLIP options smoothing_sigma={self.smoothing_sigma} and batch_size={self.batch_size} "
+                "must be >= 0 and >= 1"
+            )
+        # Fails early, naming the field, if a phrase lacks its placeholder.
+        build_prompt_set(self.normal_states, self.anomalous_states, self.templates, self.defect_words)
+
+
+class WinCLIP(Detector):
+    """Zero-shot WinCLIP, or few-shot WinCLIP+ when ``fit`` is given reference images."""
+
+    method_name = "winclip"
+    config_class = WinCLIPConfig
+    zero_shot = True
+    few_shot = True
+
+    def __init__(
+        self, config: WinCLIPConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True
+    ):
+        super().__init__(config, weights_dir=weights_dir, load_pretrained=load_pretrained)
+        self.clip = CLIPBackbone(
+            config.backbone,
+            config.pretrained if load_pretrained else None,
+            image_size=config.image_size,
+            resize_mode=config.resize_mode,
+            weights_dir=weights_dir,
+            method_hint="winclip",
+            init_seed=config.seed,
+        )
+        grid = self.clip.grid
+        for scale in config.scales:
+            if scale > min(grid):
+                raise ValueError(f"WinCLIP scale {scale} exceeds the {grid[0]}x{grid[1]} patch grid")
+        self.windows = {scale: sliding_windows(grid, scale) for scale in config.scales}
+        self.prompt_set = build_prompt_set(
+            config.normal_states, config.anomalous_states, config.templates, config.defect_words
+        )
+        # Few-shot memories: one per scale ("patch" and each window scale); empty until fit() gets references.
+        self.memories = nn.ModuleDict(
+            {"patch": NearestNeighbourMemory("cosine")}
+            | {f"window{scale}": NearestNeighbourMemory("cosine") for scale in config.scales}
+        )
+        self.register_buffer("_few_shot", torch.tensor(False))
+
+    @classmethod
+    def required_weights(cls, config: WinCLIPConfig) -> list[str]:
+        reference = clip_weights_reference(config.backbone, config.pretrained)
+        return [reference] if reference else []
+
+    # ------------------------------------------------------------------ features
+    def _features(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Global embeddings ``(B, E)``, projected patch tokens ``(B, N, E)``, window embeddings per scale."""
+        pixels = self.clip.preprocess(images)
+        features = self.clip.encode_image(pixels, layers=[self.config.patch_layer], with_embedded=True)
+        patches = F.normalize(self.clip.project(features.layer_tokens[0]), dim=-1)
+        windows = {
+            scale: self.clip.window_embeddings(features.embedded, index) for scale, index in self.windows.items()
+        }
+        return features.embedding, patches, windows
+
+    @property
+    def _class_name(self) -> str:
+        return self.class_name or self.config.class_name or DEFAULT_CLASS_NAME
+
+    # ------------------------------------------------------------------ detector hooks
+    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
+        shots = self.config.shots
+        if shots == 0 and reference_images:
+            raise ValueError("this WinCLIP detector has shots=0 (zero-shot) and takes no reference images")
+        if shots and not reference_images:
+            raise ValueError(f"this WinCLIP detector has shots={shots}: give fit() at least one reference image")
+        self.clip.text_embeddings(self._class_name, self.prompt_set)  # encode (and cache) the prompts now
+        self._few_shot.fill_(bool(reference_images))
+        if not reference_images:
+            for memory in self.memories.values():
+                memory.bank = memory.bank.new_empty(0, 0)
+            return
+        patches, windows = [], {scale: [] for scale in self.windows}
+        for start in range(0, len(reference_images), self.config.batch_size):
+            _, batch_patches, batch_windows = self._features(reference_images[start : start + self.config.batch_size])
+            patches.append(batch_patches.flatten(0, 1))
+            for scale, embeddings in batch_windows.items():
+                windows[scale].append(embeddings.flatten(0, 1))
+        self.memories["patch"].fit(torch.cat(patches))
+        for scale in self.windows:
+            self.memories[f"window{scale}"].fit(torch.cat(windows[scale]))
+
+    def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, patches, windows = self._features(images)
+        batch, count, _ = patches.shape
+        text = self.clip.text_embeddings(self._class_name, self.prompt_set)
+        temperature = self.config.temperature
+        global_probability = self.clip.anomaly_probability(embedding, text, temperature)  # (B,)
+        scale_maps = [global_probability[:, None].expand(batch, count)]
+        for scale, window_embeddings in windows.items():
+            window_probability = self.clip.anomaly_probability(window_embeddings, text, temperature)  # (B, W)
+            scale_maps.append(harmonic_window_aggregation(window_probability, self.windows[scale], count))
+        language_map = self._to_image_grid(torch.stack(scale_maps).mean(0))
+        zero_shot_score = (global_probability + language_map.flatten(1).amax(1)) / 2
+        if not bool(self._few_shot):
+            return zero_shot_score, language_map
+        visual_maps = [self.memories["patch"].search(patches.flatten(0, 1))[0].reshape(batch, count)]
+        for scale, window_embeddings in windows.items():
+            distances = self.memories[f"window{scale}"].search(window_embeddings.flatten(0, 1))[0]
+            visual_maps.append(_mean_window_aggregation(distances.reshape(batch, -1), self.windows[scale], count))
+        visual_map = self._to_image_grid(torch.stack(visual_maps).mean(0))
+        score = (zero_shot_score + visual_map.flatten(1).amax(1)) / 2
+        return score, (language_map + visual_map) / 2
+
+    def _to_image_grid(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` patch scores to smoothed ``(B, S, S)`` maps at the model's input size."""
+        height, width = self.clip.grid
+        size = self.clip.image_size
+        grid = patch_scores.reshape(-1, 1, height, width)
+        maps = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        return gaussian_blur(maps, self.config.smoothing_sigma)
+
+    def _map_to_image(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.clip.restore_map(anomaly_map, size)
+
+
+def _mean_window_aggregation(window_scores: torch.Tensor, windows: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """``(B, W)`` window scores to ``(B, N)`` patch scores: the mean over the windows covering each patch."""
+    flat = windows.reshape(-1).to(window_scores.device)
+    sums = torch.zeros(window_scores.shape[0], num_patches, dtype=window_scores.dtype, device=window_scores.device)
+    sums.index_add_(1, flat, window_scores.repeat_interleave(windows.shape[1], dim=1))
+    counts = torch.bincount(flat, minlength=num_patches).to(window_scores.dtype)
+    return sums / counts.clamp_min(1.0)
