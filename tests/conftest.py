@@ -22,6 +22,7 @@ TINY_CLIP = "anomalens-tiny-clip"  # tests/assets/anomalens-tiny-clip.json: 3 Vi
 TINY_CONFIGS: dict[str, dict] = {
     "patchcore": {"backbone": "taef2", "pretrained": None, "image_size": 32, "coreset_ratio": 0.5, "batch_size": 4},
     "winclip": {"backbone": TINY_CLIP, "pretrained": None, "batch_size": 4},
+    "dual_image_clip": {"backbone": TINY_CLIP, "pretrained": None, "layers": (1, 2), "tta_steps": 3},
 }
 
 

@@ -120,7 +120,9 @@ def test_vv_attention_keeps_the_original_path(backbone):
     vv = CLIPBackbone(TINY_CLIP, None, vv_layers=2)
     with torch.no_grad():
         features = vv.encode_image(pixels, layers=[-1])
-    assert torch.allclose(features.vv_tokens, vv_tokens[:, 1:], atol=1e-6)
+    assert sorted(features.vv_tokens) == [1, 2]
+    assert torch.allclose(features.vv_tokens[2], vv_tokens[:, 1:], atol=1e-6)
+    assert not torch.allclose(features.vv_tokens[1], features.vv_tokens[2])
 
 
 def test_crop_mode_maps_back_to_the_original_geometry():

@@ -85,12 +85,15 @@ def evaluate_category(
     if not test:
         raise ValueError(f"category {category!r} of {dataset.name} has no test images")
     size = batch_size or getattr(detector.config, "batch_size", 8)
+    if detector.pooled:
+        size = len(test)  # the whole test split is the pool its images are scored against
     scores, labels, maps, masks, skipped = [], [], [], [], []
     masks_known = True
     predict_seconds = 0.0
     bar = progress_factory(total=len(test), desc=f"{category} seed {seed}") if progress_factory else None
     with PeakMemory() as memory:
         detector.fit([load_image(sample.image_path) for sample in references], class_name=category)
+        detector.stage_seconds.clear()
         for start in range(0, len(test), size):
             batch = []
             for sample in test[start : start + size]:
@@ -125,6 +128,7 @@ def evaluate_category(
         "seconds_per_image": predict_seconds / len(scores),
         "peak_memory_mb": memory.peak_mb,
         "n_references": len(references),
+        "stage_seconds_per_image": {stage: seconds / len(scores) for stage, seconds in detector.stage_seconds.items()},
         "skipped": skipped,
     }
 
@@ -138,6 +142,12 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if len(records) > 1 and name in ALL_METRICS:
             summary[f"{name}_std"] = float(np.std(values, ddof=1))
     summary["n_images"] = int(round(summary["n_images"]))
+    stages = sorted({stage for record in records for stage in record.get("stage_seconds_per_image", {})})
+    if stages:
+        summary["stage_seconds_per_image"] = {
+            stage: float(np.mean([record["stage_seconds_per_image"].get(stage, 0.0) for record in records]))
+            for stage in stages
+        }
     return summary
 
 

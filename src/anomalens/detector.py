@@ -19,7 +19,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -76,6 +78,7 @@ class Detector(nn.Module):
     config_class: ClassVar[type] = object
     zero_shot: ClassVar[bool] = False  # whether fit() may be called without references
     few_shot: ClassVar[bool] = True  # whether fit() accepts reference images
+    pooled: ClassVar[bool] = False  # whether images of one predict call are scored jointly (as each other's references)
 
     def __init__(self, config: Any, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True):
         super().__init__()
@@ -84,7 +87,17 @@ class Detector(nn.Module):
         self.load_pretrained = load_pretrained
         self.class_name: str | None = None
         self.threshold: float | None = None
+        self.stage_seconds: dict[str, float] = {}  # time spent per named stage, summed since last cleared
         self.register_buffer("_is_fitted", torch.tensor(False))
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the time spent inside the block to ``stage_seconds[stage]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------------ public API
     @property

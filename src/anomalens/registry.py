@@ -19,6 +19,7 @@ from anomalens.detector import TENSORS_FILE, Detector, config_from_saved
 _BUILTIN_METHODS: dict[str, str] = {
     "patchcore": "anomalens.methods.patchcore:PatchCore",
     "winclip": "anomalens.methods.winclip:WinCLIP",
+    "dual_image_clip": "anomalens.methods.dual_image_clip:DualImageCLIP",
 }
 _REGISTERED: dict[str, type[Detector]] = {}
 

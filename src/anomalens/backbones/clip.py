@@ -57,13 +57,15 @@ class VVAttentionBlock(nn.Module):
     The wrapped block's output is returned unchanged. Alongside, the wrapper adds
     ``out_proj(softmax(v v^T / sqrt(d)) v)`` of the block's normalised input to ``state["tokens"]``,
     the v-v path's running sum (CLIP Surgery, Li et al. 2023): the first wrapped block starts it from its
-    input, later ones add to it. After a forward pass ``state["tokens"]`` holds ``(B, 1 + N, C)`` tokens.
+    input, later ones add to it. After a forward pass ``state["tokens"]`` holds ``(B, 1 + N, C)`` tokens and
+    ``state["blocks"][i]`` the running sum after block ``i``.
     """
 
-    def __init__(self, block: nn.Module, state: dict, first: bool, batch_first: bool):
+    def __init__(self, block: nn.Module, state: dict, index: int, first: bool, batch_first: bool):
         super().__init__()
         self.block = block
         self.state = state
+        self.index = index
         self.first = first
         self.batch_first = batch_first
 
@@ -81,6 +83,9 @@ class VVAttentionBlock(nn.Module):
         mixed = attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
         start = tokens if self.first else self.state["tokens"]
         self.state["tokens"] = start + mixed
+        if self.first:
+            self.state["blocks"] = {}
+        self.state["blocks"][self.index] = self.state["tokens"]
         return self.block(x, *args, **kwargs)
 
 
@@ -103,11 +108,11 @@ def add_vv_attention(visual: nn.Module, last_k: int) -> dict:
         raise ValueError(f"last_k must be in [1, {len(blocks)}], got {last_k}")
     if any(isinstance(block, VVAttentionBlock) for block in blocks):
         raise ValueError("v-v attention is already added to this model; remove it first")
-    state: dict = {"tokens": None}
+    state: dict = {"tokens": None, "blocks": {}}
     batch_first = getattr(visual.transformer, "batch_first", True)
     start = len(blocks) - last_k
     for index in range(start, len(blocks)):
-        blocks[index] = VVAttentionBlock(blocks[index], state, first=index == start, batch_first=batch_first)
+        blocks[index] = VVAttentionBlock(blocks[index], state, index, first=index == start, batch_first=batch_first)
     return state
 
 
@@ -125,7 +130,7 @@ class ImageFeatures:
 
     embedding: torch.Tensor  # (B, E) global image embedding, L2-normalised
     layer_tokens: list[torch.Tensor]  # per requested layer: (B, N, C) patch tokens, class token removed
-    vv_tokens: torch.Tensor | None  # (B, N, C) v-v path patch tokens, when v-v attention is on
+    vv_tokens: dict[int, torch.Tensor]  # block index -> (B, N, C) v-v path patch tokens, when v-v attention is on
     embedded: torch.Tensor | None  # (B, 1 + N, C) transformer input tokens, if asked for (window embeddings)
 
 
@@ -139,7 +144,7 @@ class CLIPBackbone(nn.Module):
         image_size: Input side; ``None`` takes the model's.
         resize_mode: ``"resize"`` squashes the whole image to the square input; ``"crop"`` resizes the shorter
             side and centre-crops, and maps are placed back in the crop's region (edges replicated outside).
-        vv_layers: Add v-v attention to this many final blocks (0: off).
+        vv_layers: Add v-v attention to this many final blocks (0: off); their v-v tokens come back per block.
         weights_dir: Searched first for checkpoint files.
         method_hint: The method asking, named in a missing-weights error.
         init_seed: Seed of the random initialisation when ``pretrained`` is ``None``.
@@ -187,8 +192,18 @@ class CLIPBackbone(nn.Module):
         patch = self.visual.patch_size
         self.grid = (self.image_size // patch[0], self.image_size // patch[1])
         self.depth = len(self.visual.transformer.resblocks)
+        self.embed_dim = int(self.visual.proj.shape[1]) if self.visual.proj is not None else self.visual.output_dim
         self.vv_state = add_vv_attention(self.visual, vv_layers) if vv_layers else None
         self._text_cache: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def depth_of(model_name: str) -> int:
+        """Number of vision transformer blocks of open_clip model ``model_name``, from its config alone."""
+        config = _open_clip().get_model_config(model_name)
+        if not config:
+            valid = ", ".join(_open_clip().list_models())
+            raise ValueError(f"unknown open_clip model {model_name!r}; valid models: {valid}")
+        return int(config["vision_cfg"]["layers"])
 
     # ------------------------------------------------------------------ images
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -238,10 +253,10 @@ class CLIPBackbone(nn.Module):
         embedded = self.visual._embeds(pixels) if with_embedded else None
         output = self.visual.forward_intermediates(pixels, indices=indices or [self.depth - 1], output_fmt="NLC")
         tokens = output["image_intermediates"] if indices else []
-        vv_tokens = None
+        vv_tokens = {}
         if self.vv_state is not None:
-            vv_tokens = self.vv_state["tokens"][:, 1:]
-            self.vv_state["tokens"] = None
+            vv_tokens = {index: tokens[:, 1:] for index, tokens in self.vv_state["blocks"].items()}
+            self.vv_state["tokens"], self.vv_state["blocks"] = None, {}
         embedding = F.normalize(output["image_features"], dim=-1)
         return ImageFeatures(embedding=embedding, layer_tokens=list(tokens), vv_tokens=vv_tokens, embedded=embedded)
 
@@ -273,7 +288,7 @@ class CLIPBackbone(nn.Module):
             pooled, _ = self.visual._pool(hidden)
             outputs.append(pooled @ self.visual.proj if self.visual.proj is not None else pooled)
         if self.vv_state is not None:
-            self.vv_state["tokens"] = None
+            self.vv_state["tokens"], self.vv_state["blocks"] = None, {}
         return F.normalize(torch.cat(outputs), dim=-1).reshape(batch, count, -1)
 
     # ------------------------------------------------------------------ text

@@ -1,0 +1,299 @@
+"""Dual-Image Enhanced CLIP (Zhang, Deng, Bao and Li, 2024): zero-shot, with test images as each other's
+visual references and test-time adaptation on synthesised anomalies.
+
+1. Language map: v-v attention tokens (CLIP Surgery style, :func:`~anomalens.backbones.clip.add_vv_attention`)
+   of the blocks in ``layers``, projected into the joint space, are compared with the normal and anomalous
+   prompt-ensemble embeddings; the softmax gives each patch an anomaly probability, averaged over layers.
+   The image-level language score is the global embedding's anomaly probability.
+2. Dual-image visual map: the images of one ``predict`` call form the pool. Pairing (see
+   :func:`pair_partners`) gives every image ``partners`` others, deterministically under ``seed``. A patch's
+   visual score is the cosine distance from its token to the nearest patch token of a partner, per layer,
+   averaged over layers; across partners the minimum is kept, so a defect in one partner cannot leak into
+   the query. Reference images given to ``fit`` join every image's partners; a single image with no
+   references cannot be scored.
+3. Joint map: ``language_weight * language + (1 - language_weight) * visual``, upsampled and smoothed.
+   Image score: the mean of the language score and the joint map's maximum.
+4. Test-time adaptation (``tta``): a linear adapter on the projected tokens (initialised to the identity)
+   is trained for ``tta_steps`` steps on the pool itself: on the real images the targets are the zero-shot
+   joint map (soft pseudo-labels, BCE); on pseudo-anomalies (Perlin-shaped regions of foreign texture pasted
+   into a ``tta_pseudo_share`` of the pool's images, :mod:`anomalens.synthesis`) the targets are the masks
+   (BCE + dice). The adapted tokens give a refined language map, and the joint map is rebuilt with it.
+   With ``tta=False`` the output is exactly the zero-shot joint map.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone, clip_weights_reference
+from anomalens.detector import Detector
+from anomalens.memory import NearestNeighbourMemory
+from anomalens.postprocess import gaussian_blur
+from anomalens.prompts import DEFAULT_CLASS_NAME, build_prompt_set
+from anomalens.synthesis import synthesize_anomaly
+
+
+@dataclass
+class DualImageCLIPConfig:
+    """Configuration of :class:`DualImageCLIP`."""
+
+    backbone: str = "ViT-L-14-336"  # open_clip model name
+    pretrained: str | None = "openai"  # open_clip pretrained tag, a checkpoint path, or None (random init)
+    class_name: str | None = None  # product name for the prompts when fit() is given none ("object" if neither)
+    layers: tuple[int, ...] = (-13, -7, -1)  # blocks (negative: from the end) whose v-v tokens are used
+    partners: int = 1  # r: partners per image within the pool (the paper's base case is 1)
+    language_weight: float = 0.5  # weight of the language map in the joint map; the visual map gets the rest
+    tta: bool = True  # test-time adaptation on the pool's images and synthesised anomalies
+    tta_steps: int = 10  # adapter optimisation steps per pool
+    tta_lr: float = 1e-3  # Adam learning rate of the adapter
+    tta_pseudo_share: float = 0.5  # share of the pool's images turned into pseudo-anomalies for TTA
+    tta_alignment_weight: float = 1.0  # weight of the alignment to the zero-shot pseudo-labels in the TTA loss
+    image_size: int | None = None  # model input side; None = the model's own (336 for ViT-L-14-336)
+    resize_mode: str = "resize"  # "resize" (squash to square) or "crop" (centre crop; map placed back in the crop)
+    normal_states: tuple[str, ...] | None = None  # normal state phrases with one "{}"; None = WinCLIP's
+    anomalous_states: tuple[str, ...] | None = None  # anomalous state phrases with one "{}"; None = WinCLIP's
+    templates: tuple[str, ...] | None = None  # prompt templates with one "{}"; None = WinCLIP's
+    defect_words: tuple[str, ...] = ()  # extra anomalous states "{} with <word>"
+    temperature: float | None = None  # softmax temperature of text similarities; None = CLIP's logit scale
+    smoothing_sigma: float = 4.0  # Gaussian sigma of the map, in pixels at the model's input size
+    batch_size: int = 16  # images scored together as one pool by predict and the batch commands
+    forward_batch_size: int = 4  # images per backbone forward pass
+    seed: int = 0  # seeds pairing, pseudo-anomaly synthesis, and random init when pretrained is None
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(layer) for layer in self.layers)
+        problems = {
+            "layers": (bool(self.layers), "one or more block indices"),
+            "partners": (self.partners >= 1, ">= 1"),
+            "language_weight": (0.0 <= self.language_weight <= 1.0, "in [0, 1]"),
+            "tta_steps": (self.tta_steps >= 0, ">= 0"),
+            "tta_lr": (self.tta_lr > 0, "> 0"),
+            "tta_pseudo_share": (0.0 < self.tta_pseudo_share <= 1.0, "in (0, 1]"),
+            "resize_mode": (self.resize_mode in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}"),
+            "smoothing_sigma": (self.smoothing_sigma >= 0, ">= 0"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "forward_batch_size": (self.forward_batch_size >= 1, ">= 1"),
+        }
+        for name, (ok, rule) in problems.items():
+            if not ok:
+                raise ValueError(f"dual_image_clip option {name}={getattr(self, name)!r} must be {rule}")
+        build_prompt_set(self.normal_states, self.anomalous_states, self.templates, self.defect_words)
+
+
+def pair_partners(count: int, partners: int, seed: int) -> list[list[int]]:
+    """Deterministic pairing of a pool of ``count`` images.
+
+    A seeded permutation puts the images on a ring; each image's partners are the next ``r`` images on it
+    (``r = min(partners, count - 1)``). Every image gets ``r`` distinct partners other than itself, and
+    serves as a partner exactly ``r`` times.
+
+    Raises:
+        ValueError: Fewer than two images.
+    """
+    if count < 2:
+        raise ValueError(f"pairing needs at least two images, got {count}")
+    ring = np.random.default_rng(seed).permutation(count)
+    position = np.empty(count, dtype=np.int64)
+    position[ring] = np.arange(count)
+    r = min(partners, count - 1)
+    return [[int(ring[(position[image] + step) % count]) for step in range(1, r + 1)] for image in range(count)]
+
+
+def dice_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft dice loss of ``(B, N)`` probabilities against ``(B, N)`` targets in [0, 1]."""
+    intersection = (prediction * target).sum(1)
+    return (1 - (2 * intersection + 1) / (prediction.sum(1) + target.sum(1) + 1)).mean()
+
+
+class DualImageCLIP(Detector):
+    """Zero-shot: scores the images of one ``predict`` call against each other (optionally plus references)."""
+
+    method_name = "dual_image_clip"
+    config_class = DualImageCLIPConfig
+    zero_shot = True
+    few_shot = True
+    pooled = True
+    resizable_buffers = ("reference_tokens",)
+
+    def __init__(
+        self, config: DualImageCLIPConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True
+    ):
+        super().__init__(config, weights_dir=weights_dir, load_pretrained=load_pretrained)
+        probe = CLIPBackbone.depth_of(config.backbone)
+        self.layer_indices = sorted({layer % probe for layer in config.layers})
+        self.clip = CLIPBackbone(
+            config.backbone,
+            config.pretrained if load_pretrained else None,
+            image_size=config.image_size,
+            resize_mode=config.resize_mode,
+            vv_layers=probe - self.layer_indices[0],
+            weights_dir=weights_dir,
+            method_hint="dual_image_clip",
+            init_seed=config.seed,
+        )
+        self.prompt_set = build_prompt_set(
+            config.normal_states, config.anomalous_states, config.templates, config.defect_words
+        )
+        width = self.clip.embed_dim
+        self.adapter = nn.Linear(width, width)
+        self._reset_adapter()
+        # Optional references from fit(): (R, layers, N, E) normalised projected v-v tokens.
+        self.register_buffer("reference_tokens", torch.empty(0, 0, 0, 0))
+
+    @classmethod
+    def required_weights(cls, config: DualImageCLIPConfig) -> list[str]:
+        reference = clip_weights_reference(config.backbone, config.pretrained)
+        return [reference] if reference else []
+
+    def _reset_adapter(self) -> None:
+        with torch.no_grad():
+            self.adapter.weight.copy_(torch.eye(self.adapter.in_features))
+            self.adapter.bias.zero_()
+
+    @property
+    def _class_name(self) -> str:
+        return self.class_name or self.config.class_name or DEFAULT_CLASS_NAME
+
+    # ------------------------------------------------------------------ features
+    def _tokens(self, pixels: torch.Tensor, stage: str | None = "image_encoder") -> tuple[torch.Tensor, torch.Tensor]:
+        """Global embeddings ``(B, E)`` and normalised projected v-v tokens ``(B, L, N, E)``.
+
+        ``stage`` names the timer the forward passes count towards (``None``: the caller's own).
+        """
+        embeddings, tokens = [], []
+        for start in range(0, pixels.shape[0], self.config.forward_batch_size):
+            chunk = pixels[start : start + self.config.forward_batch_size]
+            if stage is None:
+                features = self.clip.encode_image(chunk)
+            else:
+                with self.timed(stage):
+                    features = self.clip.encode_image(chunk)
+            layer_tokens = [self.clip.project(features.vv_tokens[index]) for index in self.layer_indices]
+            embeddings.append(features.embedding)
+            tokens.append(F.normalize(torch.stack(layer_tokens, dim=1), dim=-1))
+        return torch.cat(embeddings), torch.cat(tokens)
+
+    def _language_patch_scores(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``(B, L, N, E)`` tokens -> ``(B, N)`` anomaly probability, averaged over layers."""
+        return self.clip.anomaly_probability(tokens, text, self.config.temperature).mean(1)
+
+    def _visual_patch_scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L, N, E)`` pool tokens -> ``(B, N)`` min over partners of the layer-mean NN cosine distance."""
+        count = tokens.shape[0]
+        references = self.reference_tokens if self.reference_tokens.numel() else tokens.new_empty(0, *tokens.shape[1:])
+        pairs = pair_partners(count, self.config.partners, self.config.seed) if count > 1 else [[]]
+        scores = []
+        with self.timed("memory_search"):
+            for image in range(count):
+                partner_tokens = [tokens[p] for p in pairs[image]] + list(references)
+                per_partner = []
+                for partner in partner_tokens:
+                    per_layer = [
+                        NearestNeighbourMemory("cosine").fit(partner[layer]).search(tokens[image, layer])[0][:, 0]
+                        for layer in range(tokens.shape[1])
+                    ]
+                    per_partner.append(torch.stack(per_layer).mean(0))
+                scores.append(torch.stack(per_partner).amin(0))
+        return torch.stack(scores)
+
+    def _to_image_grid(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` patch scores to smoothed ``(B, S, S)`` maps at the model's input size."""
+        height, width = self.clip.grid
+        size = self.clip.image_size
+        maps = F.interpolate(patch_scores.reshape(-1, 1, height, width), size=(size, size), mode="bilinear")[:, 0]
+        return gaussian_blur(maps, self.config.smoothing_sigma)
+
+    # ------------------------------------------------------------------ detector hooks
+    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
+        with self.timed("text_encoder"):
+            self.clip.text_embeddings(self._class_name, self.prompt_set)
+        if reference_images:
+            _, tokens = self._tokens(self.clip.preprocess(reference_images))
+            self.reference_tokens = tokens
+        else:
+            self.reference_tokens = self.reference_tokens.new_empty(0, 0, 0, 0)
+
+    def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(images) < 2 and not self.reference_tokens.numel():
+            raise ValueError(
+                "dual_image_clip scores images against each other: give at least two images to predict(), "
+                "or one or more reference images to fit()"
+            )
+        with self.timed("text_encoder"):
+            text = self.clip.text_embeddings(self._class_name, self.prompt_set)
+        pixels = self.clip.preprocess(images)
+        embeddings, tokens = self._tokens(pixels)
+        language_score = self.clip.anomaly_probability(embeddings, text, self.config.temperature)
+        language = self._language_patch_scores(tokens, text)
+        visual = self._visual_patch_scores(tokens)
+        weight = self.config.language_weight
+        joint = weight * language + (1 - weight) * visual
+        if self.config.tta and self.config.tta_steps > 0:
+            with self.timed("tta"):
+                language = self._adapt(pixels, tokens, joint, text)
+            joint = weight * language + (1 - weight) * visual
+        with self.timed("post_processing"):
+            maps = self._to_image_grid(joint)
+            scores = (language_score + maps.flatten(1).amax(1)) / 2
+        return scores, maps
+
+    def _map_to_image(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.clip.restore_map(anomaly_map, size)
+
+    # ------------------------------------------------------------------ test-time adaptation
+    def pseudo_anomalies(self, pixels01: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Synthesise pseudo-anomalies from a ``tta_pseudo_share`` of ``(B, 3, S, S)`` images in [0, 1].
+
+        Texture comes from another image of the pool when there is one, else from procedural noise.
+
+        Returns:
+            Images ``(P, 3, S, S)`` in [0, 1] and masks ``(P, S, S)`` in {0, 1}, ``P = ceil(share * B)``.
+        """
+        count = pixels01.shape[0]
+        chosen = torch.randperm(count, generator=generator)[
+            : max(1, int(np.ceil(self.config.tta_pseudo_share * count)))
+        ]
+        images, masks = [], []
+        for index in chosen.tolist():
+            source = pixels01[(index + 1) % count] if count > 1 else None
+            image, mask = synthesize_anomaly(pixels01[index], generator, texture_source=source)
+            images.append(image)
+            masks.append(mask)
+        return torch.stack(images), torch.stack(masks)
+
+    def _adapt(
+        self, pixels: torch.Tensor, tokens: torch.Tensor, joint: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        """Train the adapter on the pool; returns the refined ``(B, N)`` language scores.
+
+        All of it (synthesis, encoding the pseudo-anomalies, optimisation) counts as the caller's "tta" stage.
+        """
+        generator = torch.Generator().manual_seed(self.config.seed)
+        pixels01 = pixels * self.clip.std + self.clip.mean
+        pseudo_images, pseudo_masks = self.pseudo_anomalies(pixels01.cpu(), generator)
+        _, pseudo_tokens = self._tokens((pseudo_images.to(pixels.device) - self.clip.mean) / self.clip.std, stage=None)
+        height, width = self.clip.grid
+        mask_targets = F.adaptive_avg_pool2d(pseudo_masks[:, None], (height, width)).flatten(1).to(pixels.device)
+        self._reset_adapter()
+        with torch.inference_mode(False), torch.enable_grad():
+            real, pseudo = tokens.clone(), pseudo_tokens.clone()  # leave inference mode: plain tensors
+            targets, mask_targets, text = joint.clone(), mask_targets.clone(), text.clone()
+            optimiser = torch.optim.Adam(self.adapter.parameters(), lr=self.config.tta_lr)
+            for _ in range(self.config.tta_steps):
+                optimiser.zero_grad()
+                real_scores = self._language_patch_scores(F.normalize(self.adapter(real), dim=-1), text)
+                pseudo_scores = self._language_patch_scores(F.normalize(self.adapter(pseudo), dim=-1), text)
+                loss = F.binary_cross_entropy(pseudo_scores.clamp(1e-6, 1 - 1e-6), mask_targets)
+                loss = loss + dice_loss(pseudo_scores, mask_targets)
+                alignment = F.binary_cross_entropy(real_scores.clamp(1e-6, 1 - 1e-6), targets)
+                (loss + self.config.tta_alignment_weight * alignment).backward()
+                optimiser.step()
+            with torch.no_grad():
+                refined = self._language_patch_scores(F.normalize(self.adapter(real), dim=-1), text)
+        return refined.detach()
