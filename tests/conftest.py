@@ -23,6 +23,16 @@ TINY_CONFIGS: dict[str, dict] = {
     "patchcore": {"backbone": "taef2", "pretrained": None, "image_size": 32, "coreset_ratio": 0.5, "batch_size": 4},
     "winclip": {"backbone": TINY_CLIP, "pretrained": None, "batch_size": 4},
     "dual_image_clip": {"backbone": TINY_CLIP, "pretrained": None, "layers": (1, 2), "tta_steps": 3},
+    "clipfusion": {
+        "backbone": TINY_CLIP,
+        "pretrained": None,
+        "clip_layers": (1, 2),
+        "diffusion": None,
+        "diffusion_architecture": "tiny",
+        "attention_resolutions": (8, 4),
+        "feature_blocks": ("up_blocks.0", "up_blocks.1"),
+        "map_size": 32,
+    },
 }
 
 

@@ -4,6 +4,7 @@ Commands:
     predict    score image files and folders; write heatmaps, raw maps, scores.jsonl / scores.csv
     benchmark  reproduce paper-style tables on MVTec AD, VisA, Real-IAD or your own folder
     fit        fit a detector on reference images and save it (for predict --detector)
+    train      train learned components (PatchCLIP projections for clipfusion)
     weights    download the pretrained weights a method needs, or list where they are found
     list       the available methods, backbones and datasets
 
@@ -93,6 +94,24 @@ def build_parser() -> ArgumentParser:
     listing.add_argument("--weights-dir", default=None, help="look here first")
     weights_commands.add_subcommand("list", listing, help="list registered weights")
 
+    train = ArgumentParser(description="Train the learned parts of a method.")
+    commands.add_subcommand("train", train, help="train learned components (PatchCLIP projections)")
+    train_commands = train.add_subcommands(dest="target", required=True)
+    patchclip = ArgumentParser(description="Train CLIPFusion's PatchCLIP projections on an auxiliary dataset.")
+    patchclip.add_argument("--dataset", required=True, help="auxiliary dataset with pixel labels (mvtec, visa, ...)")
+    patchclip.add_argument("--root", required=True, help="its root folder")
+    patchclip.add_argument("--out", required=True, help="output .safetensors file")
+    patchclip.add_argument("--backbone", default="ViT-L-14-336", help="open_clip model")
+    patchclip.add_argument("--pretrained", default="openai", help="its pretrained tag, a path, or 'none'")
+    patchclip.add_argument("--layers", type=int, nargs="+", default=[5, 11, 17, 23], help="0-based CLIP blocks")
+    patchclip.add_argument("--category", nargs="+", default=None, help="categories to train on (default: all)")
+    patchclip.add_argument("--epochs", type=int, default=1)
+    patchclip.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    patchclip.add_argument("--batch-size", type=int, default=8)
+    patchclip.add_argument("--seed", type=int, default=0)
+    patchclip.add_argument("--weights-dir", default=None, help="folder with pretrained weights")
+    train_commands.add_subcommand("patchclip", patchclip, help="PatchCLIP projections for clipfusion")
+
     commands.add_subcommand("list", ArgumentParser(description="Methods, backbones and datasets."), help="list names")
     return parser
 
@@ -127,7 +146,7 @@ def _create(args: Any):
     return detector.to(args.device)
 
 
-def _progress(total: int, desc: str, quiet: bool):
+def _progress(total: int | None, desc: str, quiet: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, dynamic_ncols=True)
@@ -280,6 +299,44 @@ def cmd_weights(args: Any) -> int:
     return 0
 
 
+def cmd_train(args: Any) -> int:
+    from anomalens.training import train_patchclip
+
+    options = args.patchclip
+    pretrained = None if str(options.pretrained).lower() == "none" else options.pretrained
+    bar = _progress(None, "training patchclip", args.quiet)
+    finished = [0]
+
+    def advance(done: int, loss: float) -> None:
+        bar.update(done - finished[0])
+        bar.set_postfix(loss=f"{loss:.4f}")
+        finished[0] = done
+
+    try:
+        path = train_patchclip(
+            options.dataset,
+            options.root,
+            options.out,
+            backbone=options.backbone,
+            pretrained=pretrained,
+            layers=options.layers,
+            categories=options.category,
+            epochs=options.epochs,
+            learning_rate=options.lr,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            weights_dir=options.weights_dir,
+            progress=advance,
+        )
+    finally:
+        bar.close()
+    print(
+        f"saved PatchCLIP projections to {path}; use them with --set clip_projection=trained "
+        f"--set clip_projection_weights={path}"
+    )
+    return 0
+
+
 def cmd_list(args: Any) -> int:
     import anomalens
     from anomalens.backbones import list_backbones
@@ -303,8 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"predict": cmd_predict, "benchmark": cmd_benchmark, "fit": cmd_fit, "weights": cmd_weights}
     handlers["list"] = cmd_list
+    handlers["train"] = cmd_train
     command_args = getattr(args, args.command)
-    if args.command in ("predict", "benchmark"):
+    if args.command in ("predict", "benchmark", "train"):
         command_args.quiet = args.quiet
     try:
         return handlers[args.command](command_args if args.command != "weights" else args.weights)

@@ -20,6 +20,7 @@ _BUILTIN_METHODS: dict[str, str] = {
     "patchcore": "anomalens.methods.patchcore:PatchCore",
     "winclip": "anomalens.methods.winclip:WinCLIP",
     "dual_image_clip": "anomalens.methods.dual_image_clip:DualImageCLIP",
+    "clipfusion": "anomalens.methods.clipfusion:CLIPFusion",
 }
 _REGISTERED: dict[str, type[Detector]] = {}
 

@@ -1,0 +1,419 @@
+"""CLIPFusion (Lee, Won, Lee and Shin, "CLIP Meets Diffusion: A Synergistic Approach to Anomaly Detection",
+TMLR 2025): CLIP patch maps fused with Stable Diffusion cross-attention and feature maps.
+
+    M = alpha * (M_CLIP_L + M_CLIP_V) + (1 - alpha) * (M_Diff_L + M_Diff_V)
+
+Zero-shot uses the two language-guided maps (``_L``); with reference images the two vision-guided maps
+(``_V``) join. ``components`` switches any of the four off (the paper's ablations).
+
+- **PatchCLIP, M_CLIP_L.** Patch tokens of ``clip_layers`` are mapped into the joint space and compared with
+  the normal / anomalous prompt-ensemble embeddings; the softmax gives each patch an anomaly probability,
+  averaged over layers. The mapping is either ``"training_free"`` (CLIP's own ``ln_post`` + ``proj`` applied to
+  v-v attention tokens) or ``"trained"`` (per-layer linear projections from ``anomalens train patchclip``).
+- **PatchCLIP, M_CLIP_V.** Per layer, the cosine distance of each query patch token to its nearest neighbour
+  among the reference tokens, averaged over layers.
+- **MapDiff, M_Diff_L.** The query's VAE latent is noised to each of ``timesteps`` (``noise_draws`` seeded draws)
+  and denoised once with the prompt ``anomaly_prompt`` (e.g. "a photo of a damaged bottle"); cross-attention
+  probabilities of the UNet layers whose feature side is in ``attention_resolutions`` are captured, averaged
+  over heads, layers, draws and timesteps. The map is the attention share of the anomaly-state words,
+  ``A_state / (A_state + A_class)``; with ``contrast``, the same share under ``normal_prompt`` is subtracted.
+- **MapDiff, M_Diff_V.** Decoder features (``feature_blocks``) of the query compared with the references',
+  as nearest-neighbour cosine distances, averaged over blocks.
+- **Fusion.** Every component is put on [0, 1] by its definition, never by the data, so images stay
+  comparable: probabilities and attention shares as they are, cosine distances halved (their range is
+  [0, 2]), contrasted shares mapped from [-1, 1] by ``(x + 1) / 2``. The fused map is upsampled to
+  ``map_size`` and Gaussian-smoothed. Image score: the mean of CLIP's global image-text anomaly probability and
+  the smoothed map's maximum.
+
+Both vision-guided maps search :class:`~anomalens.memory.NearestNeighbourMemory`, the module PatchCore uses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalens.backbones.clip import CLIPBackbone, clip_weights_reference
+from anomalens.backbones.diffusion import (
+    ARCHITECTURES,
+    DEFAULT_REPO,
+    DiffusionBackbone,
+    capture_block_outputs,
+    capture_cross_attention,
+)
+from anomalens.detector import Detector
+from anomalens.memory import NearestNeighbourMemory
+from anomalens.postprocess import gaussian_blur
+from anomalens.prompts import DEFAULT_CLASS_NAME, build_prompt_set
+from anomalens.weights import read_checkpoint
+
+COMPONENTS = ("clip_language", "clip_vision", "diffusion_language", "diffusion_vision")
+PROJECTIONS = ("training_free", "trained")
+
+
+@dataclass
+class CLIPFusionConfig:
+    """Configuration of :class:`CLIPFusion` (the paper leaves layers, t, alpha and the SD version open)."""
+
+    backbone: str = "ViT-L-14-336"  # open_clip model of PatchCLIP
+    pretrained: str | None = "openai"  # its pretrained tag, a checkpoint path, or None (random init)
+    clip_layers: tuple[int, ...] = (5, 11, 17, 23)  # 0-based blocks whose patch tokens are used (6/12/18/24 of 24)
+    clip_projection: str = "training_free"  # "training_free" (v-v tokens, CLIP's projection) or "trained"
+    clip_projection_weights: str | None = None  # safetensors file from `anomalens train patchclip` ("trained")
+    diffusion: str | None = DEFAULT_REPO  # diffusers repo id or local folder; None builds diffusion_architecture
+    diffusion_architecture: str = "sd-2-1-base"  # architecture built with random weights when diffusion is None
+    diffusion_image_size: int | None = None  # SD input side; None = the model's native size (512 for SD 2.1-base)
+    timesteps: tuple[int, ...] = (100,)  # noise levels t of the single UNet pass (averaged when several)
+    noise_draws: int = 1  # seeded noise draws per timestep (averaged)
+    attention_resolutions: tuple[int, ...] = (16, 32)  # feature-map sides of captured cross-attention layers
+    feature_blocks: tuple[str, ...] = ("up_blocks.1", "up_blocks.2")  # UNet decoder blocks for M_Diff_V
+    anomaly_prompt: str = "a photo of a damaged {}"  # UNet prompt; "{}" is the class name
+    anomaly_words: str = "damaged"  # the anomaly-state words of anomaly_prompt whose attention is read
+    contrast: bool = False  # subtract the state-word attention share under normal_prompt
+    normal_prompt: str = "a photo of a flawless {}"  # the prompt contrasted with, when contrast is on
+    normal_words: str = "flawless"  # its normal-state words
+    alpha: float = 0.5  # weight of the CLIP maps; the diffusion maps get 1 - alpha
+    components: tuple[str, ...] = COMPONENTS  # maps to use; vision maps need references
+    shots: int | None = None  # 0 forces zero-shot, k >= 1 few-shot; None: as fit() is called
+    class_name: str | None = None  # product name when fit() is given none ("object" if neither)
+    normal_states: tuple[str, ...] | None = None  # PatchCLIP prompt ensemble; None = WinCLIP's
+    anomalous_states: tuple[str, ...] | None = None
+    templates: tuple[str, ...] | None = None
+    defect_words: tuple[str, ...] = ()  # extra anomalous states "{} with <word>"
+    temperature: float | None = None  # softmax temperature of text similarities; None = CLIP's logit scale
+    map_size: int = 256  # side of the fused map before it is resized to each image
+    smoothing_sigma: float = 4.0  # Gaussian sigma at map_size
+    batch_size: int = 4  # images per forward pass
+    seed: int = 0  # seeds noise draws and random initialisation
+
+    def __post_init__(self) -> None:
+        for name in ("clip_layers", "timesteps", "attention_resolutions", "feature_blocks", "components"):
+            setattr(self, name, tuple(getattr(self, name)))
+        unknown = [name for name in self.components if name not in COMPONENTS]
+        problems = {
+            "components": (bool(self.components) and not unknown, f"a non-empty subset of {', '.join(COMPONENTS)}"),
+            "clip_projection": (self.clip_projection in PROJECTIONS, f"one of {', '.join(PROJECTIONS)}"),
+            "clip_projection_weights": (
+                self.clip_projection != "trained" or bool(self.clip_projection_weights),
+                "a file from `anomalens train patchclip` when clip_projection='trained'",
+            ),
+            "diffusion_architecture": (
+                self.diffusion_architecture in ARCHITECTURES,
+                f"one of {', '.join(ARCHITECTURES)}",
+            ),
+            "timesteps": (bool(self.timesteps) and all(0 <= t < 1000 for t in self.timesteps), "in [0, 999]"),
+            "noise_draws": (self.noise_draws >= 1, ">= 1"),
+            "alpha": (0.0 <= self.alpha <= 1.0, "in [0, 1]"),
+            "anomaly_prompt": (
+                "{}" in self.anomaly_prompt and self.anomaly_words in self.anomaly_prompt,
+                "a prompt with '{}' that contains anomaly_words",
+            ),
+            "normal_prompt": (
+                "{}" in self.normal_prompt and self.normal_words in self.normal_prompt,
+                "a prompt with '{}' that contains normal_words",
+            ),
+            "map_size": (self.map_size >= 8, ">= 8"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "shots": (self.shots is None or self.shots >= 0, ">= 0 or None"),
+        }  # fmt: skip
+        for name, (ok, rule) in problems.items():
+            if not ok:
+                raise ValueError(f"clipfusion option {name}={getattr(self, name)!r} must be {rule}")
+        build_prompt_set(self.normal_states, self.anomalous_states, self.templates, self.defect_words)
+
+
+class PatchCLIPProjections(nn.Module):
+    """Per-layer linear maps from CLIP patch tokens ``(…, C)`` into the joint space ``(…, E)``."""
+
+    def __init__(self, layers: int, width: int, embed_dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, embed_dim) for _ in range(layers))
+
+    def forward(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [projection(layer_tokens) for projection, layer_tokens in zip(self.layers, tokens)]
+
+
+class CLIPFusion(Detector):
+    """Zero-shot (language maps) or few-shot (plus vision maps) CLIP + diffusion fusion."""
+
+    method_name = "clipfusion"
+    config_class = CLIPFusionConfig
+    zero_shot = True
+    few_shot = True
+
+    def __init__(
+        self, config: CLIPFusionConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True
+    ):
+        super().__init__(config, weights_dir=weights_dir, load_pretrained=load_pretrained)
+        depth = CLIPBackbone.depth_of(config.backbone)
+        self.clip_layers = [layer % depth for layer in config.clip_layers]
+        training_free = config.clip_projection == "training_free"
+        self.clip = CLIPBackbone(
+            config.backbone,
+            config.pretrained if load_pretrained else None,
+            vv_layers=depth - min(self.clip_layers) if training_free else 0,
+            weights_dir=weights_dir,
+            method_hint="clipfusion",
+            init_seed=config.seed,
+        )
+        self.projections = None
+        if not training_free:
+            width = self.clip.visual.transformer.width
+            self.projections = PatchCLIPProjections(len(self.clip_layers), width, self.clip.embed_dim)
+            if load_pretrained:
+                self.projections.load_state_dict(_read_projections(config.clip_projection_weights, self.projections))
+        self.diffusion = None
+        if {"diffusion_language", "diffusion_vision"} & set(config.components):
+            self.diffusion = DiffusionBackbone(
+                config.diffusion if load_pretrained else None,
+                architecture=config.diffusion_architecture,
+                image_size=config.diffusion_image_size,
+                weights_dir=weights_dir,
+                method_hint="clipfusion",
+                init_seed=config.seed,
+            )
+            sides = self.diffusion.cross_attention_layers()
+            self.attention_layers = [name for name, side in sides.items() if side in config.attention_resolutions]
+            if "diffusion_language" in config.components and not self.attention_layers:
+                raise ValueError(
+                    f"no cross-attention layer has a feature side in attention_resolutions="
+                    f"{list(config.attention_resolutions)}; available sides: {sorted(set(sides.values()))}"
+                )
+        self.prompt_set = build_prompt_set(
+            config.normal_states, config.anomalous_states, config.templates, config.defect_words
+        )
+        self.clip_memories = nn.ModuleList(NearestNeighbourMemory("cosine") for _ in self.clip_layers)
+        self.diffusion_memories = nn.ModuleDict(
+            {name.replace(".", "_"): NearestNeighbourMemory("cosine") for name in config.feature_blocks}
+        )
+        self.register_buffer("_few_shot", torch.tensor(False))
+
+    @classmethod
+    def required_weights(cls, config: CLIPFusionConfig) -> list[str]:
+        needed = [clip_weights_reference(config.backbone, config.pretrained)]
+        if {"diffusion_language", "diffusion_vision"} & set(config.components):
+            needed.append(config.diffusion)
+        if config.clip_projection == "trained":
+            needed.append(config.clip_projection_weights)
+        return [reference for reference in needed if reference]
+
+    @property
+    def _class_name(self) -> str:
+        return self.class_name or self.config.class_name or DEFAULT_CLASS_NAME
+
+    def _uses(self, component: str) -> bool:
+        if component.endswith("vision") and not bool(self._few_shot):
+            return False
+        return component in self.config.components
+
+    # ------------------------------------------------------------------ PatchCLIP
+    def _clip_features(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Global embeddings ``(B, E)``, joint-space tokens ``(B, N, E)`` and raw tokens ``(B, N, C)`` per layer."""
+        with self.timed("clip"):
+            features = self.clip.encode_image(self.clip.preprocess(images), layers=self.clip_layers)
+            if self.projections is None:
+                joint = [self.clip.project(features.vv_tokens[layer]) for layer in self.clip_layers]
+            else:
+                joint = self.projections(features.layer_tokens)
+        return features.embedding, [F.normalize(tokens, dim=-1) for tokens in joint], features.layer_tokens
+
+    def clip_language_map(self, joint_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, h, w)`` anomaly probability from projected tokens, averaged over layers."""
+        with self.timed("text_encoder"):
+            text = self.clip.text_embeddings(self._class_name, self.prompt_set)
+        probability = torch.stack(
+            [self.clip.anomaly_probability(tokens, text, self.config.temperature) for tokens in joint_tokens]
+        ).mean(0)
+        return probability.reshape(-1, *self.clip.grid)
+
+    def clip_vision_map(self, raw_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, h, w)`` halved cosine distance to the reference tokens, averaged over layers."""
+        batch, count, _ = raw_tokens[0].shape
+        with self.timed("memory_search"):
+            distances = [
+                memory.search(tokens.flatten(0, 1))[0].reshape(batch, count)
+                for memory, tokens in zip(self.clip_memories, raw_tokens)
+            ]
+        return (torch.stack(distances).mean(0) / 2).reshape(batch, *self.clip.grid)
+
+    # ------------------------------------------------------------------ MapDiff
+    def _diffusion_pass(self, images: list[np.ndarray], need_attention: bool, need_features: bool):
+        """Run the UNet once per (timestep, draw); returns mean attention shares and decoder features."""
+        diffusion = self.diffusion
+        size = diffusion.image_size
+        pixels = torch.cat(
+            [
+                F.interpolate(
+                    torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255,
+                    size=(size, size),
+                    mode="bicubic",
+                    antialias=True,
+                    align_corners=False,
+                )
+                for image in images
+            ]
+        ).clamp(0, 1)
+        with self.timed("vae"):
+            latents = diffusion.encode_images((pixels * 2 - 1).to(diffusion.device))  # once, reused for every t
+        name = self._class_name.replace("_", " ")
+        prompts = [self.config.anomaly_prompt.format(name)]
+        if self.config.contrast:
+            prompts.append(self.config.normal_prompt.format(name))
+        with self.timed("text_encoder"):
+            text_states = diffusion.encode_prompts(prompts)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        shares = {prompt: [] for prompt in prompts}
+        features: dict[str, list[torch.Tensor]] = {block: [] for block in self.config.feature_blocks}
+        attention_layers = self.attention_layers if need_attention else []
+        feature_blocks = self.config.feature_blocks if need_features else ()
+        for timestep in self.config.timesteps:
+            for _ in range(self.config.noise_draws):
+                noisy = diffusion.add_noise(latents, timestep, generator)
+                for index, prompt in enumerate(prompts):
+                    states = text_states[index : index + 1].expand(len(images), -1, -1)
+                    blocks = feature_blocks if index == 0 else ()
+                    with (
+                        self.timed("unet"),
+                        capture_cross_attention(diffusion.unet, attention_layers) as attention,
+                        capture_block_outputs(diffusion.unet, blocks) as outputs,
+                    ):
+                        diffusion.denoise(noisy, timestep, states)
+                    if attention_layers:
+                        shares[prompt].append(self._attention_share(prompt, index, attention))
+                    for block in blocks:
+                        features[block].append(outputs[block])
+        return shares, {block: torch.stack(maps).mean(0) for block, maps in features.items() if maps}
+
+    def _attention_share(self, prompt: str, index: int, attention: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, s, s)`` share of the state words' attention relative to state + class words, layers averaged."""
+        words = self.config.anomaly_words if index == 0 else self.config.normal_words
+        state = self.diffusion.token_positions(prompt, words)
+        subject = self.diffusion.token_positions(prompt, self._class_name.replace("_", " "))
+        side = max(self.config.attention_resolutions)
+        layers = []
+        for probabilities in attention.values():
+            state_mass = probabilities[:, :, state].sum(-1)
+            share = state_mass / (state_mass + probabilities[:, :, subject].sum(-1)).clamp_min(1e-12)
+            grid = int(round(share.shape[1] ** 0.5))
+            share = share.reshape(-1, 1, grid, grid)
+            layers.append(F.interpolate(share, size=(side, side), mode="bilinear", align_corners=False)[:, 0])
+        return torch.stack(layers).mean(0)
+
+    def diffusion_language_map(self, shares: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """``(B, s, s)`` in [0, 1]: the anomaly-word share, or the contrast with the normal prompt's share."""
+        anomalous, *normal = [torch.stack(values).mean(0) for values in shares.values()]
+        return (anomalous - normal[0] + 1) / 2 if normal else anomalous
+
+    def diffusion_vision_map(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, s, s)`` halved cosine distance of decoder features to the references', blocks averaged."""
+        side = max(self.config.attention_resolutions)
+        maps = []
+        with self.timed("memory_search"):
+            for block, feature in features.items():
+                batch, channels, height, width = feature.shape
+                queries = feature.permute(0, 2, 3, 1).reshape(-1, channels)
+                distances = (
+                    self.diffusion_memories[block.replace(".", "_")].search(queries)[0].reshape(batch, 1, height, width)
+                )
+                maps.append(F.interpolate(distances / 2, size=(side, side), mode="bilinear", align_corners=False)[:, 0])
+        return torch.stack(maps).mean(0)
+
+    # ------------------------------------------------------------------ detector hooks
+    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
+        shots = self.config.shots
+        if shots == 0 and reference_images:
+            raise ValueError("this CLIPFusion detector has shots=0 (zero-shot) and takes no reference images")
+        if shots and not reference_images:
+            raise ValueError(f"this CLIPFusion detector has shots={shots}: give fit() at least one reference image")
+        with self.timed("text_encoder"):
+            self.clip.text_embeddings(self._class_name, self.prompt_set)
+        self._few_shot.fill_(bool(reference_images))
+        for memory in [*self.clip_memories, *self.diffusion_memories.values()]:
+            memory.bank = memory.bank.new_empty(0, 0)
+        if not reference_images:
+            return
+        raw: list[list[torch.Tensor]] = [[] for _ in self.clip_layers]
+        blocks: dict[str, list[torch.Tensor]] = {block: [] for block in self.config.feature_blocks}
+        for start in range(0, len(reference_images), self.config.batch_size):
+            chunk = reference_images[start : start + self.config.batch_size]
+            if "clip_vision" in self.config.components:
+                _, _, tokens = self._clip_features(chunk)
+                for layer, layer_tokens in enumerate(tokens):
+                    raw[layer].append(layer_tokens.flatten(0, 1))
+            if "diffusion_vision" in self.config.components:
+                _, features = self._diffusion_pass(chunk, need_attention=False, need_features=True)
+                for block, feature in features.items():
+                    blocks[block].append(feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]))
+        if "clip_vision" in self.config.components:
+            for memory, tokens in zip(self.clip_memories, raw):
+                memory.fit(torch.cat(tokens))
+        if "diffusion_vision" in self.config.components:
+            for block, features in blocks.items():
+                self.diffusion_memories[block.replace(".", "_")].fit(torch.cat(features))
+
+    def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, joint, raw = self._clip_features(images)
+        with self.timed("text_encoder"):
+            text = self.clip.text_embeddings(self._class_name, self.prompt_set)
+        global_probability = self.clip.anomaly_probability(embedding, text, self.config.temperature)
+        size = self.config.map_size
+        clip_maps, diffusion_maps = [], []
+        if self._uses("clip_language"):
+            clip_maps.append(self.clip_language_map(joint))
+        if self._uses("clip_vision"):
+            clip_maps.append(self.clip_vision_map(raw))
+        need_attention, need_features = self._uses("diffusion_language"), self._uses("diffusion_vision")
+        if need_attention or need_features:
+            shares, features = self._diffusion_pass(images, need_attention, need_features)
+            if need_attention:
+                diffusion_maps.append(self.diffusion_language_map(shares))
+            if need_features:
+                diffusion_maps.append(self.diffusion_vision_map(features))
+        with self.timed("post_processing"):
+            fused = fuse_maps(clip_maps, diffusion_maps, self.config.alpha, size)
+            fused = gaussian_blur(fused, self.config.smoothing_sigma)
+            scores = (global_probability + fused.flatten(1).amax(1)) / 2
+        return scores, fused
+
+
+def fuse_maps(
+    clip_maps: list[torch.Tensor], diffusion_maps: list[torch.Tensor], alpha: float, size: int
+) -> torch.Tensor:
+    """``alpha * sum(clip_maps) + (1 - alpha) * sum(diffusion_maps)``, each ``(B, h, w)`` resized to ``size``.
+
+    Returns:
+        ``(B, size, size)``.
+
+    Raises:
+        ValueError: No map at all (every component switched off or unavailable).
+    """
+    if not clip_maps and not diffusion_maps:
+        raise ValueError("no component map to fuse: enable at least one available component")
+
+    def total(maps: list[torch.Tensor]) -> torch.Tensor | float:
+        resized = [
+            F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0] for m in maps
+        ]
+        return torch.stack(resized).sum(0) if resized else 0.0
+
+    fused = alpha * total(clip_maps) + (1 - alpha) * total(diffusion_maps)
+    return fused
+
+
+def _read_projections(path: str | None, projections: PatchCLIPProjections) -> dict[str, torch.Tensor]:
+    """Read and check a PatchCLIP projection file against the model's layer count and widths."""
+    from anomalens.weights import load_state_dict_checked, resolve
+
+    if not path:
+        raise ValueError("clip_projection='trained' needs clip_projection_weights (from `anomalens train patchclip`)")
+    state = read_checkpoint(resolve(path))
+    probe = PatchCLIPProjections(
+        len(projections.layers), projections.layers[0].in_features, projections.layers[0].out_features
+    )
+    load_state_dict_checked(probe, state, source=str(path))
+    return probe.state_dict()

@@ -1,0 +1,198 @@
+"""CLIPFusion and the diffusion backbone on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anomalens
+from anomalens.backbones.diffusion import DiffusionBackbone, capture_block_outputs, capture_cross_attention
+from anomalens.cli import main
+from anomalens.memory import NearestNeighbourMemory
+from anomalens.methods.clipfusion import fuse_maps
+from anomalens.methods.patchcore import PatchCore
+
+from conftest import TINY_CLIP, TINY_CONFIGS, plant_defect, textured_image, tiny_detector
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return DiffusionBackbone(None, architecture="tiny")
+
+
+def _noisy(diffusion, batch=2):
+    images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = diffusion.encode_images(images)
+        text = diffusion.encode_prompts(["a photo of a damaged bottle"]).expand(batch, -1, -1)
+        return diffusion.add_noise(latents, 100, torch.Generator().manual_seed(1)), text
+
+
+def test_capture_leaves_the_unet_output_unchanged(diffusion):
+    noisy, text = _noisy(diffusion)
+    names = list(diffusion.cross_attention_layers())
+    with torch.no_grad():
+        expected = diffusion.denoise(noisy, 100, text)
+        with capture_cross_attention(diffusion.unet, names) as store:
+            captured = diffusion.denoise(noisy, 100, text)
+    assert torch.allclose(captured, expected, atol=1e-5)
+    assert sorted(store) == sorted(names)
+    for name, probabilities in store.items():
+        side = diffusion.cross_attention_layers()[name]
+        assert probabilities.shape == (2, side * side, 77)
+        assert torch.allclose(probabilities.sum(-1), torch.ones(2, side * side), atol=1e-5)
+
+
+def test_only_selected_layers_change_processor_and_all_are_restored(diffusion):
+    original = {name: type(processor) for name, processor in diffusion.unet.attn_processors.items()}
+    chosen = [name for name in original if ".attn2." in name][:1]
+    noisy, text = _noisy(diffusion, batch=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_cross_attention(diffusion.unet, chosen):
+            during = {name: type(processor).__name__ for name, processor in diffusion.unet.attn_processors.items()}
+            raise RuntimeError("boom")
+    assert during[chosen[0]] == "CrossAttentionCapture"
+    assert all(during[name] == original[name].__name__ for name in original if name not in chosen)
+    assert {name: type(p) for name, p in diffusion.unet.attn_processors.items()} == original
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_block_outputs(diffusion.unet, ["up_blocks.1"]):
+            raise RuntimeError("boom")
+    assert not diffusion.unet.up_blocks[1]._forward_hooks
+    with pytest.raises(ValueError, match="unknown attention processors"):
+        with capture_cross_attention(diffusion.unet, ["nope"]):
+            pass
+
+
+def test_diffusers_folder_round_trip(diffusion, tmp_path):
+    """Components saved in the real diffusers layout load back through the resolver's folder path."""
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(diffusion, name).save_pretrained(tmp_path / name)
+    loaded = DiffusionBackbone(str(tmp_path))
+    noisy, text = _noisy(diffusion, batch=1)
+    with torch.no_grad():
+        assert torch.allclose(loaded.denoise(noisy, 50, text), diffusion.denoise(noisy, 50, text), atol=1e-6)
+    assert loaded.image_size == 64
+    with pytest.raises(anomalens.WeightsNotFoundError, match="stabilityai/stable-diffusion-2-1-base"):
+        DiffusionBackbone("stabilityai/stable-diffusion-2-1-base")
+
+
+def test_token_positions(diffusion):
+    assert diffusion.token_positions("a photo of a damaged metal nut", "metal nut") == [6, 7]
+    with pytest.raises(ValueError, match="'scratched' does not occur"):
+        diffusion.token_positions("a photo of a damaged bottle", "scratched")
+
+
+def test_component_maps_have_expected_shapes():
+    rng = np.random.default_rng(0)
+    references = [textured_image(rng, 40, 48) for _ in range(2)]
+    queries = [textured_image(rng, 40, 48) for _ in range(3)]
+    detector = tiny_detector("clipfusion").fit(references, class_name="widget")
+    _, joint, raw = detector._clip_features(queries)
+    assert detector.clip_language_map(joint).shape == (3, 6, 6)
+    assert detector.clip_vision_map(raw).shape == (3, 6, 6)
+    shares, features = detector._diffusion_pass(queries, need_attention=True, need_features=True)
+    language = detector.diffusion_language_map(shares)
+    vision = detector.diffusion_vision_map(features)
+    assert language.shape == vision.shape == (3, 8, 8)
+    assert (0 <= language).all() and (language <= 1).all() and (0 <= vision).all() and (vision <= 1).all()
+    assert sorted(features) == ["up_blocks.0", "up_blocks.1"]
+    results = detector.predict(queries)
+    assert all(result.anomaly_map.shape == (40, 48) for result in results)
+    assert {"clip", "vae", "unet", "memory_search", "post_processing"} <= set(detector.stage_seconds)
+
+
+def test_fusion_matches_the_formula():
+    generator = torch.Generator().manual_seed(0)
+    clip_l, clip_v = torch.rand(2, 4, 4, generator=generator), torch.rand(2, 4, 4, generator=generator)
+    diff_l, diff_v = torch.rand(2, 8, 8, generator=generator), torch.rand(2, 8, 8, generator=generator)
+    fused = fuse_maps([clip_l, clip_v], [diff_l, diff_v], 0.3, 8)
+
+    def up(tensor):
+        return F.interpolate(tensor[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+
+    assert torch.allclose(fused, 0.3 * (up(clip_l) + up(clip_v)) + 0.7 * (diff_l + diff_v), atol=1e-6)
+    assert torch.allclose(fuse_maps([clip_l], [], 1.0, 4), clip_l)
+    with pytest.raises(ValueError, match="no component map"):
+        fuse_maps([], [], 0.5, 4)
+
+
+def test_vision_maps_use_patchcore_memory_and_match_brute_force():
+    rng = np.random.default_rng(1)
+    references = [textured_image(rng, 48, 48)]
+    query = [textured_image(rng, 48, 48)]
+    detector = tiny_detector("clipfusion").fit(references, class_name="widget")
+    patchcore_memory = PatchCore.__init__.__globals__["NearestNeighbourMemory"]
+    assert patchcore_memory is NearestNeighbourMemory
+    memories = [*detector.clip_memories, *detector.diffusion_memories.values()]
+    assert all(type(memory) is NearestNeighbourMemory for memory in memories)
+    _, features = detector._diffusion_pass(query, need_attention=False, need_features=True)
+    bank = detector.diffusion_memories["up_blocks_1"].bank
+    feature = features["up_blocks.1"]
+    queries = F.normalize(feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]), dim=1)
+    brute = (1 - queries.double() @ bank.double().T).min(1).values / 2
+    side = feature.shape[-1]
+    searched = detector.diffusion_memories["up_blocks_1"].search(
+        feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+    )
+    assert torch.allclose(searched[0][:, 0].double() / 2, brute, atol=1e-5)
+    assert side * side == queries.shape[0]
+
+
+def test_zero_shot_uses_language_maps_only_and_components_switch():
+    rng = np.random.default_rng(2)
+    image = textured_image(rng, 48, 48)
+    defective, _ = plant_defect(image, 12, 12, 12)
+    zero = tiny_detector("clipfusion").fit(class_name="widget")
+    assert not zero._uses("clip_vision") and zero._uses("diffusion_language")
+    clip_only = tiny_detector("clipfusion", components=("clip_language",)).fit(class_name="widget")
+    assert clip_only.diffusion is None
+    few = tiny_detector("clipfusion").fit([image], class_name="widget")
+    assert few.predict([defective])[0].score > few.predict([image])[0].score
+    with pytest.raises(ValueError, match=r"components=\('clip_lang',\) must be a non-empty subset"):
+        tiny_detector("clipfusion", components=("clip_lang",))
+    with pytest.raises(ValueError, match="no cross-attention layer has a feature side"):
+        tiny_detector("clipfusion", attention_resolutions=(64,))
+
+
+def test_train_patchclip_then_use_trained_projections(capsys, mvtec_root, tmp_path):
+    out = tmp_path / "patchclip.safetensors"
+    args = ["-q", "train", "patchclip", "--dataset", "mvtec", "--root", str(mvtec_root), "--out", str(out)]
+    assert main([*args, "--backbone", TINY_CLIP, "--pretrained", "none", "--layers", "1", "2", "--epochs", "2"]) == 0
+    assert "saved PatchCLIP projections" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as handle:
+        assert json.loads(handle.metadata()["layers"]) == [1, 2] and handle.metadata()["backbone"] == TINY_CLIP
+        trained_weight = handle.get_tensor("layers.0.weight")
+    detector = tiny_detector("clipfusion", clip_projection="trained", clip_projection_weights=str(out))
+    assert detector.clip.vv_state is None and torch.equal(detector.projections.layers[0].weight, trained_weight)
+    result = detector.fit(class_name="widget").predict([textured_image(np.random.default_rng(0), 48, 48)])[0]
+    assert np.isfinite(result.score)
+    with pytest.raises(ValueError, match="do not fit PatchCLIPProjections"):
+        tiny_detector("clipfusion", clip_projection="trained", clip_projection_weights=str(out), clip_layers=(0, 1, 2))
+    with pytest.raises(ValueError, match="clip_projection_weights=None must be a file"):
+        tiny_detector("clipfusion", clip_projection="trained")
+
+
+def test_cli_zero_and_few_shot(capsys, mvtec_root, tmp_path):
+    config = TINY_CONFIGS["clipfusion"]
+    tiny = ["--method", "clipfusion", "--backbone", TINY_CLIP, "--pretrained", "none", "--set", "diffusion=none"]
+    for name in ("diffusion_architecture", "map_size"):
+        tiny += ["--set", f"{name}={config[name]}"]
+    tiny += ["--set", "attention_resolutions=8,4", "--set", "feature_blocks=up_blocks.0,up_blocks.1"]
+    tiny += ["--set", "clip_layers=1,2"]
+    test = str(mvtec_root / "widget" / "test")
+    assert main(["-q", "predict", *tiny, "--class-name", "widget", test, "--out", str(tmp_path / "zero")]) == 0
+    assert "scored 6 image(s)" in capsys.readouterr().out
+    references = str(mvtec_root / "widget" / "train" / "good")
+    assert main(["-q", "predict", *tiny, test, "--reference", references, "--out", str(tmp_path / "few")]) == 0
+    assert "(leave-one-out)" in capsys.readouterr().out
+    out = tmp_path / "bench"
+    bench = ["-q", "benchmark", *tiny, "--dataset", "mvtec", "--root", str(mvtec_root), "--shots", "1"]
+    assert main([*bench, "--out", str(out)]) == 0
+    stages = json.loads((out / "results.json").read_text())["categories"]["widget"]["stage_seconds_per_image"]
+    assert {"clip", "vae", "unet", "memory_search"} <= set(stages)
