@@ -178,3 +178,18 @@ def test_output_names_avoid_collisions(tmp_path):
         [None, None, Path("/r"), Path("/r")],
     )
     assert names == ["x", "x-2", "sub/y", "sub/y-2"]
+
+
+def test_benchmark_max_images_keeps_both_classes(capsys, mvtec_root, tmp_path):
+    from anomalens.benchmark import subset_test
+    from anomalens.datasets import open_dataset
+
+    test = open_dataset("mvtec", mvtec_root).test_samples("widget")
+    subset = subset_test(test, 4)
+    assert len(subset) == 4 and {s.label for s in subset} == {0, 1} and subset == subset_test(test, 4)
+    assert [test.index(s) for s in subset] == sorted(test.index(s) for s in subset)
+    out = tmp_path / "bench"
+    args = ["benchmark", *TINY, "--dataset", "mvtec", "--root", str(mvtec_root), "--max-images", "4"]
+    assert _run(capsys, *args, "--out", str(out))[0] == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["max_images"] == 4 and results["categories"]["widget"]["n_images"] == 4

@@ -60,6 +60,27 @@ def draw_references(pool: Sequence[Sample], shots: int | None, seed: int) -> lis
     return [pool[index] for index in sorted(chosen)]
 
 
+def subset_test(samples: Sequence[Sample], max_images: int | None) -> list[Sample]:
+    """At most ``max_images`` samples, normal and anomalous in their original proportions.
+
+    The choice is fixed (seed 0, independent of the run's seeds), so every seed and every method of a speed
+    comparison scores the same images; the order of the split is kept.
+    """
+    if max_images is None or len(samples) <= max_images:
+        return list(samples)
+    if max_images < 2:
+        raise ValueError(f"max_images must be at least 2 (one normal, one anomalous), got {max_images}")
+    rng = np.random.default_rng(0)
+    normal = [index for index, sample in enumerate(samples) if sample.label == 0]
+    anomalous = [index for index, sample in enumerate(samples) if sample.label == 1]
+    take_normal = min(len(normal), max(1, round(max_images * len(normal) / len(samples))))
+    take_anomalous = min(len(anomalous), max_images - take_normal)
+    chosen = list(rng.choice(normal, take_normal, replace=False)) + list(
+        rng.choice(anomalous, take_anomalous, replace=False)
+    )
+    return [samples[index] for index in sorted(chosen)]
+
+
 def _resize(array: np.ndarray, size: int | None, mode: str) -> np.ndarray:
     if size is None or array.shape == (size, size):
         return array
@@ -77,11 +98,12 @@ def evaluate_category(
     seed: int,
     batch_size: int | None = None,
     eval_size: int | None = 256,
+    max_images: int | None = None,
     progress_factory: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Fit on ``shots`` references of ``category`` and score its test split; returns one result record."""
     references = draw_references(dataset.train_samples(category), shots, seed) if shots != 0 else []
-    test = dataset.test_samples(category)
+    test = subset_test(dataset.test_samples(category), max_images)
     if not test:
         raise ValueError(f"category {category!r} of {dataset.name} has no test images")
     size = batch_size or getattr(detector.config, "batch_size", 8)
@@ -162,6 +184,7 @@ def run_benchmark(
     out_dir: str | None = None,
     batch_size: int | None = None,
     eval_size: int | None = 256,
+    max_images: int | None = None,
     command: str | None = None,
     progress_factory: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
@@ -189,6 +212,7 @@ def run_benchmark(
                 seed=seed,
                 batch_size=batch_size,
                 eval_size=eval_size,
+                max_images=max_images,
                 progress_factory=progress_factory,
             )
             for seed in seeds
@@ -209,6 +233,7 @@ def run_benchmark(
         "categories": per_category,
         "mean": mean,
         "eval_size": eval_size,
+        "max_images": max_images,
         "command": command or " ".join(sys.argv),
         "machine": machine_info(),
     }

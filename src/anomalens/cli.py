@@ -69,6 +69,9 @@ def build_parser() -> ArgumentParser:
     benchmark.add_argument("--shots", default="1", help="reference images per category: an integer, or 'all'")
     benchmark.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for drawing references")
     benchmark.add_argument("--eval-size", default="256", help="side maps and masks are resized to; 'none' = native")
+    benchmark.add_argument(
+        "--max-images", type=int, default=None, help="score a fixed stratified subset of N test images per category"
+    )
     benchmark.add_argument("--out", default=None, help="output folder for results.json and results.md")
     commands.add_subcommand("benchmark", benchmark, help="reproduce paper-style tables")
 
@@ -251,6 +254,7 @@ def cmd_benchmark(args: Any) -> int:
         out_dir=args.out,
         batch_size=args.batch_size,
         eval_size=eval_size,
+        max_images=args.max_images,
         command=_command_line(),
         progress_factory=lambda total, desc: _progress(total, desc, args.quiet),
     )
