@@ -196,3 +196,10 @@ def test_cli_zero_and_few_shot(capsys, mvtec_root, tmp_path):
     assert main([*bench, "--out", str(out)]) == 0
     stages = json.loads((out / "results.json").read_text())["categories"]["widget"]["stage_seconds_per_image"]
     assert {"clip", "vae", "unet", "memory_search"} <= set(stages)
+
+
+def test_single_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"cannot load the single-file diffusion checkpoint .*model.safetensors"):
+        DiffusionBackbone(str(bogus))

@@ -1,7 +1,8 @@
 """A Stable Diffusion denoiser as a feature extractor: VAE, UNet, text encoder and tokenizer.
 
-Components load through diffusers and transformers from a Hugging Face repo id or a local folder in the
-diffusers layout (``vae/``, ``unet/``, ``text_encoder/``, ``tokenizer/``). They can also be built with
+Components load through diffusers and transformers from a Hugging Face repo id, a local folder in the
+diffusers layout (``vae/``, ``unet/``, ``text_encoder/``, ``tokenizer/``), or a single original-format
+checkpoint file (through ``StableDiffusionPipeline.from_single_file``). They can also be built with
 random weights from a named architecture in :data:`ARCHITECTURES`: ``"sd-2-1-base"`` (the real sizes, for
 speed and memory figures) or ``"tiny"`` (for tests, in the style of diffusers' own dummy components).
 
@@ -157,8 +158,8 @@ class DiffusionBackbone(nn.Module):
     """VAE + UNet + text encoder + tokenizer + noise schedule.
 
     Args:
-        pretrained: A Hugging Face repo id or a local diffusers folder; ``None`` builds ``architecture`` with
-            random weights (seeded by ``init_seed``).
+        pretrained: A Hugging Face repo id, a local diffusers folder, or a single original-format checkpoint
+            file; ``None`` builds ``architecture`` with random weights (seeded by ``init_seed``).
         architecture: Name in :data:`ARCHITECTURES` for random weights.
         image_size: Input side in pixels; ``None`` = the model's native size.
         weights_dir: Searched first for local folders.
@@ -191,10 +192,11 @@ class DiffusionBackbone(nn.Module):
                 self.text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
             self.tokenizer = _OpenCLIPTokenizer()
             native = spec.image_size
+        elif (path := resolve(pretrained, weights_dir=weights_dir, method_hint=method_hint)).is_file():
+            self._load_single_file(path, diffusers)
+            native = int(self.vae.config.sample_size)
         else:
-            folder = resolve(pretrained, weights_dir=weights_dir, method_hint=method_hint)
-            if not folder.is_dir():
-                raise ValueError(f"diffusion weights {folder} must be a diffusers folder (vae/, unet/, text_encoder/)")
+            folder = path
             self.unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
             self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
             self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
@@ -215,6 +217,24 @@ class DiffusionBackbone(nn.Module):
             module.eval().requires_grad_(False)
         self._text_cache: dict[str, torch.Tensor] = {}
         self.latent_side = self.image_size // 8
+
+    def _load_single_file(self, path, diffusers) -> None:
+        """Load an original-format single checkpoint (e.g. ``v2-1_512-ema-pruned.safetensors``) through diffusers.
+
+        diffusers infers the model type from the keys and needs that model's configs: from the Hugging Face
+        cache, or downloaded on a connected machine.
+        """
+        from anomalens.weights import is_offline
+
+        try:
+            pipeline = diffusers.StableDiffusionPipeline.from_single_file(str(path), local_files_only=is_offline())
+        except Exception as error:  # noqa: BLE001 - diffusers raises many types for unusable files
+            raise ValueError(
+                f"cannot load the single-file diffusion checkpoint {path}: {error}. A single file needs its model's "
+                "configs from the Hugging Face cache (offline) or the hub; a diffusers folder needs nothing else."
+            ) from None
+        self.unet, self.vae, self.text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+        self.tokenizer = _TransformersTokenizer(pipeline.tokenizer)
 
     @property
     def device(self) -> torch.device:
