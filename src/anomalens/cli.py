@@ -4,6 +4,7 @@ Commands:
     predict    score image files and folders; write heatmaps, raw maps, scores.jsonl / scores.csv
     benchmark  reproduce paper-style tables on MVTec AD, VisA, Real-IAD or your own folder
     fit        fit a detector on reference images and save it (for predict --detector)
+    serve      an HTTP API and a browser page over one detector
     train      train learned components (PatchCLIP projections for clipfusion)
     weights    download the pretrained weights a method needs, or list where they are found
     list       the available methods, backbones and datasets
@@ -59,6 +60,10 @@ def build_parser() -> ArgumentParser:
     predict.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlays")
     predict.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     predict.add_argument("--save-detector", default=None, help="also save the fitted detector to this folder")
+    predict.add_argument("--engine", default="local", choices=["local", "ray"], help="where to score")
+    predict.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
+    predict.add_argument("--num-workers", type=int, default=1, help="Ray actors scoring in parallel")
+    predict.add_argument("--gpu-fraction", type=float, default=None, help="GPUs per Ray actor (default: 1 if any)")
     commands.add_subcommand("predict", predict, help="score images")
 
     benchmark = ArgumentParser(description="Benchmark a method on a dataset; write results.json and results.md.")
@@ -74,6 +79,21 @@ def build_parser() -> ArgumentParser:
     )
     benchmark.add_argument("--out", default=None, help="output folder for results.json and results.md")
     commands.add_subcommand("benchmark", benchmark, help="reproduce paper-style tables")
+
+    serve = ArgumentParser(description="Serve a detector over HTTP with a browser page.")
+    _add_method_options(serve, method_required=False)
+    serve.add_argument("--detector", default=None, help="a detector folder saved by `anomalens fit`")
+    serve.add_argument("--reference", nargs="+", default=None, help="normal reference images and/or folders")
+    serve.add_argument("--class-name", default=None, help="the product's name, e.g. bottle")
+    serve.add_argument("--threshold", type=float, default=None, help="score above which an image is anomalous")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="images per forward pass at most")
+    serve.add_argument("--max-wait-ms", type=float, default=20.0, help="time to fill a batch")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file")
+    serve.add_argument("--max-megapixels", type=float, default=40.0, help="largest accepted image")
+    serve.add_argument("--timeout", type=float, default=60.0, help="seconds before a request gets 504")
+    commands.add_subcommand("serve", serve, help="HTTP API and browser page")
 
     fit = ArgumentParser(description="Fit a detector on reference images and save it.")
     _add_method_options(fit)
@@ -193,6 +213,15 @@ def cmd_predict(args: Any) -> int:
     import anomalens
     from anomalens.predict import collect_inputs, run_predict
 
+    if args.engine == "ray":
+        from anomalens.distributed import list_inputs, require_ray
+
+        require_ray()  # before any work: a missing Ray says how to install it
+        total = len(list_inputs(args.inputs))
+    else:
+        total = len(collect_inputs(args.inputs)[0])
+    if total == 0:
+        raise ValueError(f"no image files found in {args.inputs}")
     if args.detector:
         detector = anomalens.load(args.detector, map_location=args.device)
         if args.method and args.method != detector.method_name:
@@ -201,9 +230,6 @@ def cmd_predict(args: Any) -> int:
         detector = _create(args)
     else:
         raise ValueError("give --method (and references) or --detector SAVED_FOLDER")
-    total = len(collect_inputs(args.inputs)[0])
-    if total == 0:
-        raise ValueError(f"no image files found in {args.inputs}")
     source = _fit_detector(detector, args)
     if args.save_detector:
         detector.save(args.save_detector)
@@ -214,20 +240,31 @@ def cmd_predict(args: Any) -> int:
         bar.update(done - finished[0])
         finished[0] = done
 
+    common = {
+        "threshold": args.threshold,
+        "threshold_source": "given" if args.threshold is not None else source,
+        "raw_format": args.raw_format,
+        "overwrite": args.overwrite,
+        "write_overlays": not args.no_overlays,
+        "run_info": {"command": _command_line()},
+        "progress": advance,
+    }
     try:
-        summary = run_predict(
-            detector,
-            args.inputs,
-            args.out,
-            threshold=args.threshold,
-            threshold_source="given" if args.threshold is not None else source,
-            batch_size=args.batch_size,
-            raw_format=args.raw_format,
-            overwrite=args.overwrite,
-            write_overlays=not args.no_overlays,
-            run_info={"command": _command_line()},
-            progress=advance,
-        )
+        if args.engine == "ray":
+            from anomalens.distributed import score
+
+            summary = score(
+                detector,
+                args.inputs,
+                args.out,
+                num_workers=args.num_workers,
+                batch_size=args.batch_size or getattr(detector.config, "batch_size", 8),
+                ray_address=args.ray_address,
+                gpu_fraction=args.gpu_fraction,
+                **common,
+            )
+        else:
+            summary = run_predict(detector, args.inputs, args.out, batch_size=args.batch_size, **common)
     finally:
         bar.close()
     if summary.threshold is not None:
@@ -235,6 +272,38 @@ def cmd_predict(args: Any) -> int:
     for item in summary.skipped_inputs:
         print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
     print(summary.line())
+    return 0
+
+
+def cmd_serve(args: Any) -> int:
+    import anomalens
+    from anomalens.serve import ServerSettings, _require_fastapi, create_app
+
+    _require_fastapi()
+    import uvicorn
+
+    if args.detector:
+        detector = anomalens.load(args.detector, map_location=args.device)
+    elif args.method:
+        detector = _create(args)
+    else:
+        raise ValueError("give --method (and optionally --reference) or --detector SAVED_FOLDER")
+    if args.threshold is not None:
+        detector.threshold = args.threshold
+    if args.reference or (detector.zero_shot and not detector.is_fitted):
+        _fit_detector(detector, args)
+    settings = ServerSettings(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=int(args.max_megapixels * 1e6),
+        request_timeout_s=args.timeout,
+    )
+    app = create_app(detector, settings, class_name=args.class_name)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: reachable from other machines", args.host)
+    print(f"anomalens serving {detector.method_name} on http://{args.host}:{args.port}/ (Ctrl+C to stop)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -365,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"predict": cmd_predict, "benchmark": cmd_benchmark, "fit": cmd_fit, "weights": cmd_weights}
     handlers["list"] = cmd_list
     handlers["train"] = cmd_train
+    handlers["serve"] = cmd_serve
     command_args = getattr(args, args.command)
     if args.command in ("predict", "benchmark", "train"):
         command_args.quiet = args.quiet

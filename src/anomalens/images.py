@@ -7,6 +7,7 @@ Grayscale, palette, RGBA, 16-bit, float, CMYK and EXIF-rotated images are all no
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -115,24 +116,33 @@ def load_image(image: ImageLike) -> np.ndarray:
         raise ImageLoadError(str(path), "no such file")
     if path.is_dir():
         raise ImageLoadError(str(path), "is a directory")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(str(path), "empty file (0 bytes)")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ImageLoadError(str(path), f"cannot read ({error})") from None
+    return load_image_bytes(data, str(path))
+
+
+def load_image_bytes(data: bytes, source: str) -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, BMP, TIFF) held in memory; errors name ``source``."""
+    if not data:
+        raise ImageLoadError(source, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(data)) as opened:
                 opened.load()
                 if opened.width == 0 or opened.height == 0:
-                    raise ImageLoadError(str(path), f"zero-size image {opened.width}x{opened.height}")
+                    raise ImageLoadError(source, f"zero-size image {opened.width}x{opened.height}")
                 return _pil_to_rgb(opened)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(str(path), "not a recognised image format") from None
+        raise ImageLoadError(source, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageLoadError(str(path), f"too many pixels ({error})") from None
+        raise ImageLoadError(source, f"too many pixels ({error})") from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise ImageLoadError(str(path), f"corrupt or truncated image ({error})") from None
+        raise ImageLoadError(source, f"corrupt or truncated image ({error})") from None
 
 
 def describe(image: Any) -> str:

@@ -158,10 +158,19 @@ class NearestNeighbourMemory(nn.Module):
                 best_distances, best_indices = chunk_distances, chunk_indices
             all_distances.append(best_distances)
             all_indices.append(best_indices)
-        distances = torch.cat(all_distances)
+        distances, indices = torch.cat(all_distances), torch.cat(all_indices)
         if self.metric == "l2":
-            distances = distances.clamp_min(0.0).sqrt()
-        return distances, torch.cat(all_indices)
+            # The expansion finds the neighbours fast but cancels badly for near neighbours (small distances
+            # beside large norms); recompute the k chosen distances exactly, chunk by chunk.
+            exact = []
+            for start in range(0, queries.shape[0], query_chunk):
+                block = queries[start : start + query_chunk]
+                neighbours = self.bank[indices[start : start + query_chunk]]  # (n, k, D)
+                exact.append((block[:, None, :] - neighbours).norm(dim=-1))
+            distances = torch.cat(exact)
+            distances, order = distances.sort(dim=1)
+            indices = indices.gather(1, order)
+        return distances, indices
 
     def extra_repr(self) -> str:
         return f"metric={self.metric!r}, size={tuple(self.bank.shape)}"

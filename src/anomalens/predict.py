@@ -221,8 +221,8 @@ def run_predict(
                     continue
                 batch_paths.append(path)
                 batch_names.append(name)
-            for path, name, array, result in _score_batch(detector, batch_paths, batch_names, arrays, skip):
-                record = _write_result(out, path, name, array, result, detector, raw_format, write_overlays)
+            for path, name, array, result in score_batch(detector, batch_paths, batch_names, arrays, skip):
+                record = write_result(out, path, name, array, result, detector, raw_format, write_overlays)
                 scores_file.write(json.dumps(record) + "\n")
                 scores_file.flush()
                 csv_writer.writerow({key: "" if record.get(key) is None else record[key] for key in CSV_FIELDS})
@@ -243,8 +243,11 @@ def run_predict(
     return summary
 
 
-def _score_batch(detector, paths, names, arrays, skip):
-    """Score a batch; if the batch fails, retry image by image so one bad input cannot sink the others."""
+def score_batch(detector, paths, names, arrays, skip):
+    """Score a batch; if the batch fails, retry image by image so one bad input cannot sink the others.
+
+    Returns ``(path, name, array, result)`` for each scored image; ``skip(path, reason)`` gets the failures.
+    """
     if not arrays:
         return []
     try:
@@ -257,11 +260,12 @@ def _score_batch(detector, paths, names, arrays, skip):
         logger.warning("batch failed (%s); scoring its %d images one by one", error, len(arrays))
     scored = []
     for path, name, array in zip(paths, names, arrays):
-        scored.extend(_score_batch(detector, [path], [name], [array], skip))
+        scored.extend(score_batch(detector, [path], [name], [array], skip))
     return scored
 
 
-def _write_result(out, path, name, array, result, detector, raw_format, write_overlays) -> dict[str, Any]:
+def write_result(out, path, name, array, result, detector, raw_format, write_overlays) -> dict[str, Any]:
+    """Write one image's overlay and raw map under ``out``; returns its score record."""
     record: dict[str, Any] = {
         "path": str(path),
         "score": result.score,

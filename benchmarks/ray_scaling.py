@@ -1,0 +1,72 @@
+"""Throughput of the local engine and the Ray engine (1 and 2 workers), measured in one run.
+
+MVTec AD bottle's 83 test images, PatchCore on TAEF2 (real weights), fitted on 4 train/good references.
+Each engine writes the full output (overlays, raw maps, scores) to a fresh folder. Ray's cluster start-up
+is timed separately and excluded from throughput; each Ray run includes starting its actors and loading the
+detector in them.
+
+    python3 benchmarks/ray_scaling.py [--shared ../shared] [--out benchmarks/results/ray-scaling-bottle.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+import anomalens
+from anomalens.distributed import score
+from anomalens.predict import run_predict
+from anomalens.profiling import machine_info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shared", default=os.environ.get("ANOMALENS_SHARED", "../shared"))
+    parser.add_argument("--out", default="benchmarks/results/ray-scaling-bottle.json")
+    args = parser.parse_args()
+    bottle = Path(args.shared) / "datasets" / "mvtec" / "bottle"
+    test = bottle / "test"
+    references = sorted((bottle / "train" / "good").glob("*.png"))[:4]
+    detector = anomalens.create("patchcore", backbone="taef2", weights_dir=Path(args.shared) / "weights")
+    detector.fit(references, class_name="bottle")
+    work = Path(tempfile.mkdtemp(prefix="ray-scaling-"))
+    saved = detector.save(work / "detector")
+    runs = {}
+    began = time.perf_counter()
+    summary = run_predict(detector, [test], work / "local")
+    runs["local"] = {"seconds": time.perf_counter() - began, "images": summary.scored}
+    began = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - began
+    for workers in (1, 2):
+        began = time.perf_counter()
+        summary = score(saved, [test], work / f"ray-{workers}", num_workers=workers, batch_size=8)
+        runs[f"ray_{workers}_workers"] = {"seconds": time.perf_counter() - began, "images": summary.scored}
+    ray.shutdown()
+    for run in runs.values():
+        run["images_per_second"] = run["images"] / run["seconds"]
+    result = {
+        "benchmark": "local vs Ray engine throughput, PatchCore-TAEF2, MVTec AD bottle test (83 images)",
+        "runs": runs,
+        "ray_cluster_start_seconds": ray_start,
+        "scaling_ratio_2_vs_1_workers": runs["ray_2_workers"]["images_per_second"]
+        / runs["ray_1_workers"]["images_per_second"],
+        "ray_2_workers_vs_local": runs["ray_2_workers"]["images_per_second"] / runs["local"]["images_per_second"],
+        "command": "python3 " + " ".join(shlex.quote(part) for part in sys.argv),
+        "machine": machine_info(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({key: value for key, value in result.items() if key != "machine"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Distributed batch scoring on Ray: ``anomalens predict --engine ray`` and :func:`score`.
+
+- The driver lists the inputs (local files and folders, or any URI pyarrow can open: ``s3://``, ``gs://``,
+  ``abfs://``, ``hdfs://``, ``file://``) and gives every image the same output name the local engine would.
+- Ray Data carries the path list; ``map_batches`` runs an actor pool. Each actor loads the fitted detector
+  once, from a saved detector folder or an object-store reference, and requests a (fractional) GPU when the
+  cluster has one.
+- Actors read, score and write each image's overlay and raw map; the driver streams the records into
+  ``scores.jsonl`` / ``errors.jsonl`` and, at the end, writes ``scores.parquet`` and ``scores.csv``. The layout
+  is the local engine's (see :mod:`anomalens.predict`), plus the Parquet file.
+- Resume: a re-run into the same folder with the same detector skips the images already in ``scores.jsonl``
+  and scores the rest (a different detector is refused). Unreadable images are recorded with their error
+  and retried on the next run; they never fail the job.
+- The output folder must be reachable by every node (a shared file system on a real cluster).
+
+Ray is optional: ``pip install 'anomalens[ray]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomalens.detector import Detector, config_from_saved
+from anomalens.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_bytes
+from anomalens.outputs import atomic_write_bytes, atomic_write_json
+from anomalens.predict import (
+    CSV_FIELDS,
+    THRESHOLD_RULE,
+    PredictSummary,
+    collect_inputs,
+    output_names,
+    prepare_out_dir,
+    score_batch,
+    write_result,
+)
+
+logger = logging.getLogger(__name__)
+
+RECORD_COLUMNS = (*CSV_FIELDS, "map_scale_max", "error")
+INSTALL_HINT = "the Ray engine needs Ray: pip install 'anomalens[ray]' (or pip install 'ray[data]>=2.30')"
+
+
+def require_ray():
+    """Import Ray, or raise an ``ImportError`` that says how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return ray
+
+
+def _is_uri(entry: str) -> bool:
+    return "://" in entry
+
+
+def list_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
+    """``(path or URI, output name)`` for every image under ``inputs``, named as the local engine names them."""
+    local = [entry for entry in inputs if not _is_uri(str(entry))]
+    pairs: list[tuple[str, str]] = []
+    if local:
+        paths, roots = collect_inputs(local)
+        pairs += [(str(path), name) for path, name in zip(paths, output_names(paths, roots))]
+    for uri in (str(entry) for entry in inputs if _is_uri(str(entry))):
+        import pyarrow.fs as pafs
+
+        filesystem, base = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(f"input {uri!r} does not exist")
+        if info.type == pafs.FileType.File:
+            files = [base]
+        else:
+            selector = pafs.FileSelector(base, recursive=True)
+            files = sorted(
+                item.path
+                for item in filesystem.get_file_info(selector)
+                if item.type == pafs.FileType.File and Path(item.path).suffix.lower() in IMAGE_EXTENSIONS
+            )
+        prefix = uri[: len(uri) - len(base)] if uri.endswith(base) else uri.split("://", 1)[0] + "://"
+        names = output_names(
+            [Path(f) for f in files], [Path(base) if info.type != pafs.FileType.File else None] * len(files)
+        )
+        pairs += [(prefix + file, name) for file, name in zip(files, names)]
+    return pairs
+
+
+def _read(path: str) -> np.ndarray:
+    if not _is_uri(path):
+        return load_image(path)
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        with filesystem.open_input_stream(inner) as stream:
+            data = stream.read()
+    except OSError as error:
+        raise ImageLoadError(path, f"cannot read ({error})") from None
+    return load_image_bytes(data, path)
+
+
+class _Scorer:
+    """A Ray Data actor: loads the detector once, then scores batches of ``{"path", "name"}`` rows."""
+
+    def __init__(self, detector: Any, out_dir: str, raw_format: str, write_overlays: bool, threads: int,
+                 threshold: float | None):  # fmt: skip
+        import ray
+        import torch
+
+        import anomalens
+
+        torch.set_num_threads(max(1, threads))
+        if isinstance(detector, ray.ObjectRef):
+            detector = ray.get(detector)  # once per actor, from the object store
+        self.detector = anomalens.load(detector) if isinstance(detector, str) else detector
+        if threshold is not None:
+            self.detector.threshold = threshold
+        self.out = Path(out_dir)
+        self.raw_format = raw_format
+        self.write_overlays = write_overlays
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        rows, arrays, good = [], [], []
+        for path, name in zip(batch["path"], batch["name"]):
+            try:
+                arrays.append(_read(path))
+                good.append((path, name))
+            except ImageLoadError as error:
+                rows.append({"path": path, "error": error.reason})
+        paths, names = [path for path, _ in good], [name for _, name in good]
+        failed = lambda path, reason: rows.append({"path": str(path), "error": reason})  # noqa: E731
+        for path, name, array, result in score_batch(self.detector, paths, names, arrays, failed):
+            record = write_result(
+                self.out, path, name, array, result, self.detector, self.raw_format, self.write_overlays
+            )
+            rows.append({**record, "error": None})
+        return pd.DataFrame([{column: row.get(column) for column in RECORD_COLUMNS} for row in rows])
+
+
+def _done_paths(out: Path, config_hash: str, overwrite: bool) -> set[str]:
+    """Paths already scored by an earlier run of the same detector in ``out`` (resume)."""
+    run_file = out / "run.json"
+    if overwrite or not run_file.exists():
+        prepare_out_dir(out, overwrite)
+        return set()
+    earlier = json.loads(run_file.read_text())
+    if earlier.get("config_hash") != config_hash:
+        raise ValueError(
+            f"output folder {out} holds a run of another detector (config hash {earlier.get('config_hash')} "
+            f"vs {config_hash}); choose another --out or pass --overwrite"
+        )
+    scores = out / "scores.jsonl"
+    done = (
+        {json.loads(line)["path"] for line in scores.read_text().splitlines() if line.strip()}
+        if scores.exists()
+        else set()
+    )
+    for name in ("scores.parquet", "scores.csv", "errors.jsonl"):  # rebuilt at the end of this run
+        (out / name).unlink(missing_ok=True)
+    return done
+
+
+def score(
+    detector_or_path: Detector | str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    num_workers: int = 1,
+    batch_size: int = 8,
+    ray_address: str | None = None,
+    gpu_fraction: float | None = None,
+    threshold: float | None = None,
+    threshold_source: str | None = None,
+    raw_format: str = "npy",
+    write_overlays: bool = True,
+    overwrite: bool = False,
+    run_info: dict[str, Any] | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> PredictSummary:
+    """Score images on a Ray cluster; writes the local engine's layout plus ``scores.parquet``.
+
+    Args:
+        detector_or_path: A fitted :class:`Detector` (shipped to the actors through the object store) or the
+            folder of a saved one (each actor loads it).
+        inputs: Local files/folders and/or URIs pyarrow can read.
+        out_dir: Output folder, shared by all nodes. An earlier run of the same detector there is resumed.
+        num_workers: Actors in the pool.
+        batch_size: Images per ``map_batches`` batch.
+        ray_address: Cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); ``None`` joins the
+            running one or starts a local one.
+        gpu_fraction: GPUs per actor; ``None`` requests 1 when the cluster has GPUs, else 0.
+        threshold: Overrides the detector's threshold.
+        threshold_source: How the threshold was chosen, recorded in ``run.json``.
+        raw_format / write_overlays / overwrite / run_info / progress: As in :func:`anomalens.predict.run_predict`.
+
+    Returns:
+        A :class:`~anomalens.predict.PredictSummary` over all images of the folder (earlier runs included).
+    """
+    ray = require_ray()
+    if num_workers < 1 or batch_size < 1:
+        raise ValueError(f"num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
+    started = time.time()
+    if isinstance(detector_or_path, Detector):
+        describe = detector_or_path.describe()
+    else:
+        describe = {key: value for key, value in config_from_saved(detector_or_path).items() if key != "format"}
+    if threshold is not None:
+        describe["threshold"] = float(threshold)
+    describe["threshold_source"] = threshold_source or (
+        "given" if threshold is not None else "detector" if describe.get("threshold") is not None else "none"
+    )
+    out = Path(out_dir)
+    done = _done_paths(out, describe["config_hash"], overwrite)
+    pairs = list_inputs(inputs)
+    todo = [{"path": path, "name": name} for path, name in pairs if path not in done]
+    if not ray.is_initialized():
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    resources = ray.cluster_resources()
+    if gpu_fraction is None:
+        gpu_fraction = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    cpus = max(1, int(resources.get("CPU", 1) // num_workers))
+    manifest = {**describe, "engine": "ray", "num_workers": num_workers, "ray_address": ray_address,
+                "inputs": [str(entry) for entry in inputs], "raw_format": raw_format, "status": "running",
+                "threshold_rule": THRESHOLD_RULE if describe.get("threshold_source") == "leave-one-out" else None,
+                **(run_info or {})}  # fmt: skip
+    atomic_write_json(out / "run.json", manifest)
+    summary = PredictSummary(threshold=describe.get("threshold"), out_dir=out)
+    if isinstance(detector_or_path, Detector):
+        handle: Any = ray.put(detector_or_path)
+    else:
+        handle = str(Path(detector_or_path).resolve())
+    with open(out / "scores.jsonl", "a") as scores_file, open(out / "errors.jsonl", "w") as errors_file:
+        if todo:
+            dataset = ray.data.from_items(todo)
+            results = dataset.map_batches(
+                _Scorer,
+                fn_constructor_kwargs={"detector": handle, "out_dir": str(out.resolve()), "raw_format": raw_format,
+                                       "write_overlays": write_overlays, "threads": cpus, "threshold": threshold},
+                concurrency=num_workers,
+                batch_size=batch_size,
+                num_cpus=cpus,
+                num_gpus=gpu_fraction,
+                batch_format="pandas",
+            )  # fmt: skip
+            finished = 0
+            for frame in results.iter_batches(batch_format="pandas", batch_size=None):
+                for row in frame.to_dict("records"):
+                    row = {key: (None if _missing(value) else value) for key, value in row.items()}
+                    if row["error"] is not None:
+                        errors_file.write(json.dumps({"path": row["path"], "error": row["error"]}) + "\n")
+                        summary.skipped_inputs.append({"path": row["path"], "error": row["error"]})
+                    else:
+                        record = {key: value for key, value in row.items() if key != "error" and value is not None}
+                        scores_file.write(json.dumps(_plain(record)) + "\n")
+                    finished += 1
+                scores_file.flush()
+                errors_file.flush()
+                if progress is not None:
+                    progress(finished)
+    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines() if line.strip()]
+    _write_tables(out, records)
+    summary.scored = len(records)
+    summary.flagged = sum(record.get("label") == "anomalous" for record in records)
+    summary.skipped = len(summary.skipped_inputs)
+    summary.threshold_source = describe["threshold_source"]
+    summary.seconds = time.time() - started
+    manifest.update(status="complete", scored=summary.scored, flagged=summary.flagged, skipped=summary.skipped,
+                    seconds=round(summary.seconds, 3), resumed_from=len(done))  # fmt: skip
+    atomic_write_json(out / "run.json", manifest)
+    return summary
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    """numpy scalars to Python ones, for JSON."""
+    return {key: value.item() if isinstance(value, np.generic) else value for key, value in record.items()}
+
+
+def _write_tables(out: Path, records: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {field: [record.get(field) for record in records] for field in (*CSV_FIELDS, "map_scale_max")}
+    handle, temporary = tempfile.mkstemp(prefix=".scores.", suffix=".parquet", dir=out)
+    os.close(handle)
+    pq.write_table(pa.table(columns), temporary)
+    os.replace(temporary, out / "scores.parquet")
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({field: "" if record.get(field) is None else record[field] for field in CSV_FIELDS})
+    atomic_write_bytes(out / "scores.csv", buffer.getvalue().encode())

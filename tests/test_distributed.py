@@ -1,0 +1,146 @@
+"""The Ray engine: same records as the local engine, resume, failures, a two-node loopback cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from anomalens.cli import main
+from anomalens.predict import run_predict
+
+from conftest import tiny_detector
+
+ray = pytest.importorskip("ray", reason="Ray is in the test extras: pip install -e '.[test]'")
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _inputs(mvtec_root, tmp_path):
+    folder = tmp_path / "inputs"
+    shutil.copytree(mvtec_root / "widget" / "test", folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return folder
+
+
+def _records(out):
+    return {json.loads(line)["path"]: json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()}
+
+
+def test_ray_engine_matches_local_engine_and_resumes(local_ray, mvtec_root, tmp_path):
+    from anomalens.distributed import score
+
+    references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    detector = tiny_detector("patchcore").fit(references)
+    detector.threshold = 0.4
+    folder = _inputs(mvtec_root, tmp_path)
+    run_predict(detector, [folder], tmp_path / "local")
+    saved = detector.save(tmp_path / "detector")
+    summary = score(saved, [folder], tmp_path / "ray", num_workers=2, batch_size=2)
+    assert (summary.scored, summary.skipped) == (6, 1)
+    local, distributed = _records(tmp_path / "local"), _records(tmp_path / "ray")
+    assert local.keys() == distributed.keys()
+    # Float tolerance: batch composition changes float32 convolution results at ~1e-6 relative.
+    for path, record in local.items():
+        assert distributed[path]["score"] == pytest.approx(record["score"], rel=1e-3)
+        assert distributed[path]["label"] == record["label"] and distributed[path]["map"] == record["map"]
+        ray_map, local_map = np.load(tmp_path / "ray" / record["map"]), np.load(tmp_path / "local" / record["map"])
+        assert np.allclose(ray_map, local_map, atol=1e-4)
+    errors = [json.loads(line) for line in (tmp_path / "ray" / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and errors[0]["path"].endswith("broken.png") and "corrupt" in errors[0]["error"]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "ray" / "scores.parquet")
+    assert table.num_rows == 6 and set(table.column_names) >= {"path", "score", "label", "config_hash"}
+    assert len((tmp_path / "ray" / "scores.csv").read_text().splitlines()) == 7
+    # Resume: drop two records, re-run into the same folder: only those two are scored again.
+    lines = (tmp_path / "ray" / "scores.jsonl").read_text().splitlines()
+    (tmp_path / "ray" / "scores.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    resumed = score(detector, [folder], tmp_path / "ray", num_workers=1, batch_size=4)
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert resumed.scored == 6 and run["resumed_from"] == 4 and run["status"] == "complete"
+    assert _records(tmp_path / "ray").keys() == local.keys()
+    other = tiny_detector("patchcore", seed=9).fit(references)
+    with pytest.raises(ValueError, match="holds a run of another detector"):
+        score(other, [folder], tmp_path / "ray")
+
+
+def test_cli_engine_ray(local_ray, capsys, mvtec_root, tmp_path):
+    tiny = ["--method", "patchcore", "--backbone", "taef2", "--pretrained", "none", "--set", "image_size=32"]
+    references = str(mvtec_root / "widget" / "train" / "good")
+    args = ["-q", "predict", *tiny, str(mvtec_root / "widget" / "test"), "--reference", references]
+    assert main([*args, "--engine", "ray", "--num-workers", "2", "--out", str(tmp_path / "out")]) == 0
+    assert "scored 6 image(s)" in capsys.readouterr().out
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["engine"] == "ray" and run["threshold_source"] == "leave-one-out"
+
+
+def test_missing_ray_says_how_to_install(monkeypatch, capsys, mvtec_root, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code = main(["-q", "predict", "--method", "patchcore", str(mvtec_root), "--engine", "ray", "--out", str(tmp_path)])
+    assert code == 2 and "pip install 'anomalens[ray]'" in capsys.readouterr().err
+
+
+def _ray_command(*args, env, timeout=120):
+    return subprocess.run(["ray", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def loopback_cluster():
+    """A head node and a second worker node on 127.0.0.1, each with its own temp dir; always stopped."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = 6390 + os.getpid() % 200
+    head_dir, worker_dir = tempfile.mkdtemp(prefix="ray-head-"), tempfile.mkdtemp(prefix="ray-worker-")
+    try:
+        head_options = ["--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"]
+        head = _ray_command(
+            "start", "--head", *head_options, f"--temp-dir={head_dir}", "--disable-usage-stats", env=env
+        )
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker_options = [f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+        worker = _ray_command("start", *worker_options, env=env)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        yield f"127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        _ray_command("stop", "--force", env=env, timeout=60)
+        shutil.rmtree(head_dir, ignore_errors=True)
+        shutil.rmtree(worker_dir, ignore_errors=True)
+
+
+def test_two_node_cluster_on_loopback(loopback_cluster, mvtec_root, tmp_path):
+    from anomalens.distributed import score
+
+    references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    detector = tiny_detector("patchcore").fit(references)
+    saved = detector.save(tmp_path / "detector")
+    deadline = time.time() + 60
+    while True:  # wait for both nodes to register
+        ray.init(address=loopback_cluster, log_to_driver=False)
+        if len([node for node in ray.nodes() if node["Alive"]]) == 2 or time.time() > deadline:
+            break
+        ray.shutdown()
+        time.sleep(1)
+    assert len([node for node in ray.nodes() if node["Alive"]]) == 2
+    summary = score(saved, [mvtec_root / "widget" / "test"], tmp_path / "out", num_workers=2, batch_size=1)
+    assert summary.scored == 6 and summary.skipped == 0
+    expected = {result.source: result.score for result in detector.predict(summary_paths(tmp_path / "out"))}
+    for path, record in _records(tmp_path / "out").items():
+        assert record["score"] == pytest.approx(expected[path], rel=1e-3)
+
+
+def summary_paths(out):
+    return sorted(_records(out))

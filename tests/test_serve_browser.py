@@ -1,0 +1,111 @@
+"""End to end in a real browser: Playwright drives Debian's chromium against a running server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="serve is in the test extras: pip install -e '.[test]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+
+import uvicorn  # noqa: E402
+
+from anomalens.serve import create_app  # noqa: E402
+
+from conftest import tiny_detector  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# .ci/run installs Debian's chromium when it is missing, so in CI this never skips.
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn on 127.0.0.1 in a background thread, stopped on exit."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start within 30 s")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def test_page_end_to_end(mvtec_root, tmp_path):
+    references = sorted(str(path) for path in (mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    tests = sorted(str(path) for path in (mvtec_root / "widget" / "test").rglob("*.png"))
+    bogus = tmp_path / "not-an-image.png"
+    bogus.write_text("hello")
+    with ServerThread(create_app(tiny_detector("patchcore"))) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.set_default_timeout(30_000)
+            page_errors = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(url)
+            sync_api.expect(page.locator("#detector")).to_contain_text("not fitted")
+            page.set_input_files("#reference-input", references)
+            sync_api.expect(page.locator("#reference-status")).to_contain_text("fitted on 4 reference image(s)")
+            sync_api.expect(page.locator("#detector")).to_contain_text("leave-one-out")
+            page.set_input_files("#test-input", [*tests, str(bogus)])
+            cards = page.locator("#results .card")
+            sync_api.expect(cards).to_have_count(len(tests))
+            sync_api.expect(page.locator("#messages")).to_contain_text("Rejected not-an-image.png")
+            heatmap = cards.first.locator("img.heatmap")
+            assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
+            assert heatmap.evaluate("image => image.naturalWidth") == 48
+            scores = [float(text) for text in page.locator("#results .score").all_inner_texts()]
+            assert scores == sorted(scores, reverse=True)  # most anomalous first
+            # Slider to the far left: everything anomalous; far right: nothing.
+            slider = page.locator("#threshold")
+            slider.focus()
+            page.keyboard.press("Home")
+            sync_api.expect(page.locator("#counts")).to_have_text(f"{len(tests)} of {len(tests)} flagged")
+            page.keyboard.press("End")
+            sync_api.expect(page.locator("#counts")).to_have_text(f"0 of {len(tests)} flagged")
+            sync_api.expect(page.locator("#results .badge.anomalous")).to_have_count(0)
+            # Keyboard: open the large view on the first card and close it with Escape.
+            cards.first.focus()
+            page.keyboard.press("Enter")
+            sync_api.expect(page.locator("#viewer")).to_be_visible()
+            page.keyboard.press("Escape")
+            sync_api.expect(page.locator("#viewer")).to_be_hidden()
+            with page.expect_download() as download_info:
+                page.click("#download")
+            csv_text = open(download_info.value.path()).read()
+            lines = csv_text.strip().splitlines()
+            assert lines[0] == "name,score,label,threshold" and len(lines) == len(tests) + 1
+            assert all(line.split(",")[2] == "normal" for line in lines[1:])
+            assert not page_errors, page_errors
+        finally:
+            browser.close()
