@@ -430,7 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Our own messages at the chosen level; other libraries' (open_clip, Ray, ...) at warnings only.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("anomalens").setLevel(level)
     handlers = {"predict": cmd_predict, "benchmark": cmd_benchmark, "fit": cmd_fit, "weights": cmd_weights}
     handlers["list"] = cmd_list
     handlers["train"] = cmd_train
