@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import ray
 import anomalens
 from anomalens.distributed import score
 from anomalens.predict import run_predict
-from anomalens.profiling import machine_info
+from anomalens.profiling import write_benchmark_json
 
 
 def main() -> None:
@@ -60,12 +58,9 @@ def main() -> None:
         "scaling_ratio_2_vs_1_workers": runs["ray_2_workers"]["images_per_second"]
         / runs["ray_1_workers"]["images_per_second"],
         "ray_2_workers_vs_local": runs["ray_2_workers"]["images_per_second"] / runs["local"]["images_per_second"],
-        "command": "python3 " + " ".join(shlex.quote(part) for part in sys.argv),
-        "machine": machine_info(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({key: value for key, value in result.items() if key != "machine"}, indent=2))
+    write_benchmark_json(args.out, result)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_serve_browser import BROWSER_ARGS, ServerThread  # noqa: E402
 
 import anomalens  # noqa: E402
-from anomalens.profiling import machine_info  # noqa: E402
+from anomalens.profiling import write_benchmark_json  # noqa: E402
 from anomalens.serve import ServerSettings, create_app  # noqa: E402
 
 
@@ -99,12 +98,9 @@ def main() -> None:
         "latency_p50_ms": float(np.percentile(latencies, 50) * 1000),
         "latency_p95_ms": float(np.percentile(latencies, 95) * 1000),
         "server": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms, "include_maps": False},
-        "command": "python3 " + " ".join(shlex.quote(part) for part in sys.argv),
-        "machine": machine_info(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({key: value for key, value in result.items() if key != "machine"}, indent=2))
+    write_benchmark_json(args.out, result)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,12 @@ def _add_method_options(parser: ArgumentParser, method_required: bool = True) ->
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
 
 
+def _add_reference_options(parser: ArgumentParser, threshold_help: str) -> None:
+    parser.add_argument("--reference", nargs="+", default=None, help="normal reference images and/or folders")
+    parser.add_argument("--class-name", default=None, help="the product's name, e.g. bottle")
+    parser.add_argument("--threshold", type=float, default=None, help=threshold_help)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="anomalens", description="Visual anomaly detection with foundation models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -53,9 +59,7 @@ def build_parser() -> ArgumentParser:
     predict.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--detector", default=None, help="a detector folder saved by `anomalens fit`")
-    predict.add_argument("--reference", nargs="+", default=None, help="normal reference images and/or folders")
-    predict.add_argument("--class-name", default=None, help="the product's name, e.g. bottle")
-    predict.add_argument("--threshold", type=float, default=None, help="score above which an image is anomalous")
+    _add_reference_options(predict, "score above which an image is anomalous")
     predict.add_argument("--raw-format", default="npy", choices=["npy", "png16"], help="format of the raw maps")
     predict.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlays")
     predict.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
@@ -83,9 +87,7 @@ def build_parser() -> ArgumentParser:
     serve = ArgumentParser(description="Serve a detector over HTTP with a browser page.")
     _add_method_options(serve, method_required=False)
     serve.add_argument("--detector", default=None, help="a detector folder saved by `anomalens fit`")
-    serve.add_argument("--reference", nargs="+", default=None, help="normal reference images and/or folders")
-    serve.add_argument("--class-name", default=None, help="the product's name, e.g. bottle")
-    serve.add_argument("--threshold", type=float, default=None, help="score above which an image is anomalous")
+    _add_reference_options(serve, "score above which an image is anomalous")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="images per forward pass at most")
@@ -97,9 +99,7 @@ def build_parser() -> ArgumentParser:
 
     fit = ArgumentParser(description="Fit a detector on reference images and save it.")
     _add_method_options(fit)
-    fit.add_argument("--reference", nargs="+", default=None, help="normal reference images and/or folders")
-    fit.add_argument("--class-name", default=None, help="the product's name, e.g. bottle")
-    fit.add_argument("--threshold", type=float, default=None, help="fixed threshold (default: leave-one-out)")
+    _add_reference_options(fit, "fixed threshold (default: leave-one-out)")
     fit.add_argument("--out", required=True, help="folder to save the detector in")
     commands.add_subcommand("fit", fit, help="fit and save a detector")
 

@@ -85,3 +85,20 @@ def machine_info() -> dict[str, object]:
         "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def write_benchmark_json(path: str, result: dict) -> dict:
+    """Add the exact command line and the machine to a benchmark result and write it (atomically) as JSON."""
+    import shlex
+    from pathlib import Path
+
+    from anomalens.outputs import atomic_write_json
+
+    result = {
+        **result,
+        "command": "python3 " + " ".join(shlex.quote(part) for part in sys.argv),
+        "machine": machine_info(),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result)
+    return result

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.backbones.clip import CLIPBackbone, clip_weights_reference
+from anomalens.backbones.clip import CLIPBackbone
 from anomalens.backbones.diffusion import (
     ARCHITECTURES,
     DEFAULT_REPO,
@@ -48,8 +48,8 @@ from anomalens.backbones.diffusion import (
 )
 from anomalens.detector import Detector
 from anomalens.memory import NearestNeighbourMemory
+from anomalens.methods.clip_common import check_shots, class_name_of, clip_weights_of, prompt_set_of
 from anomalens.postprocess import gaussian_blur
-from anomalens.prompts import DEFAULT_CLASS_NAME, build_prompt_set
 from anomalens.weights import read_checkpoint
 
 COMPONENTS = ("clip_language", "clip_vision", "diffusion_language", "diffusion_vision")
@@ -124,7 +124,7 @@ class CLIPFusionConfig:
         for name, (ok, rule) in problems.items():
             if not ok:
                 raise ValueError(f"clipfusion option {name}={getattr(self, name)!r} must be {rule}")
-        build_prompt_set(self.normal_states, self.anomalous_states, self.templates, self.defect_words)
+        prompt_set_of(self)  # fails early, naming the phrase, if a placeholder is missing
 
 
 class PatchCLIPProjections(nn.Module):
@@ -184,9 +184,7 @@ class CLIPFusion(Detector):
                     f"no cross-attention layer has a feature side in attention_resolutions="
                     f"{list(config.attention_resolutions)}; available sides: {sorted(set(sides.values()))}"
                 )
-        self.prompt_set = build_prompt_set(
-            config.normal_states, config.anomalous_states, config.templates, config.defect_words
-        )
+        self.prompt_set = prompt_set_of(config)
         self.clip_memories = nn.ModuleList(NearestNeighbourMemory("cosine") for _ in self.clip_layers)
         self.diffusion_memories = nn.ModuleDict(
             {name.replace(".", "_"): NearestNeighbourMemory("cosine") for name in config.feature_blocks}
@@ -195,7 +193,7 @@ class CLIPFusion(Detector):
 
     @classmethod
     def required_weights(cls, config: CLIPFusionConfig) -> list[str]:
-        needed = [clip_weights_reference(config.backbone, config.pretrained)]
+        needed = clip_weights_of(config)
         if {"diffusion_language", "diffusion_vision"} & set(config.components):
             needed.append(config.diffusion)
         if config.clip_projection == "trained":
@@ -204,7 +202,7 @@ class CLIPFusion(Detector):
 
     @property
     def _class_name(self) -> str:
-        return self.class_name or self.config.class_name or DEFAULT_CLASS_NAME
+        return class_name_of(self)
 
     def _uses(self, component: str) -> bool:
         if component.endswith("vision") and not bool(self._few_shot):
@@ -325,11 +323,7 @@ class CLIPFusion(Detector):
 
     # ------------------------------------------------------------------ detector hooks
     def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
-        shots = self.config.shots
-        if shots == 0 and reference_images:
-            raise ValueError("this CLIPFusion detector has shots=0 (zero-shot) and takes no reference images")
-        if shots and not reference_images:
-            raise ValueError(f"this CLIPFusion detector has shots={shots}: give fit() at least one reference image")
+        check_shots("CLIPFusion", self.config.shots, reference_images)
         with self.timed("text_encoder"):
             self.clip.text_embeddings(self._class_name, self.prompt_set)
         self._few_shot.fill_(bool(reference_images))

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone, clip_weights_reference
+from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone
 from anomalens.detector import Detector
 from anomalens.memory import NearestNeighbourMemory
+from anomalens.methods.clip_common import class_name_of, clip_weights_of, prompt_set_of
 from anomalens.postprocess import gaussian_blur
-from anomalens.prompts import DEFAULT_CLASS_NAME, build_prompt_set
 from anomalens.synthesis import synthesize_anomaly
 
 
@@ -83,7 +83,7 @@ class DualImageCLIPConfig:
         for name, (ok, rule) in problems.items():
             if not ok:
                 raise ValueError(f"dual_image_clip option {name}={getattr(self, name)!r} must be {rule}")
-        build_prompt_set(self.normal_states, self.anomalous_states, self.templates, self.defect_words)
+        prompt_set_of(self)  # fails early, naming the phrase, if a placeholder is missing
 
 
 def pair_partners(count: int, partners: int, seed: int) -> list[list[int]]:
@@ -137,9 +137,7 @@ class DualImageCLIP(Detector):
             method_hint="dual_image_clip",
             init_seed=config.seed,
         )
-        self.prompt_set = build_prompt_set(
-            config.normal_states, config.anomalous_states, config.templates, config.defect_words
-        )
+        self.prompt_set = prompt_set_of(config)
         width = self.clip.embed_dim
         self.adapter = nn.Linear(width, width)
         self._reset_adapter()
@@ -148,8 +146,7 @@ class DualImageCLIP(Detector):
 
     @classmethod
     def required_weights(cls, config: DualImageCLIPConfig) -> list[str]:
-        reference = clip_weights_reference(config.backbone, config.pretrained)
-        return [reference] if reference else []
+        return clip_weights_of(config)
 
     def _reset_adapter(self) -> None:
         with torch.no_grad():
@@ -158,7 +155,7 @@ class DualImageCLIP(Detector):
 
     @property
     def _class_name(self) -> str:
-        return self.class_name or self.config.class_name or DEFAULT_CLASS_NAME
+        return class_name_of(self)
 
     # ------------------------------------------------------------------ features
     def _tokens(self, pixels: torch.Tensor, stage: str | None = "image_encoder") -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,17 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.backbones.clip import (
-    RESIZE_MODES,
-    CLIPBackbone,
-    clip_weights_reference,
-    harmonic_window_aggregation,
-    sliding_windows,
-)
+from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone, harmonic_window_aggregation, sliding_windows
 from anomalens.detector import Detector
 from anomalens.memory import NearestNeighbourMemory
+from anomalens.methods.clip_common import check_shots, class_name_of, clip_weights_of, prompt_set_of
 from anomalens.postprocess import gaussian_blur
-from anomalens.prompts import DEFAULT_CLASS_NAME, build_prompt_set
 
 
 @dataclass
@@ -80,8 +74,7 @@ class WinCLIPConfig:
                 f"WinCLIP options smoothing_sigma={self.smoothing_sigma} and batch_size={self.batch_size} "
                 "must be >= 0 and >= 1"
             )
-        # Fails early, naming the field, if a phrase lacks its placeholder.
-        build_prompt_set(self.normal_states, self.anomalous_states, self.templates, self.defect_words)
+        prompt_set_of(self)  # fails early, naming the phrase, if a placeholder is missing
 
 
 class WinCLIP(Detector):
@@ -110,9 +103,7 @@ class WinCLIP(Detector):
             if scale > min(grid):
                 raise ValueError(f"WinCLIP scale {scale} exceeds the {grid[0]}x{grid[1]} patch grid")
         self.windows = {scale: sliding_windows(grid, scale) for scale in config.scales}
-        self.prompt_set = build_prompt_set(
-            config.normal_states, config.anomalous_states, config.templates, config.defect_words
-        )
+        self.prompt_set = prompt_set_of(config)
         # Few-shot memories: one per scale ("patch" and each window scale); empty until fit() gets references.
         self.memories = nn.ModuleDict(
             {"patch": NearestNeighbourMemory("cosine")}
@@ -122,8 +113,7 @@ class WinCLIP(Detector):
 
     @classmethod
     def required_weights(cls, config: WinCLIPConfig) -> list[str]:
-        reference = clip_weights_reference(config.backbone, config.pretrained)
-        return [reference] if reference else []
+        return clip_weights_of(config)
 
     # ------------------------------------------------------------------ features
     def _features(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
@@ -138,15 +128,11 @@ class WinCLIP(Detector):
 
     @property
     def _class_name(self) -> str:
-        return self.class_name or self.config.class_name or DEFAULT_CLASS_NAME
+        return class_name_of(self)
 
     # ------------------------------------------------------------------ detector hooks
     def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
-        shots = self.config.shots
-        if shots == 0 and reference_images:
-            raise ValueError("this WinCLIP detector has shots=0 (zero-shot) and takes no reference images")
-        if shots and not reference_images:
-            raise ValueError(f"this WinCLIP detector has shots={shots}: give fit() at least one reference image")
+        check_shots("WinCLIP", self.config.shots, reference_images)
         self.clip.text_embeddings(self._class_name, self.prompt_set)  # encode (and cache) the prompts now
         self._few_shot.fill_(bool(reference_images))
         if not reference_images:
