@@ -247,7 +247,7 @@ def score(
                 _Scorer,
                 fn_constructor_kwargs={"detector": handle, "out_dir": str(out.resolve()), "raw_format": raw_format,
                                        "write_overlays": write_overlays, "threads": cpus, "threshold": threshold},
-                concurrency=num_workers,
+                compute=ray.data.ActorPoolStrategy(size=num_workers),
                 batch_size=batch_size,
                 num_cpus=cpus,
                 num_gpus=gpu_fraction,
