@@ -37,6 +37,7 @@ from anomalens.predict import (
     THRESHOLD_RULE,
     PredictSummary,
     collect_inputs,
+    load_scores,
     output_names,
     prepare_out_dir,
     score_batch,
@@ -268,7 +269,7 @@ def score(
                 errors_file.flush()
                 if progress is not None:
                     progress(finished)
-    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines() if line.strip()]
+    records = load_scores(out)
     _write_tables(out, records)
     summary.scored = len(records)
     summary.flagged = sum(record.get("label") == "anomalous" for record in records)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -49,8 +47,3 @@ def images_to_tensor(images: list, size: int) -> torch.Tensor:
             tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         tensors.append(tensor)
     return torch.cat(tensors).clamp_(0.0, 1.0)
-
-
-def feature_grid_size(image_size: int, stride: int) -> int:
-    """Side of the feature map a stride-``stride`` layer yields for an ``image_size`` input (conv arithmetic)."""
-    return math.ceil(image_size / stride)

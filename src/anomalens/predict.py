@@ -36,7 +36,16 @@ from anomalens.outputs import atomic_write_bytes, atomic_write_json, heatmap_ove
 
 logger = logging.getLogger(__name__)
 
-RUN_ARTIFACTS = ("run.json", "scores.jsonl", "scores.csv", "errors.jsonl", "overlays", "maps")
+RUN_ARTIFACTS = (
+    "run.json",
+    "scores.jsonl",
+    "scores.csv",
+    "scores.parquet",
+    ".scores.csv.partial",
+    "errors.jsonl",
+    "overlays",
+    "maps",
+)
 CSV_FIELDS = ("path", "score", "label", "threshold", "method", "config_hash", "overlay", "map", "width", "height")
 THRESHOLD_RULE = "leave-one-out: max over references of the score of each reference against the others"
 

@@ -37,11 +37,6 @@ def _open_clip():
     return open_clip
 
 
-def list_clip_models() -> list[str]:
-    """open_clip model names (``open_clip.list_models()``)."""
-    return _open_clip().list_models()
-
-
 def clip_weights_reference(model_name: str, pretrained: str | None) -> str | None:
     """The weights reference :func:`anomalens.weights.resolve` takes for ``(model_name, pretrained)``."""
     if pretrained is None:
