@@ -144,3 +144,16 @@ def test_two_node_cluster_on_loopback(loopback_cluster, mvtec_root, tmp_path):
 
 def summary_paths(out):
     return sorted(_records(out))
+
+
+def test_uri_inputs_are_listed_and_read(mvtec_root):
+    from anomalens.distributed import _read, list_inputs
+
+    folder = mvtec_root / "widget" / "test"
+    pairs = list_inputs([folder.as_uri()])
+    local = list_inputs([folder])
+    assert [name for _, name in pairs] == [name for _, name in local] and len(pairs) == 6
+    assert all(path.startswith("file://") for path, _ in pairs)
+    assert _read(pairs[0][0]).shape == (40, 48, 3)
+    with pytest.raises(ValueError, match="does not exist"):
+        list_inputs([(folder / "nowhere").as_uri()])

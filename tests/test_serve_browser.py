@@ -109,3 +109,34 @@ def test_page_end_to_end(mvtec_root, tmp_path):
             assert not page_errors, page_errors
         finally:
             browser.close()
+
+
+def test_serve_command_starts_and_answers():
+    """`anomalens serve` itself: start the real command, poll /healthz, stop it."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    command = [sys.executable, "-m", "anomalens.cli", "serve", "--method", "patchcore", "--backbone", "taef2",
+               "--pretrained", "none", "--set", "image_size=32", "--port", str(port)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ}, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    health = response.read().decode()
+                break
+            except OSError as error:
+                if time.time() > deadline or process.poll() is not None:
+                    output = process.stdout.read() if process.poll() is not None else ""
+                    raise AssertionError(f"server did not answer: {output}") from error
+                time.sleep(0.5)
+        assert '"status":"ok"' in health and '"fitted":false' in health
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/detector", timeout=5) as response:
+            assert '"method":"patchcore"' in response.read().decode()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
