@@ -100,7 +100,7 @@ def test_without_tta_the_output_is_the_zero_shot_joint_map():
     pixels = detector.clip.preprocess(pool)
     embeddings, tokens = detector._tokens(pixels)
     joint = 0.5 * detector._language_patch_scores(tokens, text) + 0.5 * detector._visual_patch_scores(tokens)
-    expected = detector._to_image_grid(joint)
+    expected = detector.clip.patch_scores_to_map(joint, detector.config.smoothing_sigma)
     for index, result in enumerate(results):
         assert np.allclose(result.anomaly_map, expected[index].numpy(), atol=1e-6)
     adapted = tiny_detector("dual_image_clip", tta=True, tta_steps=5, tta_lr=0.05).fit(class_name="widget")

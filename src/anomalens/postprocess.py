@@ -34,16 +34,16 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     return smoothed[:, 0]
 
 
-def images_to_tensor(images: list, size: int) -> torch.Tensor:
+def images_to_tensor(images: list, size: int, mode: str = "bilinear") -> torch.Tensor:
     """Stack ``(H, W, 3)`` uint8 arrays into ``(B, 3, size, size)`` float in ``[0, 1]``.
 
-    Each image is resized on its own (antialiased bilinear), so sizes and aspect ratios may differ;
-    maps computed on the square grid are resized back to each image's geometry by the detector.
+    Each image is resized on its own (antialiased ``mode``: bilinear or bicubic), so sizes and aspect ratios
+    may differ; maps computed on the square grid are resized back to each image's geometry by the detector.
     """
     tensors = []
     for image in images:
         tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
         if tensor.shape[-2:] != (size, size):
-            tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            tensor = F.interpolate(tensor, size=(size, size), mode=mode, antialias=True, align_corners=False)
         tensors.append(tensor)
     return torch.cat(tensors).clamp_(0.0, 1.0)

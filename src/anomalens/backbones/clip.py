@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalens.postprocess import gaussian_blur, images_to_tensor
 from anomalens.prompts import PromptSet
 from anomalens.weights import resolve
 
@@ -204,21 +205,28 @@ class CLIPBackbone(nn.Module):
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``(H, W, 3)`` uint8 images to the normalised ``(B, 3, S, S)`` model input."""
         size = self.image_size
+        if self.resize_mode != "crop":
+            pixels = images_to_tensor(list(images), size, mode="bicubic").to(self.mean.device)
+            return (pixels - self.mean) / self.std
         batch = []
         for image in images:
             tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
             height, width = tensor.shape[-2:]
-            if self.resize_mode == "crop":
-                scale = size / min(height, width)
-                resized = (max(size, round(height * scale)), max(size, round(width * scale)))
-                tensor = F.interpolate(tensor, size=resized, mode="bicubic", antialias=True, align_corners=False)
-                top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
-                tensor = tensor[:, :, top : top + size, left : left + size]
-            else:
-                tensor = F.interpolate(tensor, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            batch.append(tensor)
+            scale = size / min(height, width)
+            resized = (max(size, round(height * scale)), max(size, round(width * scale)))
+            tensor = F.interpolate(tensor, size=resized, mode="bicubic", antialias=True, align_corners=False)
+            top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
+            batch.append(tensor[:, :, top : top + size, left : left + size])
         pixels = torch.cat(batch).clamp_(0.0, 1.0).to(self.mean.device)
         return (pixels - self.mean) / self.std
+
+    def patch_scores_to_map(self, patch_scores: torch.Tensor, smoothing_sigma: float) -> torch.Tensor:
+        """``(B, N)`` patch scores to Gaussian-smoothed ``(B, S, S)`` maps at the model's input size."""
+        height, width = self.grid
+        size = self.image_size
+        grid = patch_scores.reshape(-1, 1, height, width)
+        maps = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        return gaussian_blur(maps, smoothing_sigma)
 
     def restore_map(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Map an ``(S, S)`` map on the model input back onto the original ``(H, W)`` image."""

@@ -49,7 +49,7 @@ from anomalens.backbones.diffusion import (
 from anomalens.detector import Detector
 from anomalens.memory import NearestNeighbourMemory
 from anomalens.methods.clip_common import check_shots, class_name_of, clip_weights_of, prompt_set_of
-from anomalens.postprocess import gaussian_blur
+from anomalens.postprocess import gaussian_blur, images_to_tensor
 from anomalens.weights import read_checkpoint
 
 COMPONENTS = ("clip_language", "clip_vision", "diffusion_language", "diffusion_vision")
@@ -244,18 +244,7 @@ class CLIPFusion(Detector):
         """Run the UNet once per (timestep, draw); returns mean attention shares and decoder features."""
         diffusion = self.diffusion
         size = diffusion.image_size
-        pixels = torch.cat(
-            [
-                F.interpolate(
-                    torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255,
-                    size=(size, size),
-                    mode="bicubic",
-                    antialias=True,
-                    align_corners=False,
-                )
-                for image in images
-            ]
-        ).clamp(0, 1)
+        pixels = images_to_tensor(images, size, mode="bicubic")
         with self.timed("vae"):
             latents = diffusion.encode_images((pixels * 2 - 1).to(diffusion.device))  # once, reused for every t
         name = self._class_name.replace("_", " ")

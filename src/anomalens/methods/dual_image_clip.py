@@ -35,7 +35,6 @@ from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone
 from anomalens.detector import Detector
 from anomalens.memory import NearestNeighbourMemory
 from anomalens.methods.clip_common import class_name_of, clip_weights_of, prompt_set_of
-from anomalens.postprocess import gaussian_blur
 from anomalens.synthesis import synthesize_anomaly
 
 
@@ -199,13 +198,6 @@ class DualImageCLIP(Detector):
                 scores.append(torch.stack(per_partner).amin(0))
         return torch.stack(scores)
 
-    def _to_image_grid(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` patch scores to smoothed ``(B, S, S)`` maps at the model's input size."""
-        height, width = self.clip.grid
-        size = self.clip.image_size
-        maps = F.interpolate(patch_scores.reshape(-1, 1, height, width), size=(size, size), mode="bilinear")[:, 0]
-        return gaussian_blur(maps, self.config.smoothing_sigma)
-
     # ------------------------------------------------------------------ detector hooks
     def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
         with self.timed("text_encoder"):
@@ -236,7 +228,7 @@ class DualImageCLIP(Detector):
                 language = self._adapt(pixels, tokens, joint, text)
             joint = weight * language + (1 - weight) * visual
         with self.timed("post_processing"):
-            maps = self._to_image_grid(joint)
+            maps = self.clip.patch_scores_to_map(joint, self.config.smoothing_sigma)
             scores = (language_score + maps.flatten(1).amax(1)) / 2
         return scores, maps
 

@@ -35,7 +35,6 @@ from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone, harmonic_window
 from anomalens.detector import Detector
 from anomalens.memory import NearestNeighbourMemory
 from anomalens.methods.clip_common import check_shots, class_name_of, clip_weights_of, prompt_set_of
-from anomalens.postprocess import gaussian_blur
 
 
 @dataclass
@@ -159,7 +158,7 @@ class WinCLIP(Detector):
         for scale, window_embeddings in windows.items():
             window_probability = self.clip.anomaly_probability(window_embeddings, text, temperature)  # (B, W)
             scale_maps.append(harmonic_window_aggregation(window_probability, self.windows[scale], count))
-        language_map = self._to_image_grid(torch.stack(scale_maps).mean(0))
+        language_map = self.clip.patch_scores_to_map(torch.stack(scale_maps).mean(0), self.config.smoothing_sigma)
         zero_shot_score = (global_probability + language_map.flatten(1).amax(1)) / 2
         if not bool(self._few_shot):
             return zero_shot_score, language_map
@@ -167,17 +166,9 @@ class WinCLIP(Detector):
         for scale, window_embeddings in windows.items():
             distances = self.memories[f"window{scale}"].search(window_embeddings.flatten(0, 1))[0]
             visual_maps.append(_mean_window_aggregation(distances.reshape(batch, -1), self.windows[scale], count))
-        visual_map = self._to_image_grid(torch.stack(visual_maps).mean(0))
+        visual_map = self.clip.patch_scores_to_map(torch.stack(visual_maps).mean(0), self.config.smoothing_sigma)
         score = (zero_shot_score + visual_map.flatten(1).amax(1)) / 2
         return score, (language_map + visual_map) / 2
-
-    def _to_image_grid(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` patch scores to smoothed ``(B, S, S)`` maps at the model's input size."""
-        height, width = self.clip.grid
-        size = self.clip.image_size
-        grid = patch_scores.reshape(-1, 1, height, width)
-        maps = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        return gaussian_blur(maps, self.config.smoothing_sigma)
 
     def _map_to_image(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.clip.restore_map(anomaly_map, size)
