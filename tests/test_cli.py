@@ -94,7 +94,7 @@ def test_fit_then_predict_with_saved_detector(capsys, mvtec_root, tmp_path):
 
 def test_predict_errors_are_one_line(capsys, mvtec_root, tmp_path):
     code, _, stderr = _run(capsys, "predict", "--method", "nope", str(mvtec_root), "--out", str(tmp_path / "o"))
-    assert code == 2 and "valid methods: clipfusion, dual_image_clip, patchcore, winclip" in stderr
+    assert code == 2 and "valid methods: clipfusion, dual_image_clip, patchcore, vlmdiff, winclip" in stderr
     assert "Traceback" not in stderr
     code, _, stderr = _run(capsys, "predict", *TINY, str(mvtec_root), "--out", str(tmp_path / "o"))
     assert code == 2 and "needs at least one normal reference image" in stderr

@@ -59,7 +59,8 @@ def test_config_validation_names_values():
         anomalens.create("patchcore", backbone="taef2", pretrained=None, neighbourhood=2)
     with pytest.raises(ValueError, match="layers .*'layer9'.* valid layers: block1, block5"):
         anomalens.create("patchcore", backbone="taef2", pretrained=None, layers=("layer9",))
-    with pytest.raises(ValueError, match="unknown backbone 'vit'; valid backbones: resnet18, taef2, wide_resnet50_2"):
+    valid = "dino_vits8, resnet18, taef2, vgg16_bn, wide_resnet50_2"
+    with pytest.raises(ValueError, match=f"unknown backbone 'vit'; valid backbones: {valid}"):
         anomalens.create("patchcore", backbone="vit")
     with pytest.raises(ValueError, match="cannot read 'abc' as int"):
         anomalens.create("patchcore", backbone="taef2", pretrained=None, image_size="abc")

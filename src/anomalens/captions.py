@@ -33,11 +33,9 @@ DEFAULT_TEMPLATE = "a photo of a {class_name}"
 
 def image_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of an image file's bytes (the cache key)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from anomalens.weights import sha256_of
+
+    return sha256_of(path)
 
 
 def template_caption(class_name: str | None, template: str = DEFAULT_TEMPLATE) -> str:
@@ -180,10 +178,19 @@ class VLMCaptioner:
         with Image.open(image_path) as opened:
             image = opened.convert("RGB")
         if self._task == "image-text-to-text":
-            messages = [
-                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": self.prompt}]}
-            ]
-            output = self._pipeline(text=messages, max_new_tokens=self.max_new_tokens, return_full_text=False)
+            content = [{"type": "image", "image": image}, {"type": "text", "text": self.prompt}]
+            try:
+                output = self._pipeline(
+                    text=[{"role": "user", "content": content}],
+                    max_new_tokens=self.max_new_tokens,
+                    return_full_text=False,
+                )
+            except ValueError as error:  # a model without a chat template takes the prompt as plain text
+                if "chat template" not in str(error):
+                    raise
+                output = self._pipeline(
+                    images=image, text=self.prompt, max_new_tokens=self.max_new_tokens, return_full_text=False
+                )
         else:
             output = self._pipeline(image, max_new_tokens=self.max_new_tokens)
         first = output[0] if isinstance(output, list) else output

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anomalens.backbones.diffusion import TINY_TEXT_CONFIG
+
 logger = logging.getLogger(__name__)
 
 TEXT_ENCODER_KINDS = ("sd", "minilm", "tiny")
@@ -38,15 +40,6 @@ _SD15_TEXT = {  # CLIP ViT-L/14's text tower, as used by Stable Diffusion 1.x
     "max_position_embeddings": 77,
     "hidden_act": "quick_gelu",
     "projection_dim": 768,
-}
-_TINY_TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 16,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 77,
-    "projection_dim": 16,
 }
 
 
@@ -92,7 +85,7 @@ class TextEncoder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             if kind in ("sd", "tiny") and (weights is None or kind == "tiny"):
-                config = transformers.CLIPTextConfig(**(_TINY_TEXT if kind == "tiny" else _SD15_TEXT))
+                config = transformers.CLIPTextConfig(**(TINY_TEXT_CONFIG if kind == "tiny" else _SD15_TEXT))
                 self.model = transformers.CLIPTextModel(config)
                 self._use_open_clip_bpe()
             elif kind == "sd":

@@ -8,7 +8,7 @@ backbone is hard-coded in the methods that use it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +197,24 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
+def check_layers(backbone: str, layers: Sequence[str] | None, option: str = "layers") -> tuple[str, ...] | None:
+    """Validate a config's layer names for ``backbone``; returns them as a tuple (``None`` stays ``None``).
+
+    Raises:
+        ValueError: Unknown backbone, or an empty / unknown layer list; the message lists the valid layers.
+    """
+    spec = get_backbone_spec(backbone)
+    if layers is None:
+        return None
+    layers = tuple(layers)
+    unknown = [layer for layer in layers if layer not in spec.strides]
+    if not layers or unknown:
+        raise ValueError(
+            f"{option} {list(layers)} invalid for backbone {backbone!r}; valid layers: {', '.join(spec.strides)}"
+        )
+    return layers
+
+
 class FeatureBackbone(nn.Module):
     """A frozen backbone that normalises ``[0, 1]`` images and returns the requested layers' maps.
 
@@ -222,12 +240,7 @@ class FeatureBackbone(nn.Module):
     ):
         super().__init__()
         self.spec = get_backbone_spec(name)
-        self.layers = tuple(layers) if layers else self.spec.default_layers
-        unknown = [layer for layer in self.layers if layer not in self.spec.strides]
-        if unknown:
-            raise ValueError(
-                f"unknown layer(s) {unknown} for backbone {name!r}; valid layers: {', '.join(self.spec.strides)}"
-            )
+        self.layers = check_layers(name, layers) if layers else self.spec.default_layers
         self.strides = [self.spec.strides[layer] for layer in self.layers]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)

@@ -43,7 +43,7 @@ _SD21_UNET = {
     "cross_attention_dim": 1024,
     "use_linear_projection": True,
 }
-_SD21_VAE = {
+SD_VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ("DownEncoderBlock2D",) * 4,
@@ -76,7 +76,7 @@ _TINY_UNET = {
     "attention_head_dim": 2,
     "cross_attention_dim": 16,
 }
-_TINY_VAE = {
+TINY_VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ("DownEncoderBlock2D",) * 4,
@@ -87,7 +87,7 @@ _TINY_VAE = {
     "latent_channels": 4,
     "sample_size": 64,
 }
-_TINY_TEXT = {
+TINY_TEXT_CONFIG = {
     "vocab_size": 49408,
     "hidden_size": 16,
     "intermediate_size": 37,
@@ -109,14 +109,14 @@ class DiffusionArchitecture:
 
 
 ARCHITECTURES = {
-    "sd-2-1-base": DiffusionArchitecture(_SD21_UNET, _SD21_VAE, _SD21_TEXT, 512),
-    "tiny": DiffusionArchitecture(_TINY_UNET, _TINY_VAE, _TINY_TEXT, 64),
+    "sd-2-1-base": DiffusionArchitecture(_SD21_UNET, SD_VAE_CONFIG, _SD21_TEXT, 512),
+    "tiny": DiffusionArchitecture(_TINY_UNET, TINY_VAE_CONFIG, TINY_TEXT_CONFIG, 64),
 }
 
 DEFAULT_REPO = "stabilityai/stable-diffusion-2-1-base"
 
 
-def _diffusers():
+def require_diffusers():
     try:
         import diffusers
     except ImportError as error:
@@ -178,7 +178,7 @@ class DiffusionBackbone(nn.Module):
         init_seed: int = 0,
     ):
         super().__init__()
-        diffusers = _diffusers()
+        diffusers = require_diffusers()
         from transformers import CLIPTextConfig, CLIPTextModel
 
         if pretrained is None:

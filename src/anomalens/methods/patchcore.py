@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalens.backbones import FeatureBackbone, get_backbone_spec
+from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
 from anomalens.detector import Detector
 from anomalens.memory import NearestNeighbourMemory
 from anomalens.postprocess import gaussian_blur, images_to_tensor
@@ -41,15 +41,7 @@ class PatchCoreConfig:
     seed: int = 0  # seeds the coreset's projection and start, and random init when pretrained is None
 
     def __post_init__(self) -> None:
-        spec = get_backbone_spec(self.backbone)
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
-            unknown = [layer for layer in self.layers if layer not in spec.strides]
-            if not self.layers or unknown:
-                raise ValueError(
-                    f"layers {list(self.layers)} invalid for backbone {self.backbone!r}; "
-                    f"valid layers: {', '.join(spec.strides)}"
-                )
+        self.layers = check_layers(self.backbone, self.layers)
         checks = {
             "image_size": self.image_size >= 16,
             "neighbourhood": self.neighbourhood >= 1 and self.neighbourhood % 2 == 1,
@@ -153,12 +145,15 @@ class PatchCore(Detector):
         )
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self._embed_arrays(images)
+        with self.timed("image_encoder"):
+            features = self._embed_arrays(images)
         batch, height, width, channels = features.shape
-        distances, _ = self.memory.search(features.reshape(-1, channels), k=1)
-        patch_scores = distances[:, 0].reshape(batch, 1, height, width)
-        size = self.config.image_size
-        maps = F.interpolate(patch_scores, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        maps = gaussian_blur(maps, self.config.smoothing_sigma)
-        scores = maps.flatten(1).amax(1)
+        with self.timed("memory_search"):
+            distances, _ = self.memory.search(features.reshape(-1, channels), k=1)
+        with self.timed("post_processing"):
+            patch_scores = distances[:, 0].reshape(batch, 1, height, width)
+            size = self.config.image_size
+            maps = F.interpolate(patch_scores, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            maps = gaussian_blur(maps, self.config.smoothing_sigma)
+            scores = maps.flatten(1).amax(1)
         return scores, maps

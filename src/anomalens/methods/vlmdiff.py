@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.backbones import FeatureBackbone, get_backbone_spec
+from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
+from anomalens.backbones.diffusion import SD_VAE_CONFIG, TINY_VAE_CONFIG, require_diffusers
 from anomalens.detector import Detector
 from anomalens.postprocess import gaussian_blur, images_to_tensor
 from anomalens.text_encoders import TextEncoder
@@ -83,36 +86,6 @@ UNET_SIZES: dict[str, dict[str, Any]] = {
 # Channels of the guidance network's image encoder (3 stride-2 convolutions: pixels to the 1/8 latent grid).
 GUIDANCE_EMBEDDING_CHANNELS = {"sd-1-5": (16, 32, 96, 256), "small": (16, 32, 64, 128), "tiny": (4, 4, 8, 8)}
 AUTOENCODERS = ("taef2", "sd", "tiny")
-
-_SD_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "sample_size": 512,
-}
-_TINY_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (4, 8, 8, 8),
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "latent_channels": 4,
-    "sample_size": 64,
-}
-
-
-def _diffusers():
-    try:
-        import diffusers
-    except ImportError as error:
-        raise ImportError("vlmdiff needs diffusers: pip install 'diffusers>=0.30' 'transformers>=4.44'") from error
-    return diffusers
 
 
 @dataclass
@@ -186,9 +159,10 @@ class LatentAutoencoder(nn.Module):
                     load_state_dict_checked(module, read_checkpoint(path), source=str(path))
             self.latent_channels = 32
         else:
-            diffusers = _diffusers()
+            diffusers = require_diffusers()
             if weights is None or kind == "tiny":
-                self.vae = diffusers.AutoencoderKL(**(_TINY_VAE if kind == "tiny" else _SD_VAE))
+                # Stable Diffusion 1.x and 2.x share the KL-f8 VAE architecture.
+                self.vae = diffusers.AutoencoderKL(**(TINY_VAE_CONFIG if kind == "tiny" else SD_VAE_CONFIG))
             else:
                 from anomalens.weights import resolve
 
@@ -259,7 +233,7 @@ class VLMDiffNet(nn.Module):
         init_seed: int = 0,
     ):
         super().__init__()
-        diffusers = _diffusers()
+        diffusers = require_diffusers()
         self.architecture = architecture
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
@@ -368,6 +342,7 @@ class VLMDiffNet(nn.Module):
         noise_level: int = 999,
         ddim_steps: int = 10,
         generator: torch.Generator | None = None,
+        timed: Callable[[str], AbstractContextManager] | None = None,
     ) -> torch.Tensor:
         """Noise the images' latents to ``noise_level`` and denoise them with DDIM, guided by the images.
 
@@ -377,6 +352,8 @@ class VLMDiffNet(nn.Module):
             noise_level: Starting timestep (0 < t < 1000).
             ddim_steps: Denoising steps.
             generator: CPU generator of the starting noise.
+            timed: ``stage -> context manager`` adding the time of the autoencoder ("vae"), caption encoding
+                ("text_encoder") and denoising ("unet") to a detector's stage times.
 
         Returns:
             Reconstructions ``(B, 3, S, S)`` in [0, 1].
@@ -384,20 +361,25 @@ class VLMDiffNet(nn.Module):
         last = self.alphas_cumprod.numel() - 1
         if not 0 < noise_level <= last:
             raise ValueError(f"noise_level must be in 1..{last}, got {noise_level}")
-        latents = self.encode_latents(images)
+        timed = timed or (lambda stage: nullcontext())
+        with timed("vae"):
+            latents = self.encode_latents(images)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         timesteps = ddim_timesteps(noise_level, ddim_steps)
         alphas = self.alphas_cumprod.double().cpu()
         alpha = float(alphas[timesteps[0]])
         sample = alpha**0.5 * latents + (1.0 - alpha) ** 0.5 * noise
-        condition = self.condition([caption] * images.shape[0])
-        for index, timestep in enumerate(timesteps):
-            alpha = float(alphas[timestep])
-            alpha_previous = float(alphas[timesteps[index + 1]]) if index + 1 < len(timesteps) else 1.0
-            step = torch.full((images.shape[0],), timestep, device=images.device, dtype=torch.long)
-            predicted = self.predict_noise(sample, step, condition, images)
-            sample = ddim_step(sample, predicted.to(sample.dtype), alpha, alpha_previous)
-        return self.decode_latents(sample)
+        with timed("text_encoder"):
+            condition = self.condition([caption] * images.shape[0])
+        with timed("unet"):
+            for index, timestep in enumerate(timesteps):
+                alpha = float(alphas[timestep])
+                alpha_previous = float(alphas[timesteps[index + 1]]) if index + 1 < len(timesteps) else 1.0
+                step = torch.full((images.shape[0],), timestep, device=images.device, dtype=torch.long)
+                predicted = self.predict_noise(sample, step, condition, images)
+                sample = ddim_step(sample, predicted.to(sample.dtype), alpha, alpha_previous)
+        with timed("vae"):
+            return self.decode_latents(sample)
 
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -461,15 +443,7 @@ class VLMDiffConfig:
             if isinstance(self.architecture, str):
                 self.architecture = json.loads(self.architecture)
             self.architecture = asdict(VLMDiffArchitecture.from_dict(dict(self.architecture)))
-        spec = get_backbone_spec(self.feature_extractor)
-        if self.feature_layers is not None:
-            self.feature_layers = tuple(self.feature_layers)
-            unknown = [layer for layer in self.feature_layers if layer not in spec.strides]
-            if not self.feature_layers or unknown:
-                raise ValueError(
-                    f"feature_layers {list(self.feature_layers)} invalid for {self.feature_extractor!r}; "
-                    f"valid layers: {', '.join(spec.strides)}"
-                )
+        self.feature_layers = check_layers(self.feature_extractor, self.feature_layers, "feature_layers")
         if not 0 < self.noise_level < 1000:
             raise ValueError(f"VLMDiff option noise_level={self.noise_level!r} must be in 1..999")
         for name, minimum in (("ddim_steps", 1), ("batch_size", 1)):
@@ -556,6 +530,7 @@ class VLMDiff(Detector):
                 noise_level=self.config.noise_level,
                 ddim_steps=self.config.ddim_steps,
                 generator=generator,
+                timed=self.timed,
             )
         return pixels, reconstructions
 
@@ -571,11 +546,10 @@ class VLMDiff(Detector):
         return torch.stack(maps).mean(0)
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.timed("diffusion"):
-            pixels, reconstructions = self.reconstruct(images)
+        pixels, reconstructions = self.reconstruct(images)
         with self.timed("features"):
             anomaly_maps = self.feature_difference(pixels, reconstructions)
-        with self.timed("postprocess"):
+        with self.timed("post_processing"):
             anomaly_maps = gaussian_blur(anomaly_maps, self.config.smoothing_sigma)
             scores = anomaly_maps.flatten(1).amax(1)
         return scores, anomaly_maps

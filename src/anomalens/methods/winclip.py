@@ -149,9 +149,11 @@ class WinCLIP(Detector):
             self.memories[f"window{scale}"].fit(torch.cat(windows[scale]))
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding, patches, windows = self._features(images)
+        with self.timed("clip"):
+            embedding, patches, windows = self._features(images)
         batch, count, _ = patches.shape
-        text = self.clip.text_embeddings(self._class_name, self.prompt_set)
+        with self.timed("text_encoder"):
+            text = self.clip.text_embeddings(self._class_name, self.prompt_set)
         temperature = self.config.temperature
         global_probability = self.clip.anomaly_probability(embedding, text, temperature)  # (B,)
         scale_maps = [global_probability[:, None].expand(batch, count)]
@@ -162,10 +164,11 @@ class WinCLIP(Detector):
         zero_shot_score = (global_probability + language_map.flatten(1).amax(1)) / 2
         if not bool(self._few_shot):
             return zero_shot_score, language_map
-        visual_maps = [self.memories["patch"].search(patches.flatten(0, 1))[0].reshape(batch, count)]
-        for scale, window_embeddings in windows.items():
-            distances = self.memories[f"window{scale}"].search(window_embeddings.flatten(0, 1))[0]
-            visual_maps.append(_mean_window_aggregation(distances.reshape(batch, -1), self.windows[scale], count))
+        with self.timed("memory_search"):
+            visual_maps = [self.memories["patch"].search(patches.flatten(0, 1))[0].reshape(batch, count)]
+            for scale, window_embeddings in windows.items():
+                distances = self.memories[f"window{scale}"].search(window_embeddings.flatten(0, 1))[0]
+                visual_maps.append(_mean_window_aggregation(distances.reshape(batch, -1), self.windows[scale], count))
         visual_map = self.clip.patch_scores_to_map(torch.stack(visual_maps).mean(0), self.config.smoothing_sigma)
         score = (zero_shot_score + visual_map.flatten(1).amax(1)) / 2
         return score, (language_map + visual_map) / 2
