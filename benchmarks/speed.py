@@ -238,7 +238,9 @@ def main() -> None:
                 if line is None:
                     raise RuntimeError(completed.stderr.strip().splitlines()[-1] if completed.stderr else "no output")
                 record = json.loads(line.removeprefix("SPEED_RECORD "))
-            except (subprocess.TimeoutExpired, RuntimeError) as error:
+            except subprocess.TimeoutExpired:
+                record = {"method": method, "shots": shots, "error": f"timed out after {args.timeout} s"}
+            except RuntimeError as error:
                 record = {"method": method, "shots": shots, "error": str(error)}
             print(f"[speed] {json.dumps(record)}", flush=True)
             records.append(record)
