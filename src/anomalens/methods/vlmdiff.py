@@ -243,12 +243,9 @@ class VLMDiffNet(nn.Module):
                 sd_model=architecture.sd_model,
                 weights_dir=weights_dir,
             )
-            text_weights = architecture.text_encoder_weights if load_pretrained else None
-            if architecture.text_encoder not in ("sd", "tiny", "minilm") and not load_pretrained:
-                text_weights = None
             self.text_encoder = TextEncoder(
                 architecture.text_encoder,
-                text_weights,
+                architecture.text_encoder_weights if load_pretrained else None,
                 sd_model=architecture.sd_model,
                 max_tokens=architecture.max_caption_tokens,
                 weights_dir=weights_dir,
