@@ -471,7 +471,7 @@ def cmd_train(args: Any) -> int:
     if args.target == "vlmdiff":
         return cmd_train_vlmdiff(args.vlmdiff, args.quiet)
     options = args.patchclip
-    pretrained = None if str(options.pretrained).lower() == "none" else options.pretrained
+    pretrained = _none_or(options.pretrained)
     bar = _progress(None, "training patchclip", args.quiet)
     finished = [0]
 

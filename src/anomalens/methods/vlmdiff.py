@@ -399,20 +399,13 @@ def load_run_weights(net: VLMDiffNet, run_dir: str | os.PathLike) -> None:
 
     path = Path(run_dir) / RUN_WEIGHTS_FILE
     state = load_file(str(path), device="cpu")
-    for name, module in net.trainable_modules().items():
+    parts = dict(net.trainable_modules())
+    if any(key.startswith("autoencoder.") for key in state):  # the run fine-tuned its autoencoder
+        parts["autoencoder"] = net.autoencoder
+    for name, module in parts.items():
         prefix = f"{name}."
-        load_state_dict_checked(
-            module,
-            {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)},
-            source=f"{path} ({name})",
-        )
-    if any(key.startswith("autoencoder.") for key in state):
-        prefix = "autoencoder."
-        load_state_dict_checked(
-            net.autoencoder,
-            {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)},
-            source=f"{path} (fine-tuned autoencoder)",
-        )
+        part = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        load_state_dict_checked(module, part, source=f"{path} ({name})")
     for name in ("latent_shift", "latent_scale"):
         if name not in state:
             raise ValueError(f"{path} lacks the tensor {name!r}")

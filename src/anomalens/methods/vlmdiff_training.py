@@ -246,13 +246,14 @@ def save_run_model(net: VLMDiffNet, out: Path, config: VLMDiffTrainConfig, meta:
     """Write ``model.safetensors`` (trained tensors) and ``vlmdiff.json`` atomically."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for name, module in net.trainable_modules().items():
-        for key, value in module.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    parts = dict(net.trainable_modules())
     if config.autoencoder_finetune_steps > 0:
-        for key, value in net.autoencoder.state_dict().items():
-            tensors[f"autoencoder.{key}"] = value.detach().cpu().contiguous()
+        parts["autoencoder"] = net.autoencoder
+    tensors = {
+        f"{name}.{key}": value.detach().cpu().contiguous()
+        for name, module in parts.items()
+        for key, value in module.state_dict().items()
+    }
     tensors["latent_shift"] = net.latent_shift.detach().cpu().clone()
     tensors["latent_scale"] = net.latent_scale.detach().cpu().clone()
     temporary = out / f".{RUN_WEIGHTS_FILE}.tmp"
