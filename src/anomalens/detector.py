@@ -40,6 +40,7 @@ FORMAT_NAME = "anomalens-detector"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
+PRECISIONS = ("float32", "bfloat16", "float16")  # values of every method config's ``precision`` field
 
 
 @dataclass
@@ -89,6 +90,19 @@ class Detector(nn.Module):
         self.threshold: float | None = None
         self.stage_seconds: dict[str, float] = {}  # time spent per named stage, summed since last cleared
         self.register_buffer("_is_fitted", torch.tensor(False))
+        precision = getattr(config, "precision", "float32")
+        if precision not in PRECISIONS:
+            valid = ", ".join(PRECISIONS)
+            raise ValueError(f"{self.method_name} option precision={precision!r} must be one of {valid}")
+
+    def autocast(self) -> torch.autocast:
+        """The config's ``precision`` as a ``torch.autocast`` context (disabled for ``"float32"``).
+
+        Networks run their matmuls and convolutions in bfloat16/float16 under it; weights, memory banks and
+        nearest-neighbour distances stay float32, and maps and scores are returned as float32.
+        """
+        precision = getattr(self.config, "precision", "float32")
+        return torch.autocast(self.device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -142,7 +156,7 @@ class Detector(nn.Module):
             raise ValueError(f"class_name must be a string, got {class_name!r}")
         arrays = [load_image(image) for image in references]
         self.class_name = class_name
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             self._fit(arrays, class_name)
         self._is_fitted.fill_(True)
         return self
@@ -182,7 +196,8 @@ class Detector(nn.Module):
         if not arrays:
             return []
         with torch.inference_mode():
-            scores, maps = self._predict_batch(list(arrays))
+            with self.autocast():
+                scores, maps = self._predict_batch(list(arrays))
             scores = scores.detach().float().cpu()
             maps = maps.detach().float()
             results = []

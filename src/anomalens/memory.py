@@ -130,7 +130,10 @@ class NearestNeighbourMemory(nn.Module):
             raise ValueError(f"queries must be (N, {self.bank.shape[1]}), got shape {tuple(queries.shape)}")
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}], got {k}")
-        queries = queries.to(self.bank.device, torch.float32)
+        with torch.autocast(queries.device.type, enabled=False):  # distances in float32 under any autocast
+            return self._search(queries.to(self.bank.device, torch.float32), k)
+
+    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.metric == "cosine":
             queries = torch.nn.functional.normalize(queries, dim=1)
         bank_norms = (self.bank * self.bank).sum(1)

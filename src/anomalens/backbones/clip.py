@@ -301,9 +301,10 @@ class CLIPBackbone(nn.Module):
         return float(self.model.logit_scale.exp())
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``(P, E)`` L2-normalised embeddings of ``prompts``."""
+        """``(P, E)`` L2-normalised embeddings of ``prompts``, encoded 32 at a time (a WinCLIP ensemble has 250
+        prompts; at once their activations would take ~0.5 GB at ViT-L size)."""
         tokens = self.tokenizer(list(prompts)).to(self.mean.device)
-        return F.normalize(self.model.encode_text(tokens), dim=-1)
+        return torch.cat([F.normalize(self.model.encode_text(chunk), dim=-1) for chunk in tokens.split(32)])
 
     def text_embeddings(self, class_name: str, prompt_set: PromptSet) -> torch.Tensor:
         """``(2, E)``: the normal and the anomalous ensemble embedding of ``class_name``, cached.

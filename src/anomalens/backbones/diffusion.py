@@ -1,4 +1,4 @@
-"""A Stable Diffusion denoiser as a feature extractor: VAE, UNet, text encoder and tokenizer.
+"""A Stable Diffusion denoiser as a feature extractor: VAE encoder, UNet, text encoder and tokenizer.
 
 Components load through diffusers and transformers from a Hugging Face repo id, a local folder in the
 diffusers layout (``vae/``, ``unet/``, ``text_encoder/``, ``tokenizer/``), or a single original-format
@@ -213,6 +213,8 @@ class DiffusionBackbone(nn.Module):
         self.scheduler = diffusers.DDPMScheduler(
             num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
         )
+        # Only the encoder half of the VAE is ever used: dropping the decoder saves ~190 MB at SD size.
+        self.vae.decoder = self.vae.post_quant_conv = None
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -240,10 +242,18 @@ class DiffusionBackbone(nn.Module):
     def device(self) -> torch.device:
         return self.unet.device
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, S, S)`` in [-1, 1] -> scaled latents ``(B, 4, S/8, S/8)`` (the distribution's mean)."""
-        latents = self.vae.encode(images).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
+    def encode_images(self, images: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
+        """``(B, 3, S, S)`` in [-1, 1] -> scaled latents ``(B, 4, S/8, S/8)`` (the distribution's mean).
+
+        The encoder runs ``chunk_size`` images at a time in channels-last layout: its full-resolution activations
+        are about 128 MB per image and tensor at 512 px, so whole batches of 8 would peak at several GB, and
+        oneDNN's channels-last convolutions are faster on CPU. Each image's latent does not depend on the chunk.
+        """
+        latents = [
+            self.vae.encode(chunk.contiguous(memory_format=torch.channels_last)).latent_dist.mean
+            for chunk in images.split(chunk_size)
+        ]
+        return torch.cat(latents).contiguous() * self.vae.config.scaling_factor
 
     def add_noise(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:
         """Forward-diffuse ``latents`` to ``timestep`` with seeded Gaussian noise."""
@@ -270,9 +280,24 @@ class DiffusionBackbone(nn.Module):
                 return list(range(start, start + len(word_ids)))
         raise ValueError(f"{words!r} does not occur in the tokenised prompt {prompt!r}")
 
-    def denoise(self, noisy_latents: torch.Tensor, timestep: int, text_states: torch.Tensor) -> torch.Tensor:
-        """One UNet pass: ``(B, 4, h, w)`` noisy latents, ``(B, T, D)`` text states -> predicted noise."""
-        return self.unet(noisy_latents, timestep, encoder_hidden_states=text_states).sample
+    def denoise(
+        self, noisy_latents: torch.Tensor, timestep: int, text_states: torch.Tensor, stop_after: str | None = None
+    ) -> torch.Tensor | None:
+        """One UNet pass: ``(B, 4, h, w)`` noisy latents, ``(B, T, D)`` text states -> predicted noise.
+
+        With ``stop_after`` (a top-level block such as ``"up_blocks.2"``, see :func:`last_unet_block`) the pass
+        ends as soon as that block has run and ``None`` is returned: for callers that only read attention or
+        block outputs captured up to there, the rest of the UNet (at SD's highest resolution, the most
+        expensive part) is skipped without changing anything they read.
+        """
+        if stop_after is None:
+            return self.unet(noisy_latents, timestep, encoder_hidden_states=text_states).sample
+        with _stop_after(self.unet, stop_after):
+            try:
+                self.unet(noisy_latents, timestep, encoder_hidden_states=text_states)
+            except _ForwardStopped:
+                return None
+        raise RuntimeError(f"the UNet never ran its block {stop_after!r}")
 
     def cross_attention_layers(self) -> dict[str, int]:
         """Every cross-attention (``attn2``) processor name and the side of its feature map."""
@@ -290,6 +315,45 @@ class DiffusionBackbone(nn.Module):
                 factor = 2 ** (down_count - 1)
             layers[name] = self.latent_side // factor
         return layers
+
+
+class _ForwardStopped(Exception):
+    """Raised by :func:`_stop_after`'s hook to end a forward pass early."""
+
+
+def last_unet_block(names: Sequence[str]) -> str | None:
+    """The top-level UNet block (``down_blocks.i``, ``mid_block`` or ``up_blocks.i``) that runs last among the
+    blocks holding the modules or attention processors ``names``; ``None`` (run the whole UNet) when ``names``
+    is empty or a name lies outside those blocks (e.g. ``conv_out``)."""
+
+    def order(name: str) -> tuple[int, int, str] | None:
+        part, _, rest = name.partition(".")
+        index = rest.split(".")[0]
+        if part == "mid_block":
+            return 1, 0, part
+        if part in ("down_blocks", "up_blocks") and index.isdigit():
+            return (0 if part == "down_blocks" else 2), int(index), f"{part}.{index}"
+        return None
+
+    orders = [order(name) for name in names]
+    if not orders or None in orders:
+        return None
+    return max(orders)[2]
+
+
+@contextmanager
+def _stop_after(model: nn.Module, name: str) -> Iterator[None]:
+    """Make ``model``'s forward raise :class:`_ForwardStopped` right after sub-module ``name`` ran; the hook is
+    removed on exit."""
+
+    def stop(_module, _inputs, _output) -> None:
+        raise _ForwardStopped
+
+    handle = model.get_submodule(name).register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class CrossAttentionCapture:

@@ -45,6 +45,7 @@ from anomalens.backbones.diffusion import (
     DiffusionBackbone,
     capture_block_outputs,
     capture_cross_attention,
+    last_unet_block,
 )
 from anomalens.detector import Detector
 from anomalens.memory import NearestNeighbourMemory
@@ -90,6 +91,7 @@ class CLIPFusionConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma at map_size
     batch_size: int = 4  # images per forward pass
     seed: int = 0  # seeds noise draws and random initialisation
+    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
 
     def __post_init__(self) -> None:
         for name in ("clip_layers", "timesteps", "attention_resolutions", "feature_blocks", "components"):
@@ -212,13 +214,21 @@ class CLIPFusion(Detector):
     # ------------------------------------------------------------------ PatchCLIP
     def _clip_features(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Global embeddings ``(B, E)``, joint-space tokens ``(B, N, E)`` and raw tokens ``(B, N, C)`` per layer."""
+        embeddings, joint, raw = [], [], []
         with self.timed("clip"):
-            features = self.clip.encode_image(self.clip.preprocess(images), layers=self.clip_layers)
-            if self.projections is None:
-                joint = [self.clip.project(features.vv_tokens[layer]) for layer in self.clip_layers]
-            else:
-                joint = self.projections(features.layer_tokens)
-        return features.embedding, [F.normalize(tokens, dim=-1) for tokens in joint], features.layer_tokens
+            # Two images per pass: the v-v path keeps every block's tokens, ~45 MB per image at ViT-L/336, and a
+            # CPU matmul over 2 x 577 tokens is already as efficient as over more.
+            for pixels in self.clip.preprocess(images).split(2):
+                features = self.clip.encode_image(pixels, layers=self.clip_layers)
+                if self.projections is None:
+                    projected = [self.clip.project(features.vv_tokens[layer]) for layer in self.clip_layers]
+                else:
+                    projected = self.projections(features.layer_tokens)
+                embeddings.append(features.embedding)
+                joint.append([F.normalize(tokens, dim=-1) for tokens in projected])
+                raw.append(features.layer_tokens)
+        joint_tokens = [torch.cat(layer) for layer in zip(*joint)]
+        return torch.cat(embeddings), joint_tokens, [torch.cat(layer) for layer in zip(*raw)]
 
     def clip_language_map(self, joint_tokens: list[torch.Tensor]) -> torch.Tensor:
         """``(B, h, w)`` anomaly probability from projected tokens, averaged over layers."""
@@ -258,18 +268,29 @@ class CLIPFusion(Detector):
         features: dict[str, list[torch.Tensor]] = {block: [] for block in self.config.feature_blocks}
         attention_layers = self.attention_layers if need_attention else []
         feature_blocks = self.config.feature_blocks if need_features else ()
+        stop_after = last_unet_block([*attention_layers, *feature_blocks])  # nothing after it is read
         for timestep in self.config.timesteps:
             for _ in range(self.config.noise_draws):
                 noisy = diffusion.add_noise(latents, timestep, generator)
                 for index, prompt in enumerate(prompts):
-                    states = text_states[index : index + 1].expand(len(images), -1, -1)
                     blocks = feature_blocks if index == 0 else ()
-                    with (
-                        self.timed("unet"),
-                        capture_cross_attention(diffusion.unet, attention_layers) as attention,
-                        capture_block_outputs(diffusion.unet, blocks) as outputs,
-                    ):
-                        diffusion.denoise(noisy, timestep, states)
+                    attention: dict[str, list[torch.Tensor]] = {name: [] for name in attention_layers}
+                    outputs: dict[str, list[torch.Tensor]] = {block: [] for block in blocks}
+                    # Two latents per UNet pass bound the activations (~100 MB per image at SD size); a CPU matmul
+                    # over 2 x 4096 latent pixels is already as efficient as over more.
+                    for chunk in noisy.split(2):
+                        states = text_states[index : index + 1].expand(len(chunk), -1, -1)
+                        with (
+                            self.timed("unet"),
+                            capture_cross_attention(diffusion.unet, attention_layers) as chunk_attention,
+                            capture_block_outputs(diffusion.unet, blocks) as chunk_outputs,
+                        ):
+                            diffusion.denoise(chunk, timestep, states, stop_after=stop_after)
+                        for store, captured in ((attention, chunk_attention), (outputs, chunk_outputs)):
+                            for name, value in captured.items():
+                                store[name].append(value)
+                    attention = {name: torch.cat(values) for name, values in attention.items()}
+                    outputs = {name: torch.cat(values) for name, values in outputs.items()}
                     if attention_layers:
                         shares[prompt].append(self._attention_share(prompt, index, attention))
                     for block in blocks:

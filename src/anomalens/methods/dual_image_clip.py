@@ -64,6 +64,7 @@ class DualImageCLIPConfig:
     batch_size: int = 16  # images scored together as one pool by predict and the batch commands
     forward_batch_size: int = 4  # images per backbone forward pass
     seed: int = 0  # seeds pairing, pseudo-anomaly synthesis, and random init when pretrained is None
+    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(layer) for layer in self.layers)

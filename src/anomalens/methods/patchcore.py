@@ -39,6 +39,7 @@ class PatchCoreConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma, in pixels at image_size, applied to the upsampled map
     batch_size: int = 8  # images per forward pass
     seed: int = 0  # seeds the coreset's projection and start, and random init when pretrained is None
+    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
 
     def __post_init__(self) -> None:
         self.layers = check_layers(self.backbone, self.layers)

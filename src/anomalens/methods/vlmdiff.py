@@ -427,6 +427,7 @@ class VLMDiffConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma in pixels at image_size (the paper: about 4-5)
     batch_size: int = 8  # images per forward pass
     seed: int = 0  # seeds the starting noise (predictions are deterministic) and random initialisation
+    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
 
     def __post_init__(self) -> None:
         if self.architecture is not None:
@@ -513,7 +514,7 @@ class VLMDiff(Detector):
         """Inputs and reconstructions, both ``(B, 3, S, S)`` in [0, 1], for ``(H, W, 3)`` uint8 images."""
         pixels = images_to_tensor(images, self.image_size).to(self.device)
         generator = torch.Generator().manual_seed(self.config.seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             reconstructions = self.net.reconstruct(
                 pixels,
                 caption=self.config.caption,

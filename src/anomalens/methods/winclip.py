@@ -57,6 +57,7 @@ class WinCLIPConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma of the map, in pixels at the model's input size
     batch_size: int = 8  # images per forward pass
     seed: int = 0  # seeds random initialisation when pretrained is None
+    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(scale) for scale in self.scales)
