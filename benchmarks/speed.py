@@ -260,6 +260,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=METHODS, help=f"subset of {METHODS}")
     parser.add_argument("--no-variants", action="store_true", help="skip the variant rows (SD 256 px, bf16)")
+    listing = "; ".join(f"{index}: {_label(s)} {s['shots']}-shot" for index, s in enumerate(SETTINGS))
+    parser.add_argument("--settings", type=int, nargs="+", help=f"only these rows of SETTINGS ({listing})")
     parser.add_argument("--count", type=int, default=16, help="test images (fixed stratified subset)")
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per batch size")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -282,7 +284,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     chosen = [index for index, setting in enumerate(SETTINGS)
-              if setting["method"] in args.methods and not (args.no_variants and setting.get("variant"))]  # fmt: skip
+              if setting["method"] in args.methods and not (args.no_variants and setting.get("variant"))
+              and (args.settings is None or index in args.settings)]  # fmt: skip
     precisions = {SETTINGS[index]["options"].get("precision", args.dtype) for index in chosen}
     peaks = {dtype: round(matmul_peak(args.device, dtype), 2) for dtype in sorted(precisions)}
     records = []

@@ -142,3 +142,39 @@ def test_bfloat16_autocast_maps_close_to_float32(method):
 def test_unknown_precision_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"precision='fp8' must be one of float32, bfloat16, float16"):
         anomalens.create("patchcore", **{**TINY_CONFIGS["patchcore"], "precision": "fp8"})
+
+
+def test_vlmdiff_chunked_channels_last_vae_matches_whole_batch():
+    from anomalens.methods.vlmdiff import LatentAutoencoder
+
+    autoencoder = LatentAutoencoder("tiny", weights=None)
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        whole_latents = autoencoder.vae.encode(images * 2.0 - 1.0).latent_dist.mean
+        whole_images = ((autoencoder.vae.decode(whole_latents).sample + 1.0) / 2.0).clamp(0.0, 1.0)
+        latents = autoencoder.encode(images)  # 2 + 2 + 1 images, channels-last
+        decoded = autoencoder.decode(latents)
+    assert autoencoder.vae_chunk_size < len(images)
+    torch.testing.assert_close(latents, whole_latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoded, whole_images, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_major_attention_changes_layout_not_values(monkeypatch):
+    import contextlib
+
+    from torch import nn
+
+    import anomalens.backbones.clip as clip_module
+
+    from conftest import TINY_CLIP
+
+    clip = clip_module.CLIPBackbone(TINY_CLIP, None)
+    pixels = torch.rand(3, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        relaid = clip.encode_image(pixels, layers=(1,))
+        monkeypatch.setattr(clip_module, "sequence_major_attention", lambda model: contextlib.nullcontext())
+        plain = clip.encode_image(pixels, layers=(1,))
+    torch.testing.assert_close(relaid.embedding, plain.embedding, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(relaid.layer_tokens[0], plain.layer_tokens[0], atol=2e-2, rtol=2e-2)
+    attention_modules = [module for module in clip.visual.modules() if isinstance(module, nn.MultiheadAttention)]
+    assert attention_modules and all(not module._forward_pre_hooks for module in attention_modules)  # removed

@@ -173,17 +173,29 @@ class LatentAutoencoder(nn.Module):
                 self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder=subfolder)
             self.latent_channels = int(self.vae.config.latent_channels)
 
+    # SD's VAE runs this many images at a time: its full-resolution activations take ~35 MB per image and tensor
+    # at 256 px (~130 MB at 512), so a whole batch of 8 would add GBs; each image's result is the same.
+    vae_chunk_size = 2
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` in [0, 1] to raw latents ``(B, C, S/8, S/8)``."""
         if self.kind == "taef2":
             return self.encoder(images)
-        return self.vae.encode(images * 2.0 - 1.0).latent_dist.mean
+        latents = [
+            self.vae.encode(chunk.contiguous(memory_format=torch.channels_last) * 2.0 - 1.0).latent_dist.mean
+            for chunk in images.split(self.vae_chunk_size)
+        ]
+        return torch.cat(latents).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents to images ``(B, 3, S, S)`` in [0, 1]."""
         if self.kind == "taef2":
             return self.decoder(latents).clamp(0.0, 1.0)
-        return ((self.vae.decode(latents).sample + 1.0) / 2.0).clamp(0.0, 1.0)
+        images = [
+            self.vae.decode(chunk.contiguous(memory_format=torch.channels_last)).sample
+            for chunk in latents.split(self.vae_chunk_size)
+        ]
+        return ((torch.cat(images).contiguous() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``decode(encode(images))`` (what fine-tuning optimises)."""
