@@ -323,11 +323,11 @@ class CLIPBackbone(nn.Module):
         index = torch.cat([torch.zeros(count, 1, dtype=torch.long), windows + 1], dim=1).to(embedded.device)
         sequences = embedded[:, index].reshape(batch * count, size + 1, width)  # token gathering, no masks
         outputs = []
-        for start in range(0, sequences.shape[0], chunk):
-            with sequence_major_attention(self.visual):
+        with sequence_major_attention(self.visual):
+            for start in range(0, sequences.shape[0], chunk):
                 hidden = self.visual.transformer(sequences[start : start + chunk])
-            pooled, _ = self.visual._pool(hidden)
-            outputs.append(pooled @ self.visual.proj if self.visual.proj is not None else pooled)
+                pooled, _ = self.visual._pool(hidden)
+                outputs.append(pooled @ self.visual.proj if self.visual.proj is not None else pooled)
         if self.vv_state is not None:
             self.vv_state["tokens"], self.vv_state["blocks"] = None, {}
         return F.normalize(torch.cat(outputs), dim=-1).reshape(batch, count, -1)

@@ -245,15 +245,9 @@ class DiffusionBackbone(nn.Module):
     def encode_images(self, images: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
         """``(B, 3, S, S)`` in [-1, 1] -> scaled latents ``(B, 4, S/8, S/8)`` (the distribution's mean).
 
-        The encoder runs ``chunk_size`` images at a time in channels-last layout: its full-resolution activations
-        are about 128 MB per image and tensor at 512 px, so whole batches of 8 would peak at several GB, and
-        oneDNN's channels-last convolutions are faster on CPU. Each image's latent does not depend on the chunk.
+        One image at a time by default (see :func:`vae_encode_in_chunks`).
         """
-        latents = [
-            self.vae.encode(chunk.contiguous(memory_format=torch.channels_last)).latent_dist.mean
-            for chunk in images.split(chunk_size)
-        ]
-        return torch.cat(latents).contiguous() * self.vae.config.scaling_factor
+        return vae_encode_in_chunks(self.vae, images, chunk_size) * self.vae.config.scaling_factor
 
     def add_noise(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:
         """Forward-diffuse ``latents`` to ``timestep`` with seeded Gaussian noise."""
@@ -315,6 +309,21 @@ class DiffusionBackbone(nn.Module):
                 factor = 2 ** (down_count - 1)
             layers[name] = self.latent_side // factor
         return layers
+
+
+def vae_encode_in_chunks(vae: nn.Module, images: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Posterior means ``(B, C, S/8, S/8)`` of a diffusers ``AutoencoderKL`` for ``(B, 3, S, S)`` images in [-1, 1].
+
+    The encoder runs ``chunk_size`` images at a time in channels-last layout: its full-resolution activations
+    are about 128 MB per image and tensor at 512 px (35 MB at 256), so whole batches of 8 would peak at several
+    GB, and oneDNN's channels-last convolutions are faster on CPU. Each image's latent does not depend on the
+    chunk.
+    """
+    latents = [
+        vae.encode(chunk.contiguous(memory_format=torch.channels_last)).latent_dist.mean
+        for chunk in images.split(chunk_size)
+    ]
+    return torch.cat(latents).contiguous()
 
 
 class _ForwardStopped(Exception):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
-from anomalens.backbones.diffusion import SD_VAE_CONFIG, TINY_VAE_CONFIG, require_diffusers
+from anomalens.backbones.diffusion import SD_VAE_CONFIG, TINY_VAE_CONFIG, require_diffusers, vae_encode_in_chunks
 from anomalens.detector import Detector
 from anomalens.postprocess import gaussian_blur, images_to_tensor
 from anomalens.text_encoders import TextEncoder
@@ -181,11 +181,7 @@ class LatentAutoencoder(nn.Module):
         """``(B, 3, S, S)`` in [0, 1] to raw latents ``(B, C, S/8, S/8)``."""
         if self.kind == "taef2":
             return self.encoder(images)
-        latents = [
-            self.vae.encode(chunk.contiguous(memory_format=torch.channels_last) * 2.0 - 1.0).latent_dist.mean
-            for chunk in images.split(self.vae_chunk_size)
-        ]
-        return torch.cat(latents).contiguous()
+        return vae_encode_in_chunks(self.vae, images * 2.0 - 1.0, self.vae_chunk_size)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents to images ``(B, 3, S, S)`` in [0, 1]."""
