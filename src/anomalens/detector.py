@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +33,7 @@ from torch import nn
 
 from anomalens.config import config_hash, config_to_dict
 from anomalens.images import ImageLike, describe, load_image
+from anomalens.offload import parked_sets
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,48 @@ class Detector(nn.Module):
             yield
         finally:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    # ------------------------------------------------------------------ parked weights
+    @contextmanager
+    def resident(self) -> Iterator[None]:
+        """Every parked tensor set of the detector (see :mod:`anomalens.offload`) in memory for the block."""
+        with ExitStack() as stack:
+            for parked in parked_sets(self):
+                stack.enter_context(parked.resident())
+            yield
+
+    def state_dict(self, *args, **kwargs):
+        """``nn.Module.state_dict`` with parked tensors read back, so it always holds the real weights."""
+        with self.resident():
+            return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; parked tensors are restored first and their stale files dropped, and the
+        backbones' prompt caches (``_text_cache``, derived from the old weights) are cleared. Runs in inference mode,
+        because fitted state (memory banks) is made in inference mode and can only be overwritten there."""
+        for parked in parked_sets(self):
+            parked.restore()
+            parked.forget_file()
+        for module in self.modules():
+            cache = getattr(module, "_text_cache", None)
+            if isinstance(cache, dict):
+                cache.clear()
+        with torch.inference_mode():
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply``, behind ``.to()``, ``.cuda()``, ``.half()`` and the like, on the real weights:
+        parked tensors are read back first and their files dropped (the conversion may change them); the next
+        prompts park them again, from their new device and dtype."""
+        for parked in parked_sets(self):
+            parked.restore()
+            parked.forget_file()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        for parked in parked_sets(self):  # a pickled or copied detector carries its real weights
+            parked.restore()
+        return super().__getstate__()
 
     # ------------------------------------------------------------------ public API
     @property

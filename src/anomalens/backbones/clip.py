@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalens.offload import ParkedTensors
 from anomalens.postprocess import gaussian_blur, images_to_tensor
 from anomalens.prompts import PromptSet
 from anomalens.weights import resolve
@@ -227,6 +228,11 @@ class CLIPBackbone(nn.Module):
         self.embed_dim = int(self.visual.proj.shape[1]) if self.visual.proj is not None else self.visual.output_dim
         self.vv_state = add_vv_attention(self.visual, vv_layers) if vv_layers else None
         self._text_cache: dict[tuple, torch.Tensor] = {}
+        # The text tower, parkable in a temporary file once a method's prompts are cached (see anomalens.offload).
+        self.text_weights = ParkedTensors(
+            self.model, f"{model_name} text tower", exclude=("visual.", "logit_scale", "logit_bias"),
+            device_module=self.visual,
+        )  # fmt: skip
 
     @staticmethod
     def depth_of(model_name: str) -> int:
@@ -342,7 +348,7 @@ class CLIPBackbone(nn.Module):
         """``(P, E)`` L2-normalised embeddings of ``prompts``, encoded 32 at a time (a WinCLIP ensemble has 250
         prompts; at once their activations would take ~0.5 GB at ViT-L size)."""
         tokens = self.tokenizer(list(prompts)).to(self.mean.device)
-        with sequence_major_attention(self.model):
+        with self.text_weights.resident(), sequence_major_attention(self.model):
             return torch.cat([F.normalize(self.model.encode_text(chunk), dim=-1) for chunk in tokens.split(32)])
 
     def text_embeddings(self, class_name: str, prompt_set: PromptSet) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from anomalens.offload import ParkedTensors
 from anomalens.weights import resolve
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ class DiffusionBackbone(nn.Module):
             module.eval().requires_grad_(False)
         self._text_cache: dict[str, torch.Tensor] = {}
         self.latent_side = self.image_size // 8
+        # Parkable in a temporary file once a method's prompts are cached (see anomalens.offload).
+        self.text_weights = ParkedTensors(self.text_encoder, "diffusion text encoder", device_module=self.unet)
 
     def _load_single_file(self, path, diffusers) -> None:
         """Load an original-format single checkpoint (e.g. ``v2-1_512-ema-pruned.safetensors``) through diffusers.
@@ -260,7 +263,8 @@ class DiffusionBackbone(nn.Module):
         missing = [prompt for prompt in prompts if prompt not in self._text_cache]
         if missing:
             ids = self.tokenizer(missing).to(self.device)
-            states = self.text_encoder(ids)[0]
+            with self.text_weights.resident():
+                states = self.text_encoder(ids)[0]
             for prompt, state in zip(missing, states):
                 self._text_cache[prompt] = state
         return torch.stack([self._text_cache[prompt] for prompt in prompts])

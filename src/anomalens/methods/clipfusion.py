@@ -26,6 +26,10 @@ Zero-shot uses the two language-guided maps (``_L``); with reference images the 
   the smoothed map's maximum.
 
 Both vision-guided maps search :class:`~anomalens.memory.NearestNeighbourMemory`, the module PatchCore uses.
+
+Both text encoders run once per class name (their outputs are cached). With ``offload_text_encoders`` their
+weights are then parked in a temporary file (:mod:`anomalens.offload`), which keeps ~1.8 GB out of memory at
+full size; maps and scores do not change.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class CLIPFusionConfig:
     batch_size: int = 4  # images per forward pass
     seed: int = 0  # seeds noise draws and random initialisation
     precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
+    offload_text_encoders: bool = True  # park both text encoders in a temp file once the class's prompts are cached
 
     def __post_init__(self) -> None:
         for name in ("clip_layers", "timesteps", "attention_resolutions", "feature_blocks", "components"):
@@ -232,8 +237,7 @@ class CLIPFusion(Detector):
 
     def clip_language_map(self, joint_tokens: list[torch.Tensor]) -> torch.Tensor:
         """``(B, h, w)`` anomaly probability from projected tokens, averaged over layers."""
-        with self.timed("text_encoder"):
-            text = self.clip.text_embeddings(self._class_name, self.prompt_set)
+        text = self._encode_class_text()
         probability = torch.stack(
             [self.clip.anomaly_probability(tokens, text, self.config.temperature) for tokens in joint_tokens]
         ).mean(0)
@@ -257,12 +261,7 @@ class CLIPFusion(Detector):
         pixels = images_to_tensor(images, size, mode="bicubic")
         with self.timed("vae"):
             latents = diffusion.encode_images((pixels * 2 - 1).to(diffusion.device))  # once, reused for every t
-        name = self._class_name.replace("_", " ")
-        prompts = [self.config.anomaly_prompt.format(name)]
-        if self.config.contrast:
-            prompts.append(self.config.normal_prompt.format(name))
-        with self.timed("text_encoder"):
-            text_states = diffusion.encode_prompts(prompts)
+        prompts, text_states = self._diffusion_prompts()
         generator = torch.Generator().manual_seed(self.config.seed)
         shares = {prompt: [] for prompt in prompts}
         features: dict[str, list[torch.Tensor]] = {block: [] for block in self.config.feature_blocks}
@@ -332,10 +331,32 @@ class CLIPFusion(Detector):
         return torch.stack(maps).mean(0)
 
     # ------------------------------------------------------------------ detector hooks
+    def _diffusion_prompts(self) -> tuple[list[str], torch.Tensor]:
+        """The UNet prompts for the class (anomaly prompt, then the normal one with ``contrast``) and their
+        ``(P, T, D)`` text-encoder states (cached by the backbone)."""
+        name = self._class_name.replace("_", " ")
+        prompts = [self.config.anomaly_prompt.format(name)]
+        if self.config.contrast:
+            prompts.append(self.config.normal_prompt.format(name))
+        with self.timed("text_encoder"):
+            return prompts, self.diffusion.encode_prompts(prompts)
+
+    def _encode_class_text(self) -> torch.Tensor:
+        """The class's ``(2, E)`` CLIP ensemble embeddings, with the UNet prompts' states cached too; afterwards
+        both text encoders are parked when ``offload_text_encoders`` is on (a new class name reads them back)."""
+        with self.timed("text_encoder"):
+            text = self.clip.text_embeddings(self._class_name, self.prompt_set)
+        if self.diffusion is not None:
+            self._diffusion_prompts()
+        if self.config.offload_text_encoders:
+            self.clip.text_weights.park()
+            if self.diffusion is not None:
+                self.diffusion.text_weights.park()
+        return text
+
     def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
         check_shots("CLIPFusion", self.config.shots, reference_images)
-        with self.timed("text_encoder"):
-            self.clip.text_embeddings(self._class_name, self.prompt_set)
+        self._encode_class_text()
         self._few_shot.fill_(bool(reference_images))
         for memory in [*self.clip_memories, *self.diffusion_memories.values()]:
             memory.bank = memory.bank.new_empty(0, 0)
@@ -362,8 +383,7 @@ class CLIPFusion(Detector):
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, joint, raw = self._clip_features(images)
-        with self.timed("text_encoder"):
-            text = self.clip.text_embeddings(self._class_name, self.prompt_set)
+        text = self._encode_class_text()
         global_probability = self.clip.anomaly_probability(embedding, text, self.config.temperature)
         size = self.config.map_size
         clip_maps, diffusion_maps = [], []
