@@ -3,6 +3,8 @@
 Commands:
     predict    score image files and folders; write heatmaps, raw maps, scores.jsonl / scores.csv
     benchmark  reproduce paper-style tables on MVTec AD, VisA, Real-IAD or your own folder
+    benchmark-speed
+               time every method side by side (seconds, FLOPs, % of the matmul peak, stages, peak memory)
     fit        fit a detector on reference images and save it (for predict --detector)
     serve      an HTTP API and a browser page over one detector
     train      train learned components (PatchCLIP projections for clipfusion)
@@ -83,6 +85,31 @@ def build_parser() -> ArgumentParser:
     )
     benchmark.add_argument("--out", default=None, help="output folder for results.json and results.md")
     commands.add_subcommand("benchmark", benchmark, help="reproduce paper-style tables")
+
+    speed = ArgumentParser(
+        description="Time methods side by side in one run: seconds and images per second, FLOPs, GFLOP/s against "
+        "the matmul peak, stage breakdown, peak memory (one subprocess per setting); write JSON and markdown."
+    )
+    speed.add_argument("--methods", nargs="+", default=None, help="only these methods' full-size settings")
+    speed.add_argument("--settings", type=int, nargs="+", default=None, help="only these full-size settings (indices)")
+    speed.add_argument("--no-variants", action="store_true", help="skip the variant rows (SD 256 px, bf16)")
+    speed.add_argument("--settings-file", default=None, help="JSON list of {method, shots, options, variant} instead")
+    speed.add_argument("--images", nargs="+", default=None, help="test images / folders (default: MVTec AD bottle)")
+    speed.add_argument("--reference", nargs="+", default=None, help="reference images / folders for few-shot rows")
+    speed.add_argument("--shared", default=None, help="holds datasets/mvtec (default: $ANOMALENS_SHARED, ../shared)")
+    speed.add_argument("--count", type=int, default=16, help="test images used (a fixed subset)")
+    speed.add_argument("--repeats", type=int, default=3, help="timed batches per batch size, after a warm-up")
+    speed.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    speed.add_argument("--threads", type=int, default=None, help="torch threads for every setting (default: torch's)")
+    speed.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    speed.add_argument(
+        "--dtype", default="float32", help="precision of settings without their own: float32, bfloat16 or float16"
+    )
+    speed.add_argument("--timeout", type=float, default=3600, help="seconds allowed per setting")
+    speed.add_argument("--open-clip-config", nargs="+", default=[], help="extra open_clip model config JSON files")
+    speed.add_argument("--list", action="store_true", help="list the full-size settings and exit")
+    speed.add_argument("--out", default=None, help="JSON file (default: speed-<machine>-<threads>threads.json)")
+    commands.add_subcommand("benchmark-speed", speed, help="time methods side by side")
 
     serve = ArgumentParser(description="Serve a detector over HTTP with a browser page.")
     _add_method_options(serve, method_required=False)
@@ -364,6 +391,86 @@ def cmd_benchmark(args: Any) -> int:
     return 0
 
 
+def _speed_settings(args: Any) -> list[dict]:
+    from anomalens.speed import FULL_SIZE_SETTINGS, check_settings, load_settings, setting_label
+
+    if args.settings_file:
+        return load_settings(args.settings_file)
+    methods = list(dict.fromkeys(setting["method"] for setting in FULL_SIZE_SETTINGS))
+    unknown = sorted(set(args.methods or []) - set(methods))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} for benchmark-speed; valid: {', '.join(methods)}")
+    count = len(FULL_SIZE_SETTINGS)
+    bad = sorted(index for index in args.settings or [] if not 0 <= index < count)
+    if bad:
+        listing = "; ".join(f"{i}: {setting_label(s)} {s['shots']}-shot" for i, s in enumerate(FULL_SIZE_SETTINGS))
+        raise ValueError(f"--settings {bad} out of range 0..{count - 1} ({listing})")
+    chosen = [setting for index, setting in enumerate(FULL_SIZE_SETTINGS)
+              if (args.methods is None or setting["method"] in args.methods)
+              and (args.settings is None or index in args.settings)
+              and not (args.no_variants and setting.get("variant"))]  # fmt: skip
+    if not chosen:
+        raise ValueError("--methods, --settings and --no-variants leave no setting to time")
+    return check_settings(chosen)
+
+
+def cmd_benchmark_speed(args: Any) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from anomalens.images import find_images
+    from anomalens.speed import (
+        FULL_SIZE_SETTINGS,
+        default_output_name,
+        default_test_images,
+        evenly_spaced,
+        run_speed,
+        setting_label,
+    )
+
+    if args.list:
+        for index, setting in enumerate(FULL_SIZE_SETTINGS):
+            print(f"{index:2d}  {setting_label(setting)} {setting['shots']}-shot  {setting['options']}")
+        return 0
+    settings = _speed_settings(args)
+    shared = Path(args.shared or os.environ.get("ANOMALENS_SHARED", "../shared"))
+    if args.images:
+        images = evenly_spaced(find_images(args.images), args.count)
+        if not images:
+            raise ValueError(f"no images found in {args.images}")
+    else:
+        images = default_test_images(shared, args.count)
+    needed = max(setting["shots"] for setting in settings)
+    if args.reference:
+        references = find_images(args.reference)
+    else:
+        references = sorted((shared / "datasets" / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:needed]
+    if len(references) < needed:
+        raise ValueError(f"a setting needs {needed} reference image(s), found {len(references)}: pass --reference")
+    threads = args.threads or torch.get_num_threads()
+    out = Path(args.out or default_output_name(threads))
+    bar = _progress(len(settings), "settings", args.quiet)
+    bar.unit = "setting"
+
+    def on_record(record: dict) -> None:
+        bar.update(1)
+        if "error" in record:
+            logger.warning("%s %d-shot failed: %s", setting_label(record), record["shots"], record["error"])
+
+    try:
+        result = run_speed(settings, images, references, out=out, batch_sizes=args.batch_sizes, repeats=args.repeats,
+                           threads=threads, device=args.device, dtype=args.dtype, timeout=args.timeout,
+                           open_clip_configs=args.open_clip_config, on_record=on_record)  # fmt: skip
+    finally:
+        bar.close()
+    from anomalens.speed import markdown
+
+    print(markdown(result))
+    print(f"results written to {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 def cmd_fit(args: Any) -> int:
     detector = _create(args)
     if args.threshold is not None:
@@ -532,8 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers["list"] = cmd_list
     handlers["train"] = cmd_train
     handlers["serve"] = cmd_serve
+    handlers["benchmark-speed"] = cmd_benchmark_speed
     command_args = getattr(args, args.command)
-    if args.command in ("predict", "benchmark", "train"):
+    if args.command in ("predict", "benchmark", "benchmark-speed", "train"):
         command_args.quiet = args.quiet
     try:
         return handlers[args.command](command_args if args.command != "weights" else args.weights)

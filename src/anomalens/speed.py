@@ -1,0 +1,479 @@
+"""Speed and memory of detectors side by side, in one run (``anomalens benchmark-speed``).
+
+Each *setting* (a method, its number of reference images ``shots``, its options and an optional ``variant``
+label) runs in a fresh subprocess, so its peak resident memory is its own, with the same torch thread count
+and the same test images as every other setting. In it, for each batch size:
+
+- one warm-up batch (first-use costs: prompt encoding, allocations), then ``repeats`` timed batches; seconds
+  per image is the median of (batch seconds / batch size);
+- the detector's own ``stage_seconds`` over the timed batches give the stage breakdown (image encoder, VAE,
+  UNet, text encoder, memory search, TTA, post-processing; the rest is "other");
+- one more batch under ``torch.utils.flop_counter.FlopCounterMode`` counts FLOPs per image, inside each stage
+  too, so the achieved GFLOP/s of the whole method and of its dominant network can be set against the
+  machine's matmul peak (a large square matmul per precision, measured in the same run).
+
+Every setting's seconds per image is also given as a ratio to WinCLIP zero-shot's in the same run (when the
+run has it). :data:`FULL_SIZE_SETTINGS` are the registered methods at their real full size with random weights
+(the same FLOPs and memory as the pretrained models, no downloads); a JSON settings file measures any other
+configuration. Results are written atomically (JSON and a markdown table) after every setting, so an
+interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Full-size architectures with random weights. Each setting is one row group of the table (one row per batch
+# size); "variant" rows show an option's effect in the same run.
+_CLIPFUSION = {"backbone": "ViT-L-14-336", "pretrained": None, "diffusion": None}
+_CLIPFUSION_256 = {**_CLIPFUSION, "diffusion_image_size": 256, "attention_resolutions": [8, 16]}
+_WINCLIP = {"backbone": "ViT-B-16-plus-240", "pretrained": None}
+_VLMDIFF = {
+    "architecture": {
+        "unet": "sd-1-5",
+        "autoencoder": "sd",
+        "autoencoder_weights": None,
+        "text_encoder": "sd",
+        "text_encoder_weights": None,
+        "image_size": 256,
+    },
+    "feature_weights": None,
+}
+FULL_SIZE_SETTINGS: list[dict[str, Any]] = [
+    {"method": "patchcore", "shots": 1, "options": {"backbone": "wide_resnet50_2", "pretrained": None}},
+    {"method": "winclip", "shots": 0, "options": _WINCLIP},
+    {"method": "winclip", "shots": 1, "options": _WINCLIP},
+    {"method": "dual_image_clip", "shots": 0, "options": {"backbone": "ViT-L-14-336", "pretrained": None}},
+    {"method": "clipfusion", "shots": 0, "options": _CLIPFUSION},
+    {"method": "clipfusion", "shots": 1, "options": _CLIPFUSION},
+    {"method": "vlmdiff", "shots": 0, "options": _VLMDIFF},
+    # the faster CLIPFusion: SD at 256 px, the same UNet layers (their feature sides halve to 8 and 16)
+    {"method": "clipfusion", "shots": 0, "variant": "SD 256 px", "options": _CLIPFUSION_256},
+    # bfloat16 autocast (the precision option), for CPUs with native bf16 (AVX512-BF16 / AMX) and GPUs
+    {"method": "winclip", "shots": 0, "variant": "bf16", "options": {**_WINCLIP, "precision": "bfloat16"}},
+    {"method": "clipfusion", "shots": 0, "variant": "bf16", "options": {**_CLIPFUSION, "precision": "bfloat16"}},
+    {"method": "clipfusion", "shots": 0, "variant": "SD 256 px, bf16",
+     "options": {**_CLIPFUSION_256, "precision": "bfloat16"}},
+]  # fmt: skip
+STAGE_GROUPS = {  # the table's stage columns -> the detectors' stage names
+    "image encoder": ("clip", "image_encoder", "features"),
+    "vae": ("vae",),
+    "unet": ("unet",),
+    "text encoder": ("text_encoder",),
+    "memory search": ("memory_search",),
+    "tta": ("tta",),
+    "post-processing": ("post_processing",),
+}
+DOMINANT_NETWORK = {  # the stage whose network decides each method's cost
+    "patchcore": "image encoder",
+    "winclip": "image encoder",
+    "dual_image_clip": "image encoder",
+    "clipfusion": "vae",
+    "vlmdiff": "unet",
+}
+PRECISIONS = ("float32", "bfloat16", "float16")
+_RECORD_PREFIX = "SPEED_RECORD "
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """``"method"`` or ``"method (variant)"``."""
+    variant = setting.get("variant")
+    return f"{setting['method']} ({variant})" if variant else setting["method"]
+
+
+def check_settings(settings: Any, source: str = "settings") -> list[dict[str, Any]]:
+    """Validate settings (a list of ``{"method", "shots", "options", "variant"}`` dicts) before anything runs.
+
+    Raises:
+        ValueError: Not a list of such dicts, an unknown method (the valid ones are listed), a negative or
+            non-integer ``shots``, or ``options`` that are not a dict; the message names the entry.
+    """
+    from anomalens.registry import get_method
+
+    if not isinstance(settings, list) or not settings:
+        raise ValueError(f"{source} must be a non-empty list of settings, got {type(settings).__name__}")
+    checked = []
+    for index, setting in enumerate(settings):
+        where = f"{source}[{index}]"
+        if not isinstance(setting, dict) or "method" not in setting:
+            raise ValueError(f"{where} must be an object with a 'method', got {setting!r}")
+        unknown = sorted(set(setting) - {"method", "shots", "options", "variant"})
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {unknown}; valid: method, shots, options, variant")
+        get_method(setting["method"])  # unknown names list the valid ones
+        shots = setting.get("shots", 0)
+        if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+            raise ValueError(f"{where} shots must be an integer >= 0, got {shots!r}")
+        options = setting.get("options", {})
+        if not isinstance(options, dict):
+            raise ValueError(f"{where} options must be an object of config fields, got {options!r}")
+        checked.append({"method": setting["method"], "shots": shots, "variant": str(setting.get("variant", "")),
+                        "options": options})  # fmt: skip
+    return checked
+
+
+def load_settings(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Settings from a JSON file holding a list of ``{"method", "shots", "options", "variant"}`` objects."""
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read settings file {path}: {error}") from None
+    return check_settings(settings, str(path))
+
+
+def default_test_images(shared: str | os.PathLike, count: int) -> list[Path]:
+    """The fixed stratified subset of ``count`` MVTec AD bottle test images under ``shared/datasets/mvtec``."""
+    from anomalens.benchmark import subset_test
+    from anomalens.datasets import open_dataset
+
+    root = Path(shared) / "datasets" / "mvtec"
+    if not (root / "bottle").is_dir():
+        raise ValueError(
+            f"no MVTec AD bottle under {root}: pass --images, or point --shared / ANOMALENS_SHARED at the data"
+        )
+    dataset = open_dataset("mvtec", root)
+    return [sample.image_path for sample in subset_test(dataset.test_samples("bottle"), count)]
+
+
+def evenly_spaced(paths: Sequence[Path], count: int) -> list[Path]:
+    """``count`` paths spread evenly over ``paths`` (all of them when there are fewer), order kept."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if len(paths) <= count:
+        return list(paths)
+    step = len(paths) / count
+    return [paths[int(index * step)] for index in range(count)]
+
+
+def matmul_peak(device: str, dtype: str, side: int = 2048, repeats: int = 20) -> float:
+    """GFLOP/s of a square ``side`` matmul in ``dtype``: the best of ``repeats`` (a peak, not a typical value)."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    left = torch.randn(side, side, device=device, dtype=torch_dtype)
+    right = torch.randn(side, side, device=device, dtype=torch_dtype)
+    timings = []
+    for index in range(repeats + 2):
+        _synchronize(device)
+        start = time.perf_counter()
+        left @ right
+        _synchronize(device)
+        if index >= 2:
+            timings.append(time.perf_counter() - start)
+    return 2 * side**3 / min(timings) / 1e9
+
+
+def _synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def stage_group(stage: str) -> str:
+    """The table column of a detector stage name (``"other"`` for names outside :data:`STAGE_GROUPS`)."""
+    key = stage.lower().replace(" ", "_")
+    return next((group for group, names in STAGE_GROUPS.items() if key in names), "other")
+
+
+def grouped_per_image(per_stage: dict[str, float], images: int) -> dict[str, float]:
+    """Stage totals over ``images`` images, summed per table column and divided by ``images``."""
+    grouped: dict[str, float] = {}
+    for name, value in per_stage.items():
+        group = stage_group(name)
+        grouped[group] = grouped.get(group, 0.0) + value / images
+    return grouped
+
+
+def count_flops(detector, batch: list) -> tuple[float, dict[str, float]]:
+    """Score ``batch`` under ``FlopCounterMode``: the total FLOPs and the FLOPs inside each timed stage."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stage_flops: dict[str, float] = {}
+    timed = detector.timed
+
+    @contextmanager
+    def counted(stage: str):
+        before = counter.get_total_flops()
+        with timed(stage):
+            yield
+        stage_flops[stage] = stage_flops.get(stage, 0.0) + counter.get_total_flops() - before
+
+    with FlopCounterMode(display=False) as counter:
+        detector.timed = counted  # an instance attribute, shadowing the method for this batch only
+        try:
+            detector.predict_arrays(batch)
+        finally:
+            del detector.timed
+    return float(counter.get_total_flops()), stage_flops
+
+
+def measure_setting(
+    setting: dict[str, Any],
+    image_paths: Sequence[str | os.PathLike],
+    reference_paths: Sequence[str | os.PathLike],
+    *,
+    batch_sizes: Sequence[int],
+    repeats: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Build, fit and time one setting in this process (:func:`run_speed` calls it in a fresh subprocess).
+
+    Returns:
+        The setting's record: build-and-fit seconds, per batch size the figures of the module docstring, and
+        the process's peak resident memory (``peak_rss_mb``).
+    """
+    import resource
+
+    import anomalens
+    from anomalens.images import load_image
+
+    method, shots = setting["method"], setting["shots"]
+    options = {"precision": dtype, **setting["options"]}
+    started = time.perf_counter()
+    detector = anomalens.create(method, **options).to(device)
+    if shots > len(reference_paths):
+        raise ValueError(f"{setting_label(setting)} needs {shots} reference image(s), got {len(reference_paths)}")
+    references = [load_image(path) for path in reference_paths[:shots]]
+    detector.fit(references or None, class_name="bottle")
+    build_seconds = time.perf_counter() - started
+    images = [load_image(path) for path in image_paths]
+    record: dict[str, Any] = {"method": method, "shots": shots, "variant": setting.get("variant", ""),
+                              "precision": options["precision"], "build_and_fit_seconds": round(build_seconds, 2),
+                              "batches": {}}  # fmt: skip
+    for batch_size in batch_sizes:
+        if detector.pooled and batch_size < 2 and not references:
+            record["batches"][str(batch_size)] = {"skipped": "a pooled zero-shot method scores at least 2 images"}
+            continue
+        batches = [[images[(start + offset) % len(images)] for offset in range(batch_size)]
+                   for start in range(0, batch_size * (repeats + 1), batch_size)]  # fmt: skip
+        detector.predict_arrays(batches[0])  # warm-up
+        detector.stage_seconds.clear()
+        per_image = []
+        for batch in batches[1:]:
+            start = time.perf_counter()
+            detector.predict_arrays(batch)
+            _synchronize(device)
+            per_image.append((time.perf_counter() - start) / batch_size)
+        stages = grouped_per_image(detector.stage_seconds, batch_size * repeats)
+        flops, stage_flops = count_flops(detector, batches[1])
+        flops_per_image = flops / batch_size
+        group_flops = grouped_per_image(stage_flops, batch_size)
+        seconds = statistics.median(per_image)
+        stages["other"] = max(statistics.mean(per_image) - sum(stages.values()), 0.0)
+        dominant = DOMINANT_NETWORK.get(method, "image encoder")
+        dominant_seconds = stages.get(dominant, 0.0)
+        record["batches"][str(batch_size)] = {
+            "seconds_per_image": round(seconds, 4),
+            "images_per_second": round(1 / seconds, 3),
+            "timed_seconds_per_image": [round(value, 4) for value in per_image],
+            "gflops_per_image": round(flops_per_image / 1e9, 2),
+            "achieved_gflops_per_second": round(flops_per_image / seconds / 1e9, 2),
+            "stages_seconds_per_image": {group: round(value, 4) for group, value in stages.items() if value > 0},
+            "stages_gflops_per_image": {group: round(value / 1e9, 2) for group, value in group_flops.items()},
+            "dominant_network": dominant,
+            "dominant_gflops_per_second": round(group_flops.get(dominant, 0.0) / dominant_seconds / 1e9, 2)
+            if dominant_seconds
+            else None,
+        }
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    record["peak_rss_mb"] = round(peak_kb / (2**20 if sys.platform == "darwin" else 1024), 1)
+    return record
+
+
+def add_ratios(records: list[dict[str, Any]], peaks: dict[str, float]) -> None:
+    """Set each batch's ``ratio_to_winclip_zero_shot`` (same batch size, same run) and ``dominant_percent_of_peak``
+    (against the matmul peak of the record's precision), in place."""
+    reference = next((record for record in records if record["method"] == "winclip" and record["shots"] == 0
+                      and not record.get("variant") and "batches" in record), None)  # fmt: skip
+    for record in records:
+        for batch, figures in record.get("batches", {}).items():
+            base = (reference or {}).get("batches", {}).get(batch, {}).get("seconds_per_image")
+            if base and "seconds_per_image" in figures:
+                figures["ratio_to_winclip_zero_shot"] = round(figures["seconds_per_image"] / base, 3)
+            peak = peaks.get(record.get("precision", "float32"))
+            if figures.get("dominant_gflops_per_second") and peak:
+                figures["dominant_percent_of_peak"] = round(100 * figures["dominant_gflops_per_second"] / peak, 1)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The run as a markdown table: settings are rows (one per batch size), the figures are columns."""
+    peaks = result["matmul_peak_gflops"]
+    machine = result.get("machine", {})
+    lines = [
+        f"# Speed and memory, {machine.get('cpu', 'unknown CPU')} ({result['threads']} threads, {result['device']})",
+        "",
+        "Matmul peak measured in the same run: "
+        + ", ".join(f"{dtype} {value:.1f} GFLOP/s" for dtype, value in peaks.items())
+        + f". {result['count']} test images, {result['repeats']} timed batches after a warm-up. % of peak: the "
+        "whole method's GFLOP/s, and its dominant network's (FLOPs counted inside that stage / its time), against "
+        "the matmul peak of the row's precision.",
+        "",
+        "| method | shots | precision | batch | s/img | img/s | × WinCLIP 0-shot | GFLOP/img | % of peak "
+        "| dominant network, % of peak | peak RSS MB | stages (s/img) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in result["records"]:
+        head = f"| {setting_label(record)} | {record['shots']} | {record.get('precision', '')}"
+        if "error" in record:
+            lines.append(f"{head} | – | error: {record['error'][:160]} |")
+            continue
+        peak = peaks.get(record.get("precision", "float32"), next(iter(peaks.values())))
+        for batch, figures in record["batches"].items():
+            if "skipped" in figures:
+                lines.append(f"{head} | {batch} | skipped: {figures['skipped']} |")
+                continue
+            stages = ", ".join(f"{name} {value:.3f}" for name, value in figures["stages_seconds_per_image"].items())
+            ratio = figures.get("ratio_to_winclip_zero_shot")
+            dominant = figures.get("dominant_gflops_per_second")
+            dominant_text = f"{figures['dominant_network']} {100 * dominant / peak:.0f}" if dominant else "–"
+            lines.append(
+                f"{head} | {batch} | {figures['seconds_per_image']:.3f} | {figures['images_per_second']:.2f} "
+                f"| {'–' if ratio is None else f'{ratio:.2f}'} | {figures['gflops_per_image']:.1f} "
+                f"| {100 * figures['achieved_gflops_per_second'] / peak:.0f} | {dominant_text} "
+                f"| {record['peak_rss_mb']:.0f} | {stages} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def default_output_name(threads: int) -> str:
+    """``speed-<machine>-<threads>threads.json``: the accelerator's name, or ``cpu``."""
+    from anomalens.profiling import machine_info
+
+    accelerator = machine_info()["accelerator"] or "cpu"
+    name = re.sub(r"[^a-z0-9]+", "-", accelerator.lower()).strip("-")
+    return f"speed-{name}-{threads}threads.json"
+
+
+def write_results(out: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Ratios, then the JSON (with the command and machine, atomically) and the markdown table beside it."""
+    from anomalens.outputs import atomic_write_text
+    from anomalens.profiling import write_benchmark_json
+
+    add_ratios(result["records"], result["matmul_peak_gflops"])
+    written = write_benchmark_json(str(out), result)
+    atomic_write_text(out.with_suffix(".md"), markdown(written))
+    return written
+
+
+def run_speed(
+    settings: Sequence[dict[str, Any]],
+    image_paths: Sequence[str | os.PathLike],
+    reference_paths: Sequence[str | os.PathLike] = (),
+    *,
+    out: str | os.PathLike,
+    batch_sizes: Sequence[int] = (1, 8),
+    repeats: int = 3,
+    threads: int = 2,
+    device: str = "cpu",
+    dtype: str = "float32",
+    timeout: float = 3600,
+    open_clip_configs: Sequence[str | os.PathLike] = (),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every setting, each in a fresh subprocess, and write the results after each one.
+
+    Args:
+        settings: Checked by :func:`check_settings`.
+        image_paths: The test images every setting scores.
+        reference_paths: Normal images; a setting with ``shots=k`` is fitted on the first ``k``.
+        out: The JSON file; the markdown table goes beside it (``.md``).
+        batch_sizes: Batch sizes timed per setting.
+        repeats: Timed batches per batch size (after one warm-up batch).
+        threads: torch threads, the same for the matmul peak and every setting.
+        device: torch device.
+        dtype: Precision of the settings whose options do not set their own ``precision``.
+        timeout: Seconds allowed per setting; one that runs over is recorded as an error and the run goes on.
+        open_clip_configs: Extra open_clip model configs (JSON files) registered in every worker.
+        on_record: Called with each setting's record as soon as it is measured (a progress hook).
+
+    Returns:
+        The result written to ``out``. A setting that fails is recorded with its error; the others still run.
+
+    Raises:
+        ValueError: Bad settings, no images, a non-positive batch size, repeats or threads, or an unknown dtype.
+    """
+    import torch
+
+    settings = check_settings(list(settings))
+    if not image_paths:
+        raise ValueError("no test images to time")
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype {dtype!r} must be one of {', '.join(PRECISIONS)}")
+    for name, value in (("repeats", repeats), ("threads", threads), *(("batch size", size) for size in batch_sizes)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    out = Path(out)
+    torch.set_num_threads(threads)
+    precisions = sorted({setting["options"].get("precision", dtype) for setting in settings})
+    peaks = {precision: round(matmul_peak(device, precision), 2) for precision in precisions}
+    logger.info("matmul peak: %s GFLOP/s", peaks)
+    result: dict[str, Any] = {"matmul_peak_gflops": peaks, "count": len(image_paths), "repeats": repeats,
+                              "threads": threads, "device": device, "dtype": dtype,
+                              "images": [str(path) for path in image_paths], "records": []}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="anomalens-speed-") as folder:
+        for index, setting in enumerate(settings):
+            spec = {"setting": setting, "images": [str(path) for path in image_paths],
+                    "references": [str(path) for path in reference_paths], "batch_sizes": list(batch_sizes),
+                    "repeats": repeats, "threads": threads, "device": device, "dtype": dtype,
+                    "open_clip_configs": [str(path) for path in open_clip_configs]}  # fmt: skip
+            spec_path = Path(folder) / f"setting-{index}.json"
+            spec_path.write_text(json.dumps(spec))
+            logger.info("timing %s %d-shot", setting_label(setting), setting["shots"])
+            record = _run_worker(spec_path, timeout)
+            record = {"method": setting["method"], "shots": setting["shots"], "variant": setting["variant"],
+                      "precision": setting["options"].get("precision", dtype), **record}  # fmt: skip
+            result["records"].append(record)
+            result = write_results(out, result)  # after every setting: an interrupted run keeps what it measured
+            if on_record is not None:
+                on_record(record)
+    return result
+
+
+def _run_worker(spec_path: Path, timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "anomalens.speed", str(spec_path)]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    line = next((row for row in completed.stdout.splitlines() if row.startswith(_RECORD_PREFIX)), None)
+    if line is None:
+        lines = completed.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"the worker exited with code {completed.returncode} and no output"}
+    return json.loads(line.removeprefix(_RECORD_PREFIX))
+
+
+def _worker(spec_path: str) -> None:
+    """One setting in this process, from the spec file :func:`run_speed` wrote; prints one record line."""
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    if spec["open_clip_configs"]:
+        import open_clip
+
+        for config in spec["open_clip_configs"]:
+            open_clip.add_model_config(config)
+    record = measure_setting(spec["setting"], spec["images"], spec["references"], batch_sizes=spec["batch_sizes"],
+                             repeats=spec["repeats"], device=spec["device"], dtype=spec["dtype"])  # fmt: skip
+    sys.stdout.write(_RECORD_PREFIX + json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":  # the worker of run_speed
+    logging.basicConfig(level=logging.WARNING)
+    _worker(sys.argv[1])

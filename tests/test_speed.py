@@ -1,0 +1,138 @@
+"""anomalens benchmark-speed (anomalens.speed): the side-by-side timing harness, its figures and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalens.cli import main
+from anomalens.speed import (
+    FULL_SIZE_SETTINGS,
+    add_ratios,
+    check_settings,
+    evenly_spaced,
+    grouped_per_image,
+    markdown,
+    stage_group,
+)
+
+from conftest import ASSETS, TINY_CLIP, TINY_CONFIGS
+
+
+def test_full_size_settings_cover_every_registered_method():
+    import anomalens
+    from anomalens.config import config_fields
+
+    assert {setting["method"] for setting in FULL_SIZE_SETTINGS} == set(anomalens.list_methods())
+    for setting in check_settings(FULL_SIZE_SETTINGS):  # options are real config fields of their method
+        assert set(setting["options"]) <= set(config_fields(anomalens.get_method(setting["method"]).config_class))
+
+
+def test_check_settings_names_the_bad_entry():
+    with pytest.raises(ValueError, match=r"unknown method 'winclop'.*valid methods: .*winclip"):
+        check_settings([{"method": "winclop"}])
+    with pytest.raises(ValueError, match=r"settings\[1\] shots must be an integer >= 0, got -1"):
+        check_settings([{"method": "winclip"}, {"method": "winclip", "shots": -1}])
+    with pytest.raises(ValueError, match=r"settings\[0\] options must be an object"):
+        check_settings([{"method": "winclip", "options": ["backbone"]}])
+    with pytest.raises(ValueError, match=r"unknown keys \['shot'\]"):
+        check_settings([{"method": "winclip", "shot": 1}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        check_settings({"method": "winclip"})
+
+
+def test_stage_grouping_and_subsets():
+    assert stage_group("clip") == stage_group("features") == "image encoder"
+    assert stage_group("memory_search") == "memory search" and stage_group("ddim") == "other"
+    grouped = grouped_per_image({"clip": 4.0, "image_encoder": 2.0, "unet": 1.0, "ddim": 0.5}, images=2)
+    assert grouped == {"image encoder": 3.0, "unet": 0.5, "other": 0.25}
+    paths = [f"{index}.png" for index in range(10)]
+    assert evenly_spaced(paths, 4) == ["0.png", "2.png", "5.png", "7.png"] and evenly_spaced(paths, 20) == paths
+    with pytest.raises(ValueError, match="count must be >= 1, got 0"):
+        evenly_spaced(paths, 0)
+
+
+def test_ratios_are_taken_within_the_run():
+    records = [
+        {"method": "winclip", "shots": 0, "variant": "", "precision": "float32",
+         "batches": {"1": {"seconds_per_image": 2.0, "dominant_gflops_per_second": 50.0},
+                     "8": {"seconds_per_image": 4.0, "dominant_gflops_per_second": 60.0}}},
+        {"method": "winclip", "shots": 0, "variant": "bf16", "precision": "bfloat16",
+         "batches": {"8": {"seconds_per_image": 1.0, "dominant_gflops_per_second": 200.0}}},
+        {"method": "clipfusion", "shots": 0, "variant": "", "precision": "float32",
+         "batches": {"1": {"seconds_per_image": 5.0}, "8": {"seconds_per_image": 3.0}}},
+    ]  # fmt: skip
+    add_ratios(records, {"float32": 100.0, "bfloat16": 400.0})
+    assert [records[0]["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "8")] == [1.0, 1.0]
+    bf16 = records[1]["batches"]["8"]
+    assert bf16["ratio_to_winclip_zero_shot"] == 0.25 and bf16["dominant_percent_of_peak"] == 50.0  # its own peak
+    assert records[0]["batches"]["8"]["dominant_percent_of_peak"] == 60.0
+    assert [records[2]["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "8")] == [2.5, 0.75]
+
+
+def _write_images(folder, count, seed):
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    return folder
+
+
+def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(capsys, tmp_path):
+    images = _write_images(tmp_path / "images", 4, 0)
+    references = _write_images(tmp_path / "references", 1, 1)
+    settings = [
+        {"method": "winclip", "shots": 0, "options": TINY_CONFIGS["winclip"]},
+        {"method": "patchcore", "shots": 0, "variant": "bad",
+         "options": {**TINY_CONFIGS["patchcore"], "image_size": -4}},
+        {"method": "patchcore", "shots": 1, "options": TINY_CONFIGS["patchcore"]},
+        {"method": "dual_image_clip", "shots": 0, "options": TINY_CONFIGS["dual_image_clip"]},
+    ]  # fmt: skip
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps(settings))
+    out = tmp_path / "speed.json"
+    code = main(["-q", "benchmark-speed", "--settings-file", str(settings_file), "--images", str(images),
+                 "--reference", str(references), "--count", "3", "--repeats", "2", "--batch-sizes", "1", "2",
+                 "--threads", "1", "--open-clip-config", str(ASSETS / f"{TINY_CLIP}.json"), "--out", str(out),
+                 "--timeout", "300"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    result = json.loads(out.read_text())
+    assert result["command"] and result["machine"]["torch_threads"] and result["threads"] == 1
+    assert result["count"] == 3 and len(result["images"]) == 3 and result["matmul_peak_gflops"]["float32"] > 0
+    winclip, failed, patchcore, dual = result["records"]
+    assert "image_size" in failed["error"] and failed["variant"] == "bad"  # recorded; the next settings still ran
+    for record in (winclip, patchcore):
+        assert record["peak_rss_mb"] > 100 and set(record["batches"]) == {"1", "2"}
+        for figures in record["batches"].values():
+            assert len(figures["timed_seconds_per_image"]) == 2 and figures["seconds_per_image"] > 0
+            assert figures["images_per_second"] == pytest.approx(1 / figures["seconds_per_image"], rel=0.01)
+            assert figures["gflops_per_image"] > 0 and figures["stages_gflops_per_image"]["image encoder"] > 0
+            assert figures["dominant_network"] == "image encoder" and figures["dominant_percent_of_peak"] > 0
+    assert [winclip["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "2")] == [1.0, 1.0]
+    stages = winclip["batches"]["2"]["stages_seconds_per_image"]
+    assert stages["text encoder"] < 0.05 * winclip["batches"]["2"]["seconds_per_image"]  # a cache lookup
+    assert winclip["batches"]["2"]["stages_gflops_per_image"]["text encoder"] == 0  # prompts cached after warm-up
+    assert "memory search" in patchcore["batches"]["2"]["stages_seconds_per_image"]
+    assert "skipped" in dual["batches"]["1"] and dual["batches"]["2"]["seconds_per_image"] > 0  # pooled
+    table = out.with_suffix(".md").read_text()
+    assert table == markdown(result) and "| patchcore (bad) | 0 | float32 | – | error:" in table
+    assert table.count("| winclip | 0 | float32 |") == 2 and "results written to" in stdout
+
+
+def test_benchmark_speed_errors_and_listing(capsys, tmp_path):
+    assert main(["-q", "benchmark-speed", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("-shot") == len(FULL_SIZE_SETTINGS) and "clipfusion (SD 256 px) 0-shot" in listing
+    assert main(["-q", "benchmark-speed", "--methods", "winclop"]) == 2
+    assert "unknown method(s) ['winclop'] for benchmark-speed; valid: patchcore, winclip" in capsys.readouterr().err
+    assert main(["-q", "benchmark-speed", "--settings", "99"]) == 2
+    assert "--settings [99] out of range" in capsys.readouterr().err
+    assert main(["-q", "benchmark-speed", "--settings", "0", "--shared", str(tmp_path)]) == 2
+    assert "no MVTec AD bottle under" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["-q", "benchmark-speed", "--settings-file", str(tmp_path / "bad.json")]) == 2
+    assert "cannot read settings file" in capsys.readouterr().err
