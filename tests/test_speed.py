@@ -65,11 +65,13 @@ def test_ratios_are_taken_within_the_run():
         {"method": "clipfusion", "shots": 0, "variant": "", "precision": "float32",
          "batches": {"1": {"seconds_per_image": 5.0}, "8": {"seconds_per_image": 3.0}}},
     ]  # fmt: skip
+    records[1]["matmul_peak_gflops"] = 250.0  # the bf16 setting's own peak, measured just before it was timed
     add_ratios(records, {"float32": 100.0, "bfloat16": 400.0})
     assert [records[0]["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "8")] == [1.0, 1.0]
     bf16 = records[1]["batches"]["8"]
-    assert bf16["ratio_to_winclip_zero_shot"] == 0.25 and bf16["dominant_percent_of_peak"] == 50.0  # its own peak
-    assert records[0]["batches"]["8"]["dominant_percent_of_peak"] == 60.0
+    assert bf16["ratio_to_winclip_zero_shot"] == 0.25
+    assert bf16["dominant_percent_of_peak"] == 80.0 and bf16["dominant_percent_of_run_peak"] == 50.0
+    assert records[0]["batches"]["8"]["dominant_percent_of_peak"] == 60.0  # no own peak: the run's float32 one
     assert [records[2]["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "8")] == [2.5, 0.75]
 
 
@@ -106,7 +108,7 @@ def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(caps
     winclip, failed, patchcore, dual = result["records"]
     assert "image_size" in failed["error"] and failed["variant"] == "bad"  # recorded; the next settings still ran
     for record in (winclip, patchcore):
-        assert record["peak_rss_mb"] > 100 and set(record["batches"]) == {"1", "2"}
+        assert record["peak_rss_mb"] > 100 and set(record["batches"]) == {"1", "2"} and record["matmul_peak_gflops"] > 0
         for figures in record["batches"].values():
             assert len(figures["timed_seconds_per_image"]) == 2 and figures["seconds_per_image"] > 0
             assert figures["images_per_second"] == pytest.approx(1 / figures["seconds_per_image"], rel=0.01)

@@ -10,7 +10,9 @@ and the same test images as every other setting. In it, for each batch size:
   UNet, text encoder, memory search, TTA, post-processing; the rest is "other");
 - one more batch under ``torch.utils.flop_counter.FlopCounterMode`` counts FLOPs per image, inside each stage
   too, so the achieved GFLOP/s of the whole method and of its dominant network can be set against the
-  machine's matmul peak (a large square matmul per precision, measured in the same run).
+  machine's matmul peak: the best of 20 square 2048 matmuls in the setting's precision, measured once for
+  the run and again in each setting's process just before it is timed. Percentages use the setting's own
+  peak, so a shared machine's load drifting during a long run does not tilt them; the run's is kept beside it.
 
 Every setting's seconds per image is also given as a ratio to WinCLIP zero-shot's in the same run (when the
 run has it). :data:`FULL_SIZE_SETTINGS` are the registered methods at their real full size with random weights
@@ -255,6 +257,7 @@ def measure_setting(
     images = [load_image(path) for path in image_paths]
     record: dict[str, Any] = {"method": method, "shots": shots, "variant": setting.get("variant", ""),
                               "precision": options["precision"], "build_and_fit_seconds": round(build_seconds, 2),
+                              "matmul_peak_gflops": round(matmul_peak(device, options["precision"]), 2),
                               "batches": {}}  # fmt: skip
     for batch_size in batch_sizes:
         if detector.pooled and batch_size < 2 and not references:
@@ -296,19 +299,30 @@ def measure_setting(
     return record
 
 
+def setting_peak(record: dict[str, Any], peaks: dict[str, float]) -> float | None:
+    """The matmul peak a record is measured against: its own (taken just before it was timed), else the run's."""
+    return record.get("matmul_peak_gflops") or peaks.get(record.get("precision", "float32"))
+
+
 def add_ratios(records: list[dict[str, Any]], peaks: dict[str, float]) -> None:
-    """Set each batch's ``ratio_to_winclip_zero_shot`` (same batch size, same run) and ``dominant_percent_of_peak``
-    (against the matmul peak of the record's precision), in place."""
+    """Set, in place, each batch's ``ratio_to_winclip_zero_shot`` (same batch size, same run), and its
+    ``percent_of_peak`` and ``dominant_percent_of_peak`` (whole method and dominant network, against
+    :func:`setting_peak`) and ``dominant_percent_of_run_peak`` (against the run's peak of its precision)."""
     reference = next((record for record in records if record["method"] == "winclip" and record["shots"] == 0
                       and not record.get("variant") and "batches" in record), None)  # fmt: skip
     for record in records:
+        peak, run_peak = setting_peak(record, peaks), peaks.get(record.get("precision", "float32"))
         for batch, figures in record.get("batches", {}).items():
             base = (reference or {}).get("batches", {}).get(batch, {}).get("seconds_per_image")
             if base and "seconds_per_image" in figures:
                 figures["ratio_to_winclip_zero_shot"] = round(figures["seconds_per_image"] / base, 3)
-            peak = peaks.get(record.get("precision", "float32"))
-            if figures.get("dominant_gflops_per_second") and peak:
-                figures["dominant_percent_of_peak"] = round(100 * figures["dominant_gflops_per_second"] / peak, 1)
+            if figures.get("achieved_gflops_per_second") and peak:
+                figures["percent_of_peak"] = round(100 * figures["achieved_gflops_per_second"] / peak, 1)
+            dominant = figures.get("dominant_gflops_per_second")
+            if dominant and peak:
+                figures["dominant_percent_of_peak"] = round(100 * dominant / peak, 1)
+            if dominant and run_peak:
+                figures["dominant_percent_of_run_peak"] = round(100 * dominant / run_peak, 1)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -322,18 +336,19 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"{dtype} {value:.1f} GFLOP/s" for dtype, value in peaks.items())
         + f". {result['count']} test images, {result['repeats']} timed batches after a warm-up. % of peak: the "
         "whole method's GFLOP/s, and its dominant network's (FLOPs counted inside that stage / its time), against "
-        "the matmul peak of the row's precision.",
+        "the matmul peak of the row's precision measured in the setting's own process just before it was timed "
+        "(the peak column).",
         "",
-        "| method | shots | precision | batch | s/img | img/s | × WinCLIP 0-shot | GFLOP/img | % of peak "
-        "| dominant network, % of peak | peak RSS MB | stages (s/img) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | shots | precision | batch | s/img | img/s | × WinCLIP 0-shot | GFLOP/img | peak GFLOP/s "
+        "| % of peak | dominant network, % of peak | peak RSS MB | stages (s/img) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in result["records"]:
         head = f"| {setting_label(record)} | {record['shots']} | {record.get('precision', '')}"
         if "error" in record:
             lines.append(f"{head} | – | error: {record['error'][:160]} |")
             continue
-        peak = peaks.get(record.get("precision", "float32"), next(iter(peaks.values())))
+        peak = setting_peak(record, peaks) or next(iter(peaks.values()))
         for batch, figures in record["batches"].items():
             if "skipped" in figures:
                 lines.append(f"{head} | {batch} | skipped: {figures['skipped']} |")
@@ -344,7 +359,7 @@ def markdown(result: dict[str, Any]) -> str:
             dominant_text = f"{figures['dominant_network']} {100 * dominant / peak:.0f}" if dominant else "–"
             lines.append(
                 f"{head} | {batch} | {figures['seconds_per_image']:.3f} | {figures['images_per_second']:.2f} "
-                f"| {'–' if ratio is None else f'{ratio:.2f}'} | {figures['gflops_per_image']:.1f} "
+                f"| {'–' if ratio is None else f'{ratio:.2f}'} | {figures['gflops_per_image']:.1f} | {peak:.0f} "
                 f"| {100 * figures['achieved_gflops_per_second'] / peak:.0f} | {dominant_text} "
                 f"| {record['peak_rss_mb']:.0f} | {stages} |"
             )
