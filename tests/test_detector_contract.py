@@ -73,6 +73,32 @@ def test_save_load_round_trip(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_copies_and_pickles_score_the_same(method):
+    import copy
+    import pickle
+
+    references, queries = _references_and_queries()
+    detector = _fit(tiny_detector(method), references)
+    expected = detector.predict(queries)
+    for duplicate in (copy.deepcopy(detector), pickle.loads(pickle.dumps(detector))):
+        for a, b in zip(expected, duplicate.predict(queries), strict=True):
+            assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_copied_torchvision_backbones_stay_in_eval_mode():
+    """torch.fx feature extractors come back from deepcopy in training mode (batch norm on batch statistics)."""
+    import copy
+    import pickle
+
+    references, queries = _references_and_queries()
+    detector = anomalens.create("patchcore", backbone="resnet18", pretrained=None, image_size=32).fit(references)
+    expected = [result.score for result in detector.predict(queries)]
+    for duplicate in (copy.deepcopy(detector), pickle.loads(pickle.dumps(detector))):
+        assert not any(module.training for module in duplicate.backbone.model.modules())
+        assert [result.score for result in duplicate.predict(queries)] == expected
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_errors_are_clear(method, tmp_path):
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['no_such_option'\].*valid options: "):
         anomalens.create(method, no_such_option=1)

@@ -4,6 +4,9 @@
 - Chunked, channels-last VAE encoding: latents equal the plain whole-batch encode to 1e-5.
 - Reduced-precision autocast (``precision="bfloat16"``): every method's maps stay close to float32's.
 - Nearest-neighbour distances stay float32 under autocast.
+- Channels-last CNN features (PatchCore's and VLMDiff's backbones, VLMDiff's TAEF2 autoencoder): equal to the
+  NCHW computation to 1e-5.
+- WinCLIP's window embeddings in calls of a bounded number of tokens: equal to one call to 1e-5.
 """
 
 from __future__ import annotations
@@ -178,3 +181,60 @@ def test_sequence_major_attention_changes_layout_not_values(monkeypatch):
     torch.testing.assert_close(relaid.layer_tokens[0], plain.layer_tokens[0], atol=2e-2, rtol=2e-2)
     attention_modules = [module for module in clip.visual.modules() if isinstance(module, nn.MultiheadAttention)]
     assert attention_modules and all(not module._forward_pre_hooks for module in attention_modules)  # removed
+
+
+@pytest.mark.parametrize("name", ["wide_resnet50_2", "taef2", "vgg16_bn"])
+def test_channels_last_backbones_match_nchw(name):
+    import copy
+
+    from anomalens.backbones import FeatureBackbone
+
+    backbone = FeatureBackbone(name, pretrained=None)
+    conv_weights = [tensor for tensor in backbone.model.state_dict().values() if tensor.dim() == 4]
+    assert conv_weights and all(weight.is_contiguous(memory_format=torch.channels_last) for weight in conv_weights)
+    nchw = (
+        copy.deepcopy(backbone.model).to(memory_format=torch.contiguous_format).eval()
+    )  # fx copies come back in train mode
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        features = backbone(images)
+        expected = nchw(((images - backbone.mean) / backbone.std).contiguous())
+    for feature, reference in zip(features, expected, strict=True):
+        torch.testing.assert_close(feature, reference, atol=1e-5 * float(reference.abs().max()), rtol=1e-5)
+
+
+def test_vlmdiff_channels_last_taef2_autoencoder_matches_nchw():
+    import copy
+
+    from anomalens.methods.vlmdiff import LatentAutoencoder
+
+    autoencoder = LatentAutoencoder("taef2", weights=None)
+    encoder = copy.deepcopy(autoencoder.encoder).to(memory_format=torch.contiguous_format)
+    decoder = copy.deepcopy(autoencoder.decoder).to(memory_format=torch.contiguous_format)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        latents = autoencoder.encode(images)
+        decoded = autoencoder.decode(latents)
+        expected_latents = encoder(images)
+        expected_images = decoder(expected_latents).clamp(0.0, 1.0)
+    assert latents.is_contiguous() and decoded.is_contiguous()  # NCHW again for what follows
+    torch.testing.assert_close(latents, expected_latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoded, expected_images, atol=1e-5, rtol=1e-5)
+
+
+def test_window_embeddings_in_bounded_calls_match_one_call():
+    from anomalens.backbones.clip import CLIPBackbone
+    from anomalens.methods.winclip import sliding_windows
+
+    from conftest import TINY_CLIP
+
+    clip = CLIPBackbone(TINY_CLIP, None)
+    pixels = torch.rand(4, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(3))
+    windows = sliding_windows(clip.grid, 2)
+    with torch.inference_mode():
+        embedded = clip.encode_image(pixels, with_embedded=True).embedded
+        one_call = clip.window_embeddings(embedded, windows, tokens_per_call=10**9)
+        default = clip.window_embeddings(embedded, windows)
+        small = clip.window_embeddings(embedded, windows, tokens_per_call=7)  # 1 window of 5 tokens per call
+    torch.testing.assert_close(default, one_call, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(small, one_call, atol=1e-5, rtol=1e-5)
