@@ -6,13 +6,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import anomalens
 from anomalens.cli import main
 from anomalens.speed import (
     FULL_SIZE_SETTINGS,
     add_ratios,
     check_settings,
+    count_flops,
     evenly_spaced,
     grouped_per_image,
     markdown,
@@ -23,7 +26,6 @@ from conftest import ASSETS, TINY_CLIP, TINY_CONFIGS
 
 
 def test_full_size_settings_cover_every_registered_method():
-    import anomalens
     from anomalens.config import config_fields
 
     assert {setting["method"] for setting in FULL_SIZE_SETTINGS} == set(anomalens.list_methods())
@@ -73,6 +75,41 @@ def test_ratios_are_taken_within_the_run():
     assert bf16["dominant_percent_of_peak"] == 80.0 and bf16["dominant_percent_of_run_peak"] == 50.0
     assert records[0]["batches"]["8"]["dominant_percent_of_peak"] == 60.0  # no own peak: the run's float32 one
     assert [records[2]["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "8")] == [2.5, 0.75]
+
+
+class _AttentionDetector(anomalens.Detector):
+    """One nn.MultiheadAttention over a fixed token sequence per image: FLOPs known in closed form."""
+
+    method_name = "attention_test"
+    config_class = dict
+    zero_shot, few_shot = True, False
+    tokens, width = 20, 16
+
+    def __init__(self):
+        super().__init__({})
+        self.attention = torch.nn.MultiheadAttention(self.width, 2, batch_first=True).eval()
+
+    def _fit(self, reference_images, class_name):
+        pass
+
+    def _predict_batch(self, images):
+        sequences = torch.ones(len(images), self.tokens, self.width)
+        with self.timed("image_encoder"):
+            attended, _ = self.attention(sequences, sequences, sequences, need_weights=False)
+        return attended.mean((1, 2)), attended[..., :4].reshape(len(images), 4, -1)
+
+
+def test_flops_of_fused_attention_are_counted():
+    from torch.backends import mha
+
+    detector = _AttentionDetector().fit(None)
+    images = [np.zeros((8, 8, 3), dtype=np.uint8)] * 3
+    tokens, width = _AttentionDetector.tokens, _AttentionDetector.width
+    projections = 4 * 2 * tokens * width * width  # q, k, v and out
+    attention = 2 * 2 * tokens * tokens * width  # q k^T and the weighted sum of v
+    flops, stage_flops = count_flops(detector, images)
+    assert flops == stage_flops["image_encoder"] == 3 * (projections + attention)
+    assert mha.get_fastpath_enabled()  # switched back on for the timed batches
 
 
 def _write_images(folder, count, seed):
