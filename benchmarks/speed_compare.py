@@ -64,7 +64,7 @@ def compare(befores: list[dict], after: dict) -> list[dict]:
     return entries
 
 
-def markdown(entries: list[dict], sources: list[str], after: str, peaks: dict[str, dict] | None = None) -> str:
+def markdown(entries: list[dict], sources: list[str], after: str, peaks: dict | None = None) -> str:
     lines = [
         "# Speed and memory before / after the optimisations",
         "",
@@ -72,7 +72,8 @@ def markdown(entries: list[dict], sources: list[str], after: str, peaks: dict[st
         "",
     ]
     if peaks:  # the shared machine's speed differs between runs: the ratios to WinCLIP are the fair comparison
-        measured = "; ".join(f"{path} {peak.get('float32', 0):.0f}" for path, peak in peaks.items())
+        float32 = {path: peak.get("float32", 0) if isinstance(peak, dict) else peak for path, peak in peaks.items()}
+        measured = "; ".join(f"{path} {peak:.0f}" for path, peak in float32.items())
         lines += [f"Each run's float32 matmul peak (GFLOP/s): {measured}.", ""]
     lines += [
         "| method | shots | batch | s/img before → after | speed-up | × WinCLIP 0-shot before → after "
