@@ -19,6 +19,7 @@ from anomalens.speed import (
     evenly_spaced,
     grouped_per_image,
     markdown,
+    significant,
     stage_group,
 )
 
@@ -77,6 +78,22 @@ def test_ratios_are_taken_within_the_run():
     assert [records[2]["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "8")] == [2.5, 0.75]
 
 
+def test_figures_keep_significant_digits_for_fast_methods():
+    assert significant(0.000812345) == 0.0008123 and significant(12.9149) == 12.91 and significant(0.0) == 0.0
+    assert significant(2181.34) == 2181.0 and significant(1 / 0.000812345) == 1231.0
+    record = {"method": "patchcore", "shots": 0, "variant": "", "precision": "float16", "peak_rss_mb": 900.0,
+              "matmul_peak_gflops": 500000.0,
+              "batches": {"32": {"seconds_per_image": 0.0008123, "images_per_second": 1231.0,
+                                 "gflops_per_image": 0.05123, "achieved_gflops_per_second": 63.07,
+                                 "stages_seconds_per_image": {"image encoder": 0.0006012, "memory search": 2.1e-05},
+                                 "dominant_network": "image encoder", "dominant_gflops_per_second": 80.0}}}  # fmt: skip
+    table = markdown({"matmul_peak_gflops": {"float16": 500000.0}, "threads": 16, "device": "cuda", "count": 16,
+                      "repeats": 5, "records": [record]})  # fmt: skip
+    row = table.splitlines()[-1]
+    assert "| 32 | 0.000812 | 1231 | – | 0.0512 |" in row  # not 0.001 s/img and 0.1 GFLOP
+    assert "image encoder 0.000601, memory search 2.1e-05" in row
+
+
 class _AttentionDetector(anomalens.Detector):
     """One nn.MultiheadAttention over a fixed token sequence per image: FLOPs known in closed form."""
 
@@ -122,7 +139,9 @@ def _write_images(folder, count, seed):
 
 def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(capsys, tmp_path):
     images = _write_images(tmp_path / "images", 4, 0)
+    (images / "9-broken.png").write_bytes(b"not a png")  # reported and skipped before any setting runs
     references = _write_images(tmp_path / "references", 1, 1)
+    (references / "0-broken.png").write_bytes(b"")  # sorts first: without the check, 1-shot would fit on it
     settings = [
         {"method": "winclip", "shots": 0, "options": TINY_CONFIGS["winclip"]},
         {"method": "patchcore", "shots": 0, "variant": "bad",
@@ -134,14 +153,15 @@ def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(caps
     settings_file.write_text(json.dumps(settings))
     out = tmp_path / "speed.json"
     code = main(["-q", "benchmark-speed", "--settings-file", str(settings_file), "--images", str(images),
-                 "--reference", str(references), "--count", "3", "--repeats", "2", "--batch-sizes", "1", "2",
+                 "--reference", str(references), "--count", "5", "--repeats", "2", "--batch-sizes", "1", "2",
                  "--threads", "1", "--open-clip-config", str(ASSETS / f"{TINY_CLIP}.json"), "--out", str(out),
                  "--timeout", "300"])  # fmt: skip
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     result = json.loads(out.read_text())
     assert result["command"] and result["machine"]["torch_threads"] and result["threads"] == 1
-    assert result["count"] == 3 and len(result["images"]) == 3 and result["matmul_peak_gflops"]["float32"] > 0
+    assert result["count"] == 4 and len(result["images"]) == 4 and result["matmul_peak_gflops"]["float32"] > 0
+    assert not any("broken" in path for path in result["images"])
     winclip, failed, patchcore, dual = result["records"]
     assert "image_size" in failed["error"] and failed["variant"] == "bad"  # recorded; the next settings still ran
     for record in (winclip, patchcore):
@@ -153,7 +173,7 @@ def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(caps
             assert figures["dominant_network"] == "image encoder" and figures["dominant_percent_of_peak"] > 0
     assert [winclip["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "2")] == [1.0, 1.0]
     stages = winclip["batches"]["2"]["stages_seconds_per_image"]
-    assert stages["text encoder"] < 0.05 * winclip["batches"]["2"]["seconds_per_image"]  # a cache lookup
+    assert stages["text encoder"] < stages["image encoder"]  # a cache lookup against a network's forward pass
     assert winclip["batches"]["2"]["stages_gflops_per_image"]["text encoder"] == 0  # prompts cached after warm-up
     assert "memory search" in patchcore["batches"]["2"]["stages_seconds_per_image"]
     assert "skipped" in dual["batches"]["1"] and dual["batches"]["2"]["seconds_per_image"] > 0  # pooled

@@ -414,6 +414,21 @@ def _speed_settings(args: Any) -> list[dict]:
     return check_settings(chosen)
 
 
+def _readable_images(paths: Sequence) -> list:
+    """The paths that load as images; the others are reported and skipped (every setting would fail on them)."""
+    from anomalens.images import ImageLoadError, load_image
+
+    readable = []
+    for path in paths:
+        try:
+            load_image(path)
+        except ImageLoadError as error:
+            logger.warning("skipping %s: %s", path, error)
+            continue
+        readable.append(path)
+    return readable
+
+
 def cmd_benchmark_speed(args: Any) -> int:
     from pathlib import Path
 
@@ -436,14 +451,14 @@ def cmd_benchmark_speed(args: Any) -> int:
     settings = _speed_settings(args)
     shared = Path(args.shared or os.environ.get("ANOMALENS_SHARED", "../shared"))
     if args.images:
-        images = evenly_spaced(find_images(args.images), args.count)
+        images = evenly_spaced(_readable_images(find_images(args.images)), args.count)
         if not images:
-            raise ValueError(f"no images found in {args.images}")
+            raise ValueError(f"no readable images in {args.images}")
     else:
         images = default_test_images(shared, args.count)
     needed = max(setting["shots"] for setting in settings)
     if args.reference:
-        references = find_images(args.reference)
+        references = _readable_images(find_images(args.reference))
     else:
         references = sorted((shared / "datasets" / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:needed]
     if len(references) < needed:

@@ -294,21 +294,32 @@ def measure_setting(
         dominant = DOMINANT_NETWORK.get(method, "image encoder")
         dominant_seconds = stages.get(dominant, 0.0)
         record["batches"][str(batch_size)] = {
-            "seconds_per_image": round(seconds, 4),
-            "images_per_second": round(1 / seconds, 3),
-            "timed_seconds_per_image": [round(value, 4) for value in per_image],
-            "gflops_per_image": round(flops_per_image / 1e9, 2),
-            "achieved_gflops_per_second": round(flops_per_image / seconds / 1e9, 2),
-            "stages_seconds_per_image": {group: round(value, 4) for group, value in stages.items() if value > 0},
-            "stages_gflops_per_image": {group: round(value / 1e9, 2) for group, value in group_flops.items()},
+            "seconds_per_image": significant(seconds),
+            "images_per_second": significant(1 / seconds),
+            "timed_seconds_per_image": [significant(value) for value in per_image],
+            "gflops_per_image": significant(flops_per_image / 1e9),
+            "achieved_gflops_per_second": significant(flops_per_image / seconds / 1e9),
+            "stages_seconds_per_image": {group: significant(value) for group, value in stages.items() if value > 0},
+            "stages_gflops_per_image": {group: significant(value / 1e9) for group, value in group_flops.items()},
             "dominant_network": dominant,
-            "dominant_gflops_per_second": round(group_flops.get(dominant, 0.0) / dominant_seconds / 1e9, 2)
+            "dominant_gflops_per_second": significant(group_flops.get(dominant, 0.0) / dominant_seconds / 1e9)
             if dominant_seconds
             else None,
         }
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     record["peak_rss_mb"] = round(peak_kb / (2**20 if sys.platform == "darwin" else 1024), 1)
     return record
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant figures (a fixed number of decimals would erase fast methods'
+    figures: 0.00081 s/img on a GPU is 0.0008 to four decimals)."""
+    return float(f"{value:.{digits}g}") if value else 0.0
+
+
+def _short(value: float) -> str:
+    """A figure for the table: three significant figures (an exponent only below 1e-4)."""
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{significant(value, 3):g}"
 
 
 def setting_peak(record: dict[str, Any], peaks: dict[str, float]) -> float | None:
@@ -365,13 +376,13 @@ def markdown(result: dict[str, Any]) -> str:
             if "skipped" in figures:
                 lines.append(f"{head} | {batch} | skipped: {figures['skipped']} |")
                 continue
-            stages = ", ".join(f"{name} {value:.3f}" for name, value in figures["stages_seconds_per_image"].items())
+            stages = ", ".join(f"{name} {_short(value)}" for name, value in figures["stages_seconds_per_image"].items())
             ratio = figures.get("ratio_to_winclip_zero_shot")
             dominant = figures.get("dominant_gflops_per_second")
             dominant_text = f"{figures['dominant_network']} {100 * dominant / peak:.0f}" if dominant else "–"
             lines.append(
-                f"{head} | {batch} | {figures['seconds_per_image']:.3f} | {figures['images_per_second']:.2f} "
-                f"| {'–' if ratio is None else f'{ratio:.2f}'} | {figures['gflops_per_image']:.1f} | {peak:.0f} "
+                f"{head} | {batch} | {_short(figures['seconds_per_image'])} | {_short(figures['images_per_second'])} "
+                f"| {'–' if ratio is None else f'{ratio:.2f}'} | {_short(figures['gflops_per_image'])} | {peak:.0f} "
                 f"| {100 * figures['achieved_gflops_per_second'] / peak:.0f} | {dominant_text} "
                 f"| {record['peak_rss_mb']:.0f} | {stages} |"
             )
