@@ -16,6 +16,7 @@ from anomalens.speed import (
     add_ratios,
     check_settings,
     count_flops,
+    dominant_network,
     evenly_spaced,
     grouped_per_image,
     markdown,
@@ -58,13 +59,23 @@ def test_stage_grouping_and_subsets():
         evenly_spaced(paths, 0)
 
 
+def test_dominant_network_is_the_one_with_most_flops_in_each_setting():
+    # CLIPFusion's counted FLOPs per image (benchmarks/results/speed-cpu-2threads-final.json): SD at 512 px and 256 px
+    assert dominant_network({"image encoder": 457.0, "vae": 1117.0, "unet": 607.0, "other": 5000.0}) == "vae"
+    assert dominant_network({"image encoder": 457.0, "vae": 273.0, "unet": 144.0, "memory search": 900.0}) == (
+        "image encoder"
+    )
+    assert dominant_network({"memory search": 1.0}) == dominant_network({}) == "image encoder"
+
+
 def test_ratios_are_taken_within_the_run():
     records = [
         {"method": "winclip", "shots": 0, "variant": "", "precision": "float32",
          "batches": {"1": {"seconds_per_image": 2.0, "dominant_gflops_per_second": 50.0},
                      "8": {"seconds_per_image": 4.0, "dominant_gflops_per_second": 60.0}}},
         {"method": "winclip", "shots": 0, "variant": "bf16", "precision": "bfloat16",
-         "batches": {"8": {"seconds_per_image": 1.0, "dominant_gflops_per_second": 200.0}}},
+         "batches": {"8": {"seconds_per_image": 1.0, "dominant_gflops_per_second": 200.0,
+                           "networks_gflops_per_second": {"image encoder": 200.0, "unet": 125.0}}}},
         {"method": "clipfusion", "shots": 0, "variant": "", "precision": "float32",
          "batches": {"1": {"seconds_per_image": 5.0}, "8": {"seconds_per_image": 3.0}}},
     ]  # fmt: skip
@@ -74,6 +85,7 @@ def test_ratios_are_taken_within_the_run():
     bf16 = records[1]["batches"]["8"]
     assert bf16["ratio_to_winclip_zero_shot"] == 0.25
     assert bf16["dominant_percent_of_peak"] == 80.0 and bf16["dominant_percent_of_run_peak"] == 50.0
+    assert bf16["networks_percent_of_peak"] == {"image encoder": 80.0, "unet": 50.0}
     assert records[0]["batches"]["8"]["dominant_percent_of_peak"] == 60.0  # no own peak: the run's float32 one
     assert [records[2]["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "8")] == [2.5, 0.75]
 
@@ -171,6 +183,7 @@ def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(caps
             assert figures["images_per_second"] == pytest.approx(1 / figures["seconds_per_image"], rel=0.01)
             assert figures["gflops_per_image"] > 0 and figures["stages_gflops_per_image"]["image encoder"] > 0
             assert figures["dominant_network"] == "image encoder" and figures["dominant_percent_of_peak"] > 0
+            assert figures["networks_percent_of_peak"]["image encoder"] == figures["dominant_percent_of_peak"]
     assert [winclip["batches"][b]["ratio_to_winclip_zero_shot"] for b in ("1", "2")] == [1.0, 1.0]
     stages = winclip["batches"]["2"]["stages_seconds_per_image"]
     assert stages["text encoder"] < stages["image encoder"]  # a cache lookup against a network's forward pass

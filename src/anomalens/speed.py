@@ -9,9 +9,10 @@ and the same test images as every other setting. In it, for each batch size:
 - the detector's own ``stage_seconds`` over the timed batches give the stage breakdown (image encoder, VAE,
   UNet, text encoder, memory search, TTA, post-processing; the rest is "other");
 - one more batch under ``torch.utils.flop_counter.FlopCounterMode`` counts FLOPs per image, inside each stage
-  too, so the achieved GFLOP/s of the whole method and of its dominant network can be set against the
-  machine's matmul peak: the best of 20 square 2048 matmuls in the setting's precision, measured once for
-  the run and again in each setting's process just before it is timed. Percentages use the setting's own
+  too, so the achieved GFLOP/s of the whole method, of each network and of the dominant one (the network with
+  the most FLOPs in that setting) can be set against the machine's matmul peak: the best of 20 square 2048
+  matmuls in the setting's precision, measured once for the run and again in each setting's process just
+  before it is timed. Percentages use the setting's own
   peak, so a shared machine's load drifting during a long run does not tilt them; the run's is kept beside it.
 
 Every setting's seconds per image is also given as a ratio to WinCLIP zero-shot's in the same run (when the
@@ -80,13 +81,7 @@ STAGE_GROUPS = {  # the table's stage columns -> the detectors' stage names
     "tta": ("tta",),
     "post-processing": ("post_processing",),
 }
-DOMINANT_NETWORK = {  # the stage whose network decides each method's cost
-    "patchcore": "image encoder",
-    "winclip": "image encoder",
-    "dual_image_clip": "image encoder",
-    "clipfusion": "vae",
-    "vlmdiff": "unet",
-}
+NETWORK_STAGES = ("image encoder", "vae", "unet")  # the stage columns that are one network's forward passes
 PRECISIONS = ("float32", "bfloat16", "float16")
 _RECORD_PREFIX = "SPEED_RECORD "
 
@@ -201,6 +196,16 @@ def grouped_per_image(per_stage: dict[str, float], images: int) -> dict[str, flo
     return grouped
 
 
+def dominant_network(stage_gflops: dict[str, float]) -> str:
+    """The network stage with the most FLOPs per image (``"image encoder"`` when none counted any).
+
+    Taken per setting and batch size, not per method: CLIPFusion's SD VAE dominates at 512 px, its CLIP tower
+    at 256 px.
+    """
+    counted = {stage: stage_gflops.get(stage, 0.0) for stage in NETWORK_STAGES}
+    return max(counted, key=counted.get) if any(counted.values()) else "image encoder"
+
+
 def count_flops(detector, batch: list) -> tuple[float, dict[str, float]]:
     """Score ``batch`` under ``FlopCounterMode``: the total FLOPs and the FLOPs inside each timed stage.
 
@@ -291,8 +296,10 @@ def measure_setting(
         group_flops = grouped_per_image(stage_flops, batch_size)
         seconds = statistics.median(per_image)
         stages["other"] = max(statistics.mean(per_image) - sum(stages.values()), 0.0)
-        dominant = DOMINANT_NETWORK.get(method, "image encoder")
-        dominant_seconds = stages.get(dominant, 0.0)
+        stage_gflops = {group: value / 1e9 for group, value in group_flops.items()}
+        networks = {stage: significant(stage_gflops[stage] / stages[stage]) for stage in NETWORK_STAGES
+                    if stage_gflops.get(stage) and stages.get(stage)}  # fmt: skip
+        dominant = dominant_network(stage_gflops)
         record["batches"][str(batch_size)] = {
             "seconds_per_image": significant(seconds),
             "images_per_second": significant(1 / seconds),
@@ -300,11 +307,10 @@ def measure_setting(
             "gflops_per_image": significant(flops_per_image / 1e9),
             "achieved_gflops_per_second": significant(flops_per_image / seconds / 1e9),
             "stages_seconds_per_image": {group: significant(value) for group, value in stages.items() if value > 0},
-            "stages_gflops_per_image": {group: significant(value / 1e9) for group, value in group_flops.items()},
+            "stages_gflops_per_image": {group: significant(value) for group, value in stage_gflops.items()},
+            "networks_gflops_per_second": networks,  # FLOPs counted inside each network's stage / its time
             "dominant_network": dominant,
-            "dominant_gflops_per_second": significant(group_flops.get(dominant, 0.0) / dominant_seconds / 1e9)
-            if dominant_seconds
-            else None,
+            "dominant_gflops_per_second": networks.get(dominant),
         }
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     record["peak_rss_mb"] = round(peak_kb / (2**20 if sys.platform == "darwin" else 1024), 1)
@@ -329,8 +335,9 @@ def setting_peak(record: dict[str, Any], peaks: dict[str, float]) -> float | Non
 
 def add_ratios(records: list[dict[str, Any]], peaks: dict[str, float]) -> None:
     """Set, in place, each batch's ``ratio_to_winclip_zero_shot`` (same batch size, same run), and its
-    ``percent_of_peak`` and ``dominant_percent_of_peak`` (whole method and dominant network, against
-    :func:`setting_peak`) and ``dominant_percent_of_run_peak`` (against the run's peak of its precision)."""
+    ``percent_of_peak``, ``networks_percent_of_peak`` and ``dominant_percent_of_peak`` (whole method, each
+    network stage and the dominant network, against :func:`setting_peak`) and ``dominant_percent_of_run_peak``
+    (against the run's peak of its precision)."""
     reference = next((record for record in records if record["method"] == "winclip" and record["shots"] == 0
                       and not record.get("variant") and "batches" in record), None)  # fmt: skip
     for record in records:
@@ -341,6 +348,11 @@ def add_ratios(records: list[dict[str, Any]], peaks: dict[str, float]) -> None:
                 figures["ratio_to_winclip_zero_shot"] = round(figures["seconds_per_image"] / base, 3)
             if figures.get("achieved_gflops_per_second") and peak:
                 figures["percent_of_peak"] = round(100 * figures["achieved_gflops_per_second"] / peak, 1)
+            networks = figures.get("networks_gflops_per_second")
+            if networks and peak:
+                figures["networks_percent_of_peak"] = {
+                    stage: round(100 * value / peak, 1) for stage, value in networks.items()
+                }
             dominant = figures.get("dominant_gflops_per_second")
             if dominant and peak:
                 figures["dominant_percent_of_peak"] = round(100 * dominant / peak, 1)
@@ -358,12 +370,13 @@ def markdown(result: dict[str, Any]) -> str:
         "Matmul peak measured in the same run: "
         + ", ".join(f"{dtype} {value:.1f} GFLOP/s" for dtype, value in peaks.items())
         + f". {result['count']} test images, {result['repeats']} timed batches after a warm-up. % of peak: the "
-        "whole method's GFLOP/s, and its dominant network's (FLOPs counted inside that stage / its time), against "
+        "whole method's GFLOP/s, and its dominant network's (the network stage with the most FLOPs; FLOPs counted "
+        "inside that stage / its time), against "
         "the matmul peak of the row's precision measured in the setting's own process just before it was timed "
         "(the peak column).",
         "",
         "| method | shots | precision | batch | s/img | img/s | × WinCLIP 0-shot | GFLOP/img | peak GFLOP/s "
-        "| % of peak | dominant network, % of peak | peak RSS MB | stages (s/img) |",
+        "| % of peak | dominant network, % of peak (other networks) | peak RSS MB | stages (s/img) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in result["records"]:
@@ -380,6 +393,11 @@ def markdown(result: dict[str, Any]) -> str:
             ratio = figures.get("ratio_to_winclip_zero_shot")
             dominant = figures.get("dominant_gflops_per_second")
             dominant_text = f"{figures['dominant_network']} {100 * dominant / peak:.0f}" if dominant else "–"
+            networks = figures.get("networks_gflops_per_second", {})
+            others = [f"{stage} {100 * value / peak:.0f}" for stage, value in networks.items()
+                      if stage != figures["dominant_network"]]  # fmt: skip
+            if others:
+                dominant_text += f" ({', '.join(others)})"
             lines.append(
                 f"{head} | {batch} | {_short(figures['seconds_per_image'])} | {_short(figures['images_per_second'])} "
                 f"| {'–' if ratio is None else f'{ratio:.2f}'} | {_short(figures['gflops_per_image'])} | {peak:.0f} "
