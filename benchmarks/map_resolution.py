@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -119,9 +117,7 @@ def main() -> None:
             grid = f"{name}: fused with CLIP's {CLIP_SIDE}x{CLIP_SIDE}"
             rows.append({"maps": source, "grid": grid, **localisation(fused(maps, sides), binary_masks)})
     result = {
-        "command": "python3 " + " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": args.threads},
+        "threads": args.threads,
         "date": time.strftime("%Y-%m-%d"),
         "images": len(samples),
         "anomalous_images": int(sum(mask.any() for mask in binary_masks)),
@@ -131,9 +127,10 @@ def main() -> None:
         "rows": rows,
     }  # fmt: skip
     out = Path(args.out)
-    from anomalens.outputs import atomic_write_json, atomic_write_text
+    from anomalens.outputs import atomic_write_text
+    from anomalens.profiling import write_benchmark_json
 
-    atomic_write_json(out, result)
+    write_benchmark_json(str(out), result)  # adds the command and the machine
     lines = ["| maps | grid | pixel AUROC | pixel AUPRO |", "|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['maps']} | {row['grid']} | {row['pixel_auroc']:.2f} | {row['pixel_aupro']:.2f} |")

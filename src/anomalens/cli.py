@@ -22,12 +22,15 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from jsonargparse import ArgumentParser
 
 from anomalens.weights import WEIGHTS_DIR_ENV
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger("anomalens")
 
@@ -225,24 +228,32 @@ def _create(args: Any):
     return detector.to(args.device)
 
 
-def _progress(total: int | None, desc: str, quiet: bool):
+def _progress(total: int | None, desc: str, quiet: bool, unit: str = "img"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet or None, dynamic_ncols=True)
+
+
+def _readable_images(paths: Sequence, kind: str) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(path, image)`` for each of ``paths`` that loads as an image; the others are reported and skipped."""
+    from anomalens.images import ImageLoadError, load_image
+
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ImageLoadError as error:
+            logger.warning("skipped %s %s: %s", kind, path, error.reason)
+            continue
+        yield path, image
 
 
 def _reference_images(entries: Sequence[str] | None) -> list:
     """Load reference images, reporting and skipping unreadable ones."""
-    from anomalens.images import ImageLoadError, find_images, load_image
+    from anomalens.images import find_images
 
     if not entries:
         return []
-    images = []
-    for path in find_images(entries):
-        try:
-            images.append(load_image(path))
-        except ImageLoadError as error:
-            logger.warning("skipped reference %s: %s", path, error.reason)
+    images = [image for _, image in _readable_images(find_images(entries), "reference")]
     if not images:
         raise ValueError(f"no readable reference image in {list(entries)}")
     return images
@@ -414,21 +425,6 @@ def _speed_settings(args: Any) -> list[dict]:
     return check_settings(chosen)
 
 
-def _readable_images(paths: Sequence) -> list:
-    """The paths that load as images; the others are reported and skipped (every setting would fail on them)."""
-    from anomalens.images import ImageLoadError, load_image
-
-    readable = []
-    for path in paths:
-        try:
-            load_image(path)
-        except ImageLoadError as error:
-            logger.warning("skipping %s: %s", path, error)
-            continue
-        readable.append(path)
-    return readable
-
-
 def cmd_benchmark_speed(args: Any) -> int:
     from pathlib import Path
 
@@ -440,6 +436,7 @@ def cmd_benchmark_speed(args: Any) -> int:
         default_output_name,
         default_test_images,
         evenly_spaced,
+        markdown,
         run_speed,
         setting_label,
     )
@@ -451,22 +448,22 @@ def cmd_benchmark_speed(args: Any) -> int:
     settings = _speed_settings(args)
     shared = Path(args.shared or os.environ.get("ANOMALENS_SHARED", "../shared"))
     if args.images:
-        images = evenly_spaced(_readable_images(find_images(args.images)), args.count)
+        # unreadable files are skipped here: every setting would fail on them
+        images = evenly_spaced([path for path, _ in _readable_images(find_images(args.images), "image")], args.count)
         if not images:
             raise ValueError(f"no readable images in {args.images}")
     else:
         images = default_test_images(shared, args.count)
     needed = max(setting["shots"] for setting in settings)
     if args.reference:
-        references = _readable_images(find_images(args.reference))
+        references = [path for path, _ in _readable_images(find_images(args.reference), "reference")]
     else:
         references = sorted((shared / "datasets" / "mvtec" / "bottle" / "train" / "good").glob("*.png"))[:needed]
     if len(references) < needed:
         raise ValueError(f"a setting needs {needed} reference image(s), found {len(references)}: pass --reference")
     threads = args.threads or torch.get_num_threads()
     out = Path(args.out or default_output_name(threads))
-    bar = _progress(len(settings), "settings", args.quiet)
-    bar.unit = "setting"
+    bar = _progress(len(settings), "settings", args.quiet, unit="setting")
 
     def on_record(record: dict) -> None:
         bar.update(1)
@@ -479,8 +476,6 @@ def cmd_benchmark_speed(args: Any) -> int:
                            open_clip_configs=args.open_clip_config, on_record=on_record)  # fmt: skip
     finally:
         bar.close()
-    from anomalens.speed import markdown
-
     print(markdown(result))
     print(f"results written to {out} and {out.with_suffix('.md')}")
     return 0

@@ -132,9 +132,7 @@ class Detector(nn.Module):
         """``nn.Module.load_state_dict``; parked tensors are restored first and their stale files dropped, and the
         backbones' prompt caches (``_text_cache``, derived from the old weights) are cleared. Runs in inference mode,
         because fitted state (memory banks) is made in inference mode and can only be overwritten there."""
-        for parked in parked_sets(self):
-            parked.restore()
-            parked.forget_file()
+        self._restore_parked_for_change()
         for module in self.modules():
             cache = getattr(module, "_text_cache", None)
             if isinstance(cache, dict):
@@ -146,10 +144,14 @@ class Detector(nn.Module):
         """``nn.Module._apply``, behind ``.to()``, ``.cuda()``, ``.half()`` and the like, on the real weights:
         parked tensors are read back first and their files dropped (the conversion may change them); the next
         prompts park them again, from their new device and dtype."""
+        self._restore_parked_for_change()
+        return super()._apply(fn, recurse)
+
+    def _restore_parked_for_change(self) -> None:
+        """Read every parked tensor set back and delete its file: the tensors are about to change."""
         for parked in parked_sets(self):
             parked.restore()
             parked.forget_file()
-        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         for parked in parked_sets(self):  # a pickled or copied detector carries its real weights

@@ -12,8 +12,8 @@ and the same test images as every other setting. In it, for each batch size:
   too, so the achieved GFLOP/s of the whole method, of each network and of the dominant one (the network with
   the most FLOPs in that setting) can be set against the machine's matmul peak: the best of 20 square 2048
   matmuls in the setting's precision, measured once for the run and again in each setting's process just
-  before it is timed. Percentages use the setting's own
-  peak, so a shared machine's load drifting during a long run does not tilt them; the run's is kept beside it.
+  before it is timed. Percentages use the setting's own peak, so a shared machine's load drifting during a
+  long run does not tilt them; the run's is kept beside it.
 
 Every setting's seconds per image is also given as a ratio to WinCLIP zero-shot's in the same run (when the
 run has it). :data:`FULL_SIZE_SETTINGS` are the registered methods at their real full size with random weights
