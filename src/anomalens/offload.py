@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -116,14 +116,23 @@ class ParkedTensors:
             size = sum(tensor.numel() * tensor.element_size() for tensor in payload.values())
             logger.info("parked %s (%.0f MB) in %s", self.label, size / 1e6, path)
         with torch.inference_mode(False):
-            meta = {}
-            for name, (module, attribute, is_parameter, tensor) in entries.items():
-                canonical = self._aliases[name]
-                if canonical not in meta:
-                    empty = torch.empty_like(tensor, device="meta")
-                    meta[canonical] = nn.Parameter(empty, requires_grad=False) if is_parameter else empty
-                (module._parameters if is_parameter else module._buffers)[attribute] = meta[canonical]
+            self._replace(entries, lambda _, tensor: torch.empty_like(tensor, device="meta"))
         self.parked = True
+
+    def _replace(
+        self,
+        entries: dict[str, tuple[nn.Module, str, bool, torch.Tensor]],
+        new_tensor: Callable[[str, torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Swap each entry's tensor for ``new_tensor(canonical name, old tensor)``, made once per shared tensor (the
+        names that aliased one tensor alias the new one) and a frozen parameter where the old one was a parameter."""
+        replaced: dict[str, torch.Tensor] = {}
+        for name, (module, attribute, is_parameter, tensor) in entries.items():
+            canonical = self._aliases[name]
+            if canonical not in replaced:
+                new = new_tensor(canonical, tensor)
+                replaced[canonical] = nn.Parameter(new, requires_grad=False) if is_parameter else new
+            (module._parameters if is_parameter else module._buffers)[attribute] = replaced[canonical]
 
     def restore(self) -> None:
         """Read the parked tensors back from the file onto ``device_module``'s device, bit for bit; the file is kept."""
@@ -133,13 +142,7 @@ class ParkedTensors:
 
         with torch.inference_mode(False):  # ordinary tensors, which load_state_dict may later copy into
             loaded = load_file(self._path, device=str(self._device()))
-            tensors = {}
-            for name, (module, attribute, is_parameter, _) in self._tensors().items():
-                canonical = self._aliases[name]
-                if canonical not in tensors:
-                    tensor = loaded[canonical]
-                    tensors[canonical] = nn.Parameter(tensor, requires_grad=False) if is_parameter else tensor
-                (module._parameters if is_parameter else module._buffers)[attribute] = tensors[canonical]
+            self._replace(self._tensors(), lambda canonical, _: loaded[canonical])
         self.parked = False
 
     @contextmanager
