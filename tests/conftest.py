@@ -104,6 +104,15 @@ def write_mvtec(root: Path, category: str = "widget", *, n_train: int = 4, n_goo
     return root
 
 
+def write_noise_images(folder: Path, count: int, *, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """Write ``count`` uniform-noise RGB images ``00000.png``, ``00001.png``, ... into a new ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{index:05d}.png")
+    return folder
+
+
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)

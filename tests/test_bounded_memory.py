@@ -6,8 +6,7 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-from PIL import Image
+from conftest import write_noise_images
 
 SCRIPT = """
 import resource, sys
@@ -16,13 +15,6 @@ code = main(sys.argv[1:])
 print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 sys.exit(code)
 """
-
-
-def _write_folder(folder, count):
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for index in range(count):
-        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{index:05d}.png")
 
 
 def _peak_kb(tmp_path, inputs, name):
@@ -35,9 +27,9 @@ def _peak_kb(tmp_path, inputs, name):
 
 
 def test_peak_memory_does_not_grow_with_the_folder(tmp_path):
-    _write_folder(tmp_path / "refs", 2)
-    _write_folder(tmp_path / "small", 1_000)
-    _write_folder(tmp_path / "large", 10_000)
+    write_noise_images(tmp_path / "refs", 2, size=(12, 12))
+    write_noise_images(tmp_path / "small", 1_000, size=(12, 12))
+    write_noise_images(tmp_path / "large", 10_000, size=(12, 12))
     small_peak, _ = _peak_kb(tmp_path, tmp_path / "small", "out-small")
     large_peak, output = _peak_kb(tmp_path, tmp_path / "large", "out-large")
     assert "scored 10000 image(s)" in output

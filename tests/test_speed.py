@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import anomalens
 from anomalens.cli import main
@@ -24,7 +23,7 @@ from anomalens.speed import (
     stage_group,
 )
 
-from conftest import ASSETS, TINY_CLIP, TINY_CONFIGS
+from conftest import ASSETS, TINY_CLIP, TINY_CONFIGS, write_noise_images
 
 
 def test_full_size_settings_cover_every_registered_method():
@@ -141,18 +140,10 @@ def test_flops_of_fused_attention_are_counted():
     assert mha.get_fastpath_enabled()  # switched back on for the timed batches
 
 
-def _write_images(folder, count, seed):
-    rng = np.random.default_rng(seed)
-    folder.mkdir()
-    for index in range(count):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{index}.png")
-    return folder
-
-
 def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(capsys, tmp_path):
-    images = _write_images(tmp_path / "images", 4, 0)
+    images = write_noise_images(tmp_path / "images", 4, seed=0)
     (images / "9-broken.png").write_bytes(b"not a png")  # reported and skipped before any setting runs
-    references = _write_images(tmp_path / "references", 1, 1)
+    references = write_noise_images(tmp_path / "references", 1, seed=1)
     (references / "0-broken.png").write_bytes(b"")  # sorts first: without the check, 1-shot would fit on it
     settings = [
         {"method": "winclip", "shots": 0, "options": TINY_CONFIGS["winclip"]},
