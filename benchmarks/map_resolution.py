@@ -60,8 +60,8 @@ DIFFUSION_SIDES = {"SD 512 px": (32, 16), "SD 256 px": (16, 8)}  # feature sides
 
 def localisation(maps: torch.Tensor, masks: np.ndarray) -> dict[str, float]:
     """Pixel AUROC and AUPRO (to FPR 0.3) of ``(N, S, S)`` maps, Gaussian-smoothed first, against the masks."""
-    from anomalens.metrics import aupro, auroc
-    from anomalens.postprocess import gaussian_blur
+    from anomalens.evaluation.metrics import aupro, auroc
+    from anomalens.nn.maps import gaussian_blur
 
     smoothed = gaussian_blur(maps, SIGMA).numpy()
     return {
@@ -79,9 +79,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import anomalens
-    from anomalens.benchmark import draw_references
-    from anomalens.datasets import MVTecAD
-    from anomalens.images import load_image
+    from anomalens.evaluation.benchmark import draw_references
+    from anomalens.io.datasets import MVTecAD
+    from anomalens.io.images import load_image
 
     dataset = MVTecAD(SHARED / "datasets" / "mvtec")
     samples = dataset.test_samples("bottle")
@@ -127,8 +127,8 @@ def main() -> None:
         "rows": rows,
     }  # fmt: skip
     out = Path(args.out)
-    from anomalens.outputs import atomic_write_text
-    from anomalens.profiling import write_benchmark_json
+    from anomalens.evaluation.profiling import write_benchmark_json
+    from anomalens.io.outputs import atomic_write_text
 
     write_benchmark_json(str(out), result)  # adds the command and the machine
     lines = ["| maps | grid | pixel AUROC | pixel AUPRO |", "|---|---|---|---|"]

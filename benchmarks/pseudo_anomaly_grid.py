@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from anomalens.images import load_image
-from anomalens.synthesis import synthesize_anomaly
+from anomalens.io.images import load_image
+from anomalens.methods.synthesis import synthesize_anomaly
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import ray
 
 import anomalens
-from anomalens.distributed import score
-from anomalens.predict import run_predict
-from anomalens.profiling import write_benchmark_json
+from anomalens.engines.local import run_predict
+from anomalens.engines.ray import score
+from anomalens.evaluation.profiling import write_benchmark_json
 
 
 def main() -> None:

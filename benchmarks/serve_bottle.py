@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_serve_browser import BROWSER_ARGS, ServerThread  # noqa: E402
 
 import anomalens  # noqa: E402
-from anomalens.profiling import write_benchmark_json  # noqa: E402
-from anomalens.serve import ServerSettings, create_app  # noqa: E402
+from anomalens.engines.serve import ServerSettings, create_app  # noqa: E402
+from anomalens.evaluation.profiling import write_benchmark_json  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ Usage (from the repository root):
         [--methods ...] [--settings N ...] [--no-variants] [--device cpu|cuda] \
         [--dtype float32|bfloat16|float16] [--timeout 3600] [--out FILE]
 
-This is ``anomalens benchmark-speed`` (:mod:`anomalens.speed`, which documents every figure) with this
+This is ``anomalens benchmark-speed`` (:mod:`anomalens.evaluation.speed`, which documents every figure) with this
 repository's defaults: 2 torch threads, the 16-image stratified subset of MVTec AD bottle's test images from
 ``$ANOMALENS_SHARED`` (default ``../shared``), and ``benchmarks/results/speed-<machine>-<threads>threads.json``
 (plus the markdown table beside it) as the output. ``--list`` shows the settings and their indices.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def main() -> int:
     from anomalens.cli import main as anomalens_main
-    from anomalens.speed import default_output_name
+    from anomalens.evaluation.speed import default_output_name
 
     arguments = sys.argv[1:]
     if "--threads" not in arguments:

@@ -104,8 +104,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/speed-before-after.json")
     args = parser.parse_args()
 
-    from anomalens.outputs import atomic_write_bytes
-    from anomalens.profiling import write_benchmark_json
+    from anomalens.evaluation.profiling import write_benchmark_json
+    from anomalens.io.outputs import atomic_write_bytes
 
     befores = [json.loads(Path(path).read_text()) for path in args.before]
     after = json.loads(Path(args.after).read_text())

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import anomalens
-from anomalens.images import find_images, load_image
-from anomalens.outputs import atomic_write_bytes, jet_colormap, png_bytes
+from anomalens.io.images import find_images, load_image
+from anomalens.io.outputs import atomic_write_bytes, jet_colormap, png_bytes
 
 
 def main() -> None:

@@ -133,7 +133,7 @@ def tiny_detector(method: str, **overrides):
 
 
 @dataclass
-class BrightnessConfig:
+class BrightnessConfig(anomalens.DetectorConfig):
     batch_size: int = 4  # images per forward pass
     fail_on_width: int = 0  # raise on any image of this width (0: never), to simulate a model error
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from anomalens.cli import main
-from anomalens.predict import leave_one_out_threshold, output_names
+from anomalens.engines.core import leave_one_out_threshold, output_names
 
 from conftest import tiny_detector
 
@@ -181,8 +181,8 @@ def test_output_names_avoid_collisions(tmp_path):
 
 
 def test_benchmark_max_images_keeps_both_classes(capsys, mvtec_root, tmp_path):
-    from anomalens.benchmark import subset_test
-    from anomalens.datasets import open_dataset
+    from anomalens.evaluation.benchmark import subset_test
+    from anomalens.io.datasets import open_dataset
 
     test = open_dataset("mvtec", mvtec_root).test_samples("widget")
     subset = subset_test(test, 4)

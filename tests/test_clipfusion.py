@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import anomalens
 from anomalens.backbones.diffusion import DiffusionBackbone, capture_block_outputs, capture_cross_attention
 from anomalens.cli import main
-from anomalens.memory import NearestNeighbourMemory
-from anomalens.methods.clipfusion import fuse_maps
+from anomalens.methods.clipfusion.model import fuse_maps
 from anomalens.methods.patchcore import PatchCore
+from anomalens.nn.memory import NearestNeighbourMemory
 
 from conftest import TINY_CLIP, TINY_CONFIGS, plant_defect, textured_image, tiny_detector
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalens.datasets import list_datasets, open_dataset
+from anomalens.io.datasets import list_datasets, open_dataset
 
 from conftest import write_mvtec
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from anomalens.cli import main
-from anomalens.predict import run_predict
+from anomalens.engines.local import run_predict
 
 from conftest import tiny_detector
 
@@ -40,7 +40,7 @@ def _records(out):
 
 
 def test_ray_engine_matches_local_engine_and_resumes(local_ray, mvtec_root, tmp_path):
-    from anomalens.distributed import score
+    from anomalens.engines.ray import score
 
     references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
     detector = tiny_detector("patchcore").fit(references)
@@ -122,7 +122,7 @@ def loopback_cluster():
 
 
 def test_two_node_cluster_on_loopback(loopback_cluster, mvtec_root, tmp_path):
-    from anomalens.distributed import score
+    from anomalens.engines.ray import score
 
     references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
     detector = tiny_detector("patchcore").fit(references)
@@ -147,7 +147,7 @@ def summary_paths(out):
 
 
 def test_uri_inputs_are_listed_and_read(mvtec_root):
-    from anomalens.distributed import _read, list_inputs
+    from anomalens.engines.ray import _read, list_inputs
 
     folder = mvtec_root / "widget" / "test"
     pairs = list_inputs([folder.as_uri()])

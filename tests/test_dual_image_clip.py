@@ -10,7 +10,7 @@ import torch
 
 from anomalens.cli import main
 from anomalens.methods.dual_image_clip import pair_partners
-from anomalens.synthesis import perlin_mask, perlin_noise, synthesize_anomaly
+from anomalens.methods.synthesis import perlin_mask, perlin_noise, synthesize_anomaly
 
 from conftest import TINY_CLIP, plant_defect, textured_image, tiny_detector
 

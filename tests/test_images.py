@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalens.images import ImageLoadError, find_images, load_image, load_mask
+from anomalens.io.images import ImageLoadError, find_images, load_image, load_mask
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from anomalens.memory import NearestNeighbourMemory, greedy_coreset_indices
-from anomalens.postprocess import gaussian_blur
+from anomalens.nn.maps import gaussian_blur
+from anomalens.nn.memory import NearestNeighbourMemory, greedy_coreset_indices
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -81,7 +81,7 @@ def test_fit_with_ratio_and_state_dict_round_trip():
     memory = NearestNeighbourMemory().fit(torch.randn(100, 6), coreset_ratio=0.1)
     assert len(memory) == 10
     restored = NearestNeighbourMemory()
-    from anomalens.weights import load_state_dict_checked
+    from anomalens.backbones.weights import load_state_dict_checked
 
     load_state_dict_checked(restored, memory.state_dict(), source="test")
     assert torch.equal(restored.bank, memory.bank)

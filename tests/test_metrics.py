@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from anomalens import metrics
+from anomalens.evaluation import metrics
 
 
 def _sklearn_f1max(labels, scores):

@@ -1,4 +1,4 @@
-"""Parked weights (anomalens.offload): CLIPFusion's text encoders leave memory once the class's prompts are cached,
+"""Parked weights (anomalens.nn.offload): CLIPFusion's text encoders leave memory once the class's prompts are cached,
 and nothing a user sees changes: maps and scores, save/load, refitting to a new class, copying and pickling."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import anomalens
-from anomalens.offload import ParkedTensors, parked_sets
+from anomalens.nn.offload import ParkedTensors, parked_sets
 
 from conftest import plant_defect, textured_image, tiny_detector
 
@@ -77,7 +77,7 @@ def test_parking_without_a_usable_temporary_folder_keeps_the_weights(tmp_path, m
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     toy = _Toy()
     parked = ParkedTensors(toy, "toy")
-    with caplog.at_level("WARNING", logger="anomalens.offload"):
+    with caplog.at_level("WARNING", logger="anomalens.nn.offload"):
         parked.park()
     assert not parked.parked and not toy.embedding.weight.is_meta
     assert "could not park toy" in caplog.text and "stays in memory" in caplog.text

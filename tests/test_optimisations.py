@@ -22,7 +22,7 @@ from anomalens.backbones.diffusion import (
     capture_cross_attention,
     last_unet_block,
 )
-from anomalens.memory import NearestNeighbourMemory
+from anomalens.nn.memory import NearestNeighbourMemory
 
 from conftest import TINY_CONFIGS, plant_defect, textured_image, tiny_detector
 
@@ -84,7 +84,7 @@ def test_chunked_channels_last_vae_matches_whole_batch(tiny_diffusion):
 
 
 def test_clipfusion_maps_unchanged_by_the_early_exit(monkeypatch):
-    import anomalens.methods.clipfusion as clipfusion
+    import anomalens.methods.clipfusion.model as clipfusion
 
     rng = np.random.default_rng(0)
     references = [textured_image(rng, 40, 48) for _ in range(2)]
@@ -148,7 +148,7 @@ def test_unknown_precision_lists_the_valid_ones():
 
 
 def test_vlmdiff_chunked_channels_last_vae_matches_whole_batch():
-    from anomalens.methods.vlmdiff import LatentAutoencoder
+    from anomalens.methods.vlmdiff.autoencoder import LatentAutoencoder
 
     autoencoder = LatentAutoencoder("tiny", weights=None)
     images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -206,7 +206,7 @@ def test_channels_last_backbones_match_nchw(name):
 def test_vlmdiff_channels_last_taef2_autoencoder_matches_nchw():
     import copy
 
-    from anomalens.methods.vlmdiff import LatentAutoencoder
+    from anomalens.methods.vlmdiff.autoencoder import LatentAutoencoder
 
     autoencoder = LatentAutoencoder("taef2", weights=None)
     encoder = copy.deepcopy(autoencoder.encoder).to(memory_format=torch.contiguous_format)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalens.predict import prepare_out_dir, run_predict
+from anomalens.engines.core import prepare_out_dir
+from anomalens.engines.local import run_predict
 
 from conftest import BrightnessConfig, BrightnessDetector
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import anomalens
 from anomalens.backbones.taef2 import taef2_decoder, taef2_encoder
-from anomalens.images import load_image
-from anomalens.weights import load_state_dict_checked, read_checkpoint
+from anomalens.backbones.weights import load_state_dict_checked, read_checkpoint
+from anomalens.io.images import load_image
 
 from conftest import SHARED
 
@@ -46,7 +46,7 @@ def test_patchcore_taef2_one_shot_on_bottle():
     good = sorted((BOTTLE / "test" / "good").glob("*.png"))[:6]
     broken = sorted((BOTTLE / "test" / "broken_large").glob("*.png"))[:6]
     scores = [result.score for result in detector.predict(good + broken)]
-    from anomalens.metrics import auroc
+    from anomalens.evaluation.metrics import auroc
 
     assert auroc(np.array(scores), np.array([0] * 6 + [1] * 6)) > 0.9
 

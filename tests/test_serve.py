@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="serve is in the test extras: pip install -e '.[test]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from anomalens.serve import ServerSettings, create_app, safe_name  # noqa: E402
+from anomalens.engines.serve import ServerSettings, create_app, safe_name  # noqa: E402
 
 from conftest import plant_defect, textured_image, tiny_detector  # noqa: E402
 

@@ -14,7 +14,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in t
 
 import uvicorn  # noqa: E402
 
-from anomalens.serve import create_app  # noqa: E402
+from anomalens.engines.serve import create_app  # noqa: E402
 
 from conftest import tiny_detector  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""anomalens benchmark-speed (anomalens.speed): the side-by-side timing harness, its figures and its errors."""
+"""anomalens benchmark-speed (anomalens.evaluation.speed): the side-by-side timing harness, figures and errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import anomalens
 from anomalens.cli import main
-from anomalens.speed import (
+from anomalens.evaluation.speed import (
     FULL_SIZE_SETTINGS,
     add_ratios,
     check_settings,
@@ -109,12 +109,12 @@ class _AttentionDetector(anomalens.Detector):
     """One nn.MultiheadAttention over a fixed token sequence per image: FLOPs known in closed form."""
 
     method_name = "attention_test"
-    config_class = dict
+    config_class = anomalens.DetectorConfig
     zero_shot, few_shot = True, False
     tokens, width = 20, 16
 
     def __init__(self):
-        super().__init__({})
+        super().__init__(anomalens.DetectorConfig())
         self.attention = torch.nn.MultiheadAttention(self.width, 2, batch_first=True).eval()
 
     def _fit(self, reference_images, class_name):

@@ -11,29 +11,26 @@ import pytest
 import torch
 
 import anomalens
-from anomalens.captions import CaptionCache, caption_images, read_caption_file, template_caption
+from anomalens.backbones.diffusion import sd_noise_scheduler
+from anomalens.backbones.text import TextEncoder
 from anomalens.cli import main
-from anomalens.methods.vlmdiff import (
-    VLMDiffArchitecture,
-    VLMDiffNet,
-    ddim_step,
-    ddim_timesteps,
-    scaled_linear_alphas_cumprod,
-)
-from anomalens.methods.vlmdiff_training import VLMDiffTrainConfig, smooth, train_vlmdiff
-from anomalens.text_encoders import TextEncoder
+from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
+from anomalens.methods.vlmdiff.captions import CaptionCache, caption_images, read_caption_file, template_caption
+from anomalens.methods.vlmdiff.network import VLMDiffNet, ddim_step, ddim_timesteps
+from anomalens.methods.vlmdiff.training import VLMDiffTrainConfig, smooth, train_vlmdiff
 
 from conftest import TINY_VLMDIFF, textured_image, write_mvtec
 
 
 # ---------------------------------------------------------------------------- schedule and DDIM
-def test_schedule_matches_diffusers():
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    )
-    torch.testing.assert_close(scaled_linear_alphas_cumprod().float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-7)
+def test_one_noise_schedule_from_diffusers_matches_the_scaled_linear_formula():
+    # Hand-computed reference: betas linear in sqrt space from 0.00085 to 0.012, cumulative product of 1 - beta.
+    betas = [(0.00085**0.5 + (0.012**0.5 - 0.00085**0.5) * step / 999) ** 2 for step in range(1000)]
+    expected = torch.tensor(np.cumprod([1.0 - beta for beta in betas]))
+    scheduler = sd_noise_scheduler()
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), expected, rtol=1e-5, atol=1e-7)
+    net = VLMDiffNet(VLMDiffArchitecture.from_dict(TINY_VLMDIFF), load_pretrained=False)
+    torch.testing.assert_close(net.alphas_cumprod, scheduler.alphas_cumprod.double())  # VLMDiff uses that schedule
 
 
 def test_ddim_timesteps():
@@ -257,7 +254,7 @@ def test_detector_loads_the_trained_run(tmp_path):
     )
     assert detector.config.architecture["unet"] == "tiny"  # read from the run
     trained = VLMDiffNet(VLMDiffArchitecture(**TINY_VLMDIFF), load_pretrained=False)
-    from anomalens.methods.vlmdiff import load_run_weights
+    from anomalens.methods.vlmdiff.run_files import load_run_weights
 
     load_run_weights(trained, run)
     for (name, expected), actual in zip(trained.unet.state_dict().items(), detector.net.unet.state_dict().values()):
@@ -301,7 +298,7 @@ def test_train_and_benchmark_through_the_cli(tmp_path, capsys):
 def test_vgg16_bn_loads_from_a_craft_checkpoint(tmp_path):
     """CRAFT keeps torchvision's vgg16_bn layers in four ``basenet.slice*`` blocks (features.0 to features.38)."""
     from anomalens.backbones import FeatureBackbone
-    from anomalens.backbones import _torchvision_classifier as classifier
+    from anomalens.backbones.cnn import torchvision_classifier as classifier
 
     torch.manual_seed(0)
     vgg = classifier("vgg16_bn")
@@ -331,7 +328,7 @@ def test_dino_vits8_gives_a_stride_8_patch_grid():
 
 
 def test_epoch_sampler_gives_full_batches_and_every_image_once_per_epoch():
-    from anomalens.methods.vlmdiff_training import EpochSampler
+    from anomalens.methods.vlmdiff.training import EpochSampler
 
     sampler = EpochSampler(10, torch.Generator().manual_seed(0))
     batches = [sampler.next(4) for _ in range(5)]  # 20 indices = two epochs
@@ -367,7 +364,7 @@ def _tiny_blip(folder):
 
 
 def test_a_transformers_captioner_runs_and_is_cached(tmp_path):
-    from anomalens.captions import VLMCaptioner
+    from anomalens.methods.vlmdiff.captions import VLMCaptioner
 
     folder = _tiny_blip(tmp_path / "blip")
     paths = _write_images(tmp_path / "images", 2)
@@ -395,7 +392,7 @@ def test_autoencoder_fine_tuning_is_saved_with_the_run(tmp_path):
 
 
 def test_mixed_precision_applies_on_a_gpu_only(caplog):
-    from anomalens.methods.vlmdiff_training import _autocast_dtype
+    from anomalens.methods.vlmdiff.training import _autocast_dtype
 
     assert _autocast_dtype("auto", torch.device("cpu")) is None
     with caplog.at_level("WARNING"):

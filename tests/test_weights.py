@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from anomalens.backbones import FeatureBackbone
 from anomalens.backbones.taef2 import taef2_encoder
-from anomalens.weights import WeightsNotFoundError, load_state_dict_checked, read_checkpoint, resolve
+from anomalens.backbones.weights import WeightsNotFoundError, load_state_dict_checked, read_checkpoint, resolve
 
 
 def _write_taef2_checkpoint(path):
@@ -132,7 +132,7 @@ def test_fp16_checkpoint_is_cast_to_model_dtype():
 def test_download_checks_digest_and_fills_cache(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    import anomalens.weights as weights
+    import anomalens.backbones.weights as weights
 
     payload = tmp_path / "upstream.pth"
     payload.write_bytes(b"weights!")

@@ -16,8 +16,8 @@ from anomalens.backbones.clip import (
     remove_vv_attention,
     sliding_windows,
 )
+from anomalens.backbones.prompts import WINCLIP_TEMPLATES, build_prompt_set
 from anomalens.cli import main
-from anomalens.prompts import WINCLIP_TEMPLATES, build_prompt_set
 
 from conftest import TINY_CLIP, plant_defect, textured_image, tiny_detector
 

@@ -10,16 +10,20 @@ Quick start::
         print(result.score, result.anomaly_map.shape)
 """
 
+from anomalens.backbones.weights import WeightsNotFoundError
+from anomalens.config import DetectorConfig
 from anomalens.detector import AnomalyResult, Detector
-from anomalens.images import ImageLoadError, load_image
-from anomalens.registry import create, get_method, list_methods, load, register_method
-from anomalens.weights import WeightsNotFoundError
+from anomalens.io.images import ImageLoadError, load_image
+from anomalens.registry import create, get_method, list_methods, register_method
+
+load = Detector.load  # anomalens.load(path[, map_location]): any saved detector
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AnomalyResult",
     "Detector",
+    "DetectorConfig",
     "ImageLoadError",
     "WeightsNotFoundError",
     "__version__",

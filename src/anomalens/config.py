@@ -1,8 +1,14 @@
-"""Method configurations: plain dataclasses, validated when built from user options.
+"""Configuration: plain dataclasses, validated when built, the one source of every option.
 
-Every method declares a ``@dataclass`` config with one comment per field. ``build_config`` turns
-keyword options (from Python or from the CLI's ``--set key=value``) into that dataclass, rejecting
-unknown names with the list of valid ones and coercing strings from the command line.
+- :class:`DetectorConfig` holds the fields every method has (batch size, seed, precision, smoothing, device);
+  each method's config subclasses it (the CLIP methods through
+  :class:`~anomalens.methods.clip_base.CLIPConfig`) and adds its own fields, one comment per field.
+- :func:`build_config` turns keyword options (from Python, a YAML file or the CLI's ``--set key=value``) into
+  such a dataclass, rejecting unknown names with the list of valid ones and coercing strings.
+- :func:`check_options` is the one validation helper: every rule violation becomes a ``ValueError`` that names
+  the method, the option, its value and the rule.
+- The command line is generated from the same dataclasses (:mod:`anomalens.cli.options`), so a default is
+  written once.
 """
 
 from __future__ import annotations
@@ -12,9 +18,52 @@ import hashlib
 import json
 import types
 import typing
-from typing import Any, TypeVar, Union
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar, Union
 
 ConfigT = TypeVar("ConfigT")
+PRECISIONS = ("float32", "bfloat16", "float16")  # values of every method config's ``precision`` field
+RUNTIME_FIELDS = ("device",)  # fields that change where a detector runs, not what it computes (not hashed)
+
+
+def check_options(owner: str, config: Any, rules: Mapping[str, tuple[bool, str]]) -> None:
+    """Raise ``ValueError`` for the first broken rule: ``"{owner} option {name}={value!r} must be {rule}"``.
+
+    Args:
+        owner: Who the options belong to (a method name, ``"serve"``, ...), named in the message.
+        config: The dataclass holding the values.
+        rules: ``name -> (holds, rule in words)``.
+    """
+    for name, (holds, rule) in rules.items():
+        if not holds:
+            raise ValueError(f"{owner} option {name}={getattr(config, name)!r} must be {rule}")
+
+
+@dataclass
+class DetectorConfig:
+    """The fields every method's config has. Subclasses add theirs and may change these defaults."""
+
+    method: ClassVar[str] = "detector"  # the registered method name, used in error messages
+
+    batch_size: int = 8  # images per forward pass
+    seed: int = 0  # seeds every random choice of the method and random initialisation of untrained weights
+    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
+    smoothing_sigma: float = 4.0  # Gaussian sigma of the anomaly map, in pixels at the method's map size; 0 = none
+    device: str = "cpu"  # torch device the detector is built on and runs on: "cpu", "cuda", "cuda:1", ...
+
+    def __post_init__(self) -> None:
+        check_options(
+            self.method,
+            self,
+            {
+                "batch_size": (isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1"),
+                "seed": (isinstance(self.seed, int), "an integer"),
+                "precision": (self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+                "smoothing_sigma": (self.smoothing_sigma >= 0, ">= 0"),
+                "device": (isinstance(self.device, str) and bool(self.device), "a torch device name such as cpu"),
+            },
+        )
 
 
 def config_fields(config_cls: type) -> list[str]:
@@ -103,6 +152,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def config_hash(method: str, config: Any) -> str:
-    """Short stable hash of a method and its config, recorded with every score."""
-    payload = json.dumps({"method": method, "config": config_to_dict(config)}, sort_keys=True)
+    """Short stable hash of a method and its config, recorded with every score (runtime fields left out)."""
+    values = {name: value for name, value in config_to_dict(config).items() if name not in RUNTIME_FIELDS}
+    payload = json.dumps({"method": method, "config": values}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]

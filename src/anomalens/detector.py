@@ -10,6 +10,15 @@ it as safetensors beside a JSON config. Methods implement two hooks:
   common resolution ``(B, h, w)``; the base class resizes each map back to its image's own size.
 
 Everything else (input loading and validation, batching, result type, persistence) is shared here.
+
+Rules for a method author, all stated here:
+
+- ``config_class`` is a dataclass subclassing :class:`~anomalens.config.DetectorConfig` (batch size, seed,
+  precision, smoothing, device) with one comment per field; validation goes in its ``__post_init__``.
+- Fitted state lives in buffers and parameters (``state_dict`` saves it). A buffer whose shape follows the data
+  belongs to a :class:`~anomalens.nn.state.ResizableBuffers` module; cached prompt embeddings go in an
+  :class:`~anomalens.nn.state.EmbeddingCache`; parked weights need :class:`~anomalens.nn.offload.OffloadMixin`.
+- ``self.timed(stage)`` adds a block's time to ``stage_seconds``; ``stage`` is one of :data:`STAGES`.
 """
 
 from __future__ import annotations
@@ -21,19 +30,19 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from anomalens.config import config_hash, config_to_dict
-from anomalens.images import ImageLike, describe, load_image
-from anomalens.offload import parked_sets
+from anomalens.config import PRECISIONS, DetectorConfig, build_config, config_hash, config_to_dict
+from anomalens.io.images import ImageLike, describe, load_image
+from anomalens.nn.maps import resize_map
+from anomalens.nn.state import clear_embedding_caches
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +50,18 @@ FORMAT_NAME = "anomalens-detector"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
-PRECISIONS = ("float32", "bfloat16", "float16")  # values of every method config's ``precision`` field
+STAGES = (  # stage names of Detector.timed(); the speed tables group them into columns
+    "image_encoder",  # a CNN / ViT image feature pass (PatchCore, Dual-Image CLIP)
+    "clip",  # CLIP image passes (WinCLIP, CLIPFusion)
+    "features",  # a feature extractor comparing images (VLMDiff)
+    "vae",  # a latent autoencoder
+    "unet",  # a diffusion UNet (and its guidance network)
+    "text_encoder",  # prompt / caption encoding
+    "memory_search",  # nearest-neighbour search in a memory bank
+    "tta",  # test-time adaptation
+    "post_processing",  # map fusion, resizing, smoothing
+)
+__all__ = ["PRECISIONS", "STAGES", "AnomalyResult", "Detector"]
 
 
 @dataclass
@@ -71,19 +91,26 @@ class Detector(nn.Module):
 
     Args:
         config: The method's config dataclass instance.
-        weights_dir: Folder searched first for pretrained weights (see :mod:`anomalens.weights`).
+        weights_dir: Folder searched first for pretrained weights (see :mod:`anomalens.backbones.weights`).
         load_pretrained: ``False`` builds the architecture only (used by :meth:`load`, which restores
             every tensor from the saved file).
     """
 
     method_name: ClassVar[str] = ""
-    config_class: ClassVar[type] = object
+    config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
     zero_shot: ClassVar[bool] = False  # whether fit() may be called without references
     few_shot: ClassVar[bool] = True  # whether fit() accepts reference images
     pooled: ClassVar[bool] = False  # whether images of one predict call are scored jointly (as each other's references)
 
-    def __init__(self, config: Any, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True):
+    def __init__(
+        self, config: DetectorConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True
+    ):
         super().__init__()
+        if not isinstance(config, DetectorConfig):
+            raise ValueError(
+                f"{type(self).__name__} config must be a DetectorConfig dataclass (anomalens.config), "
+                f"got {type(config).__name__}"
+            )
         self.config = config
         self.weights_dir = weights_dir
         self.load_pretrained = load_pretrained
@@ -91,10 +118,6 @@ class Detector(nn.Module):
         self.threshold: float | None = None
         self.stage_seconds: dict[str, float] = {}  # time spent per named stage, summed since last cleared
         self.register_buffer("_is_fitted", torch.tensor(False))
-        precision = getattr(config, "precision", "float32")
-        if precision not in PRECISIONS:
-            valid = ", ".join(PRECISIONS)
-            raise ValueError(f"{self.method_name} option precision={precision!r} must be one of {valid}")
 
     def autocast(self) -> torch.autocast:
         """The config's ``precision`` as a ``torch.autocast`` context (disabled for ``"float32"``).
@@ -102,61 +125,27 @@ class Detector(nn.Module):
         Networks run their matmuls and convolutions in bfloat16/float16 under it; weights, memory banks and
         nearest-neighbour distances stay float32, and maps and scores are returned as float32.
         """
-        precision = getattr(self.config, "precision", "float32")
+        precision = self.config.precision
         return torch.autocast(self.device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Add the time spent inside the block to ``stage_seconds[stage]``."""
+        """Add the time spent inside the block to ``stage_seconds[stage]``; ``stage`` is one of :data:`STAGES`."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
         start = time.perf_counter()
         try:
             yield
         finally:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start
 
-    # ------------------------------------------------------------------ parked weights
-    @contextmanager
-    def resident(self) -> Iterator[None]:
-        """Every parked tensor set of the detector (see :mod:`anomalens.offload`) in memory for the block."""
-        with ExitStack() as stack:
-            for parked in parked_sets(self):
-                stack.enter_context(parked.resident())
-            yield
-
-    def state_dict(self, *args, **kwargs):
-        """``nn.Module.state_dict`` with parked tensors read back, so it always holds the real weights."""
-        with self.resident():
-            return super().state_dict(*args, **kwargs)
-
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; parked tensors are restored first and their stale files dropped, and the
-        backbones' prompt caches (``_text_cache``, derived from the old weights) are cleared. Runs in inference mode,
-        because fitted state (memory banks) is made in inference mode and can only be overwritten there."""
-        self._restore_parked_for_change()
-        for module in self.modules():
-            cache = getattr(module, "_text_cache", None)
-            if isinstance(cache, dict):
-                cache.clear()
+        """``nn.Module.load_state_dict``, then every :class:`~anomalens.nn.state.EmbeddingCache` (prompt embeddings
+        derived from the old weights) is cleared. Runs in inference mode, because fitted state (memory banks) is made
+        in inference mode and can only be overwritten there."""
+        clear_embedding_caches(self)
         with torch.inference_mode():
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def _apply(self, fn, recurse: bool = True):
-        """``nn.Module._apply``, behind ``.to()``, ``.cuda()``, ``.half()`` and the like, on the real weights:
-        parked tensors are read back first and their files dropped (the conversion may change them); the next
-        prompts park them again, from their new device and dtype."""
-        self._restore_parked_for_change()
-        return super()._apply(fn, recurse)
-
-    def _restore_parked_for_change(self) -> None:
-        """Read every parked tensor set back and delete its file: the tensors are about to change."""
-        for parked in parked_sets(self):
-            parked.restore()
-            parked.forget_file()
-
-    def __getstate__(self) -> dict:
-        for parked in parked_sets(self):  # a pickled or copied detector carries its real weights
-            parked.restore()
-        return super().__getstate__()
 
     # ------------------------------------------------------------------ public API
     @property
@@ -211,7 +200,7 @@ class Detector(nn.Module):
 
         Args:
             images: One image or a sequence (paths, PIL images or ``(H, W[, C])`` arrays); sizes may differ.
-            batch_size: Images per forward pass; defaults to the config's ``batch_size`` (or 8).
+            batch_size: Images per forward pass; defaults to the config's ``batch_size``.
 
         Returns:
             One :class:`AnomalyResult` per image, in order; each ``anomaly_map`` has that image's ``(H, W)``.
@@ -224,7 +213,7 @@ class Detector(nn.Module):
             raise RuntimeError(f"{self.method_name} detector is not fitted: call fit() first (or load a saved one)")
         if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, Sequence):
             images = [images]
-        size = batch_size or getattr(self.config, "batch_size", 8)
+        size = batch_size or self.config.batch_size
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
         results: list[AnomalyResult] = []
@@ -309,18 +298,32 @@ class Detector(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Detector:
-        """Load a detector written by :meth:`save` (any method; see :func:`anomalens.load`)."""
-        from anomalens.registry import load
+        """Load a detector written by :meth:`save`, checking every tensor's name and shape (``anomalens.load``).
 
-        detector = load(path, map_location=map_location)
-        if cls is not Detector and not isinstance(detector, cls):
-            raise ValueError(f"{path} holds a {detector.method_name!r} detector, not {cls.method_name!r}")
-        return detector
+        ``Detector.load`` loads any method; a subclass (``PatchCore.load``) refuses a folder of another method.
+        """
+        from safetensors.torch import load_file
+
+        from anomalens.backbones.weights import load_state_dict_checked
+        from anomalens.registry import get_method
+
+        meta = config_from_saved(path)
+        method = get_method(meta["method"])
+        if cls is not Detector and not issubclass(method, cls):
+            raise ValueError(f"{path} holds a {meta['method']!r} detector, not {cls.method_name!r}")
+        options = {key: value for key, value in meta["config"].items() if key != "device"}
+        detector = method(build_config(method.config_class, options, method=meta["method"]), load_pretrained=False)
+        state = load_file(str(Path(path) / TENSORS_FILE), device="cpu")
+        load_state_dict_checked(detector, state, source=str(path))
+        detector.class_name = meta.get("class_name")
+        detector.threshold = meta.get("threshold")
+        detector.config.device = str(torch.device(map_location))
+        return detector.to(map_location)
 
     # ------------------------------------------------------------------ hooks for methods
     @classmethod
     def required_weights(cls, config: Any) -> list[str]:
-        """Weight references (see :func:`anomalens.weights.resolve`) this config loads; for ``weights download``."""
+        """Weight references this config loads (see :func:`~anomalens.backbones.weights.resolve`), for downloads."""
         return []
 
     def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
@@ -333,13 +336,6 @@ class Detector(nn.Module):
     def _map_to_image(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bring one ``(h, w)`` map from the model's input geometry to its image's ``(H, W)``."""
         return resize_map(anomaly_map, size)
-
-
-def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize an ``(h, w)`` map to ``size`` = ``(H, W)``."""
-    if tuple(anomaly_map.shape[-2:]) == tuple(size):
-        return anomaly_map
-    return F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,35 +1,44 @@
-"""The method registry: ``create``, ``list_methods``, ``load`` and ``register_method``.
+"""The method registry: ``create``, ``list_methods``, ``get_method`` and ``register_method``.
 
 Built-in methods are listed by import path and imported on first use, so ``import anomalens``
-stays light. Third-party methods register their class with :func:`register_method`.
+stays light. Third-party methods register their class with :func:`register_method`. Loading a saved
+detector is :meth:`anomalens.detector.Detector.load` (the registry imports no detector code).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from anomalens.config import DetectorConfig, build_config
 
-from anomalens.config import build_config
-from anomalens.detector import TENSORS_FILE, Detector, config_from_saved
+if TYPE_CHECKING:
+    from anomalens.detector import Detector
 
 _BUILTIN_METHODS: dict[str, str] = {
     "patchcore": "anomalens.methods.patchcore:PatchCore",
     "winclip": "anomalens.methods.winclip:WinCLIP",
     "dual_image_clip": "anomalens.methods.dual_image_clip:DualImageCLIP",
-    "clipfusion": "anomalens.methods.clipfusion:CLIPFusion",
-    "vlmdiff": "anomalens.methods.vlmdiff:VLMDiff",
+    "clipfusion": "anomalens.methods.clipfusion.model:CLIPFusion",
+    "vlmdiff": "anomalens.methods.vlmdiff.detector:VLMDiff",
 }
 _REGISTERED: dict[str, type[Detector]] = {}
 
 
 def register_method(cls: type[Detector]) -> type[Detector]:
     """Register a :class:`Detector` subclass under its ``method_name`` (usable as a class decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, Detector)) or not cls.method_name:
-        raise ValueError(f"{cls!r} must be a Detector subclass with a method_name")
+    from torch import nn
+
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "_predict_batch")):
+        raise ValueError(f"{cls!r} must be a Detector subclass (anomalens.Detector)")
+    if not cls.method_name:
+        raise ValueError(f"{cls.__name__} needs a method_name (the name create() and the CLI use)")
+    if not (isinstance(cls.config_class, type) and issubclass(cls.config_class, DetectorConfig)):
+        raise ValueError(
+            f"{cls.__name__}.config_class must be a dataclass subclassing anomalens.config.DetectorConfig, "
+            f"got {cls.config_class!r}"
+        )
     _REGISTERED[cls.method_name] = cls
     return cls
 
@@ -68,21 +77,5 @@ def create(method: str, *, weights_dir: str | os.PathLike | None = None, **confi
         An unfitted :class:`Detector`; call ``fit`` next.
     """
     cls = get_method(method)
-    return cls(build_config(cls.config_class, config, method=method), weights_dir=weights_dir)
-
-
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Detector:
-    """Load a detector saved with :meth:`Detector.save`, checking every tensor's name and shape."""
-    from safetensors.torch import load_file
-
-    from anomalens.weights import load_state_dict_checked
-
-    meta = config_from_saved(path)
-    cls = get_method(meta["method"])
-    config = build_config(cls.config_class, meta["config"], method=meta["method"])
-    detector = cls(config, load_pretrained=False)
-    state = load_file(str(Path(path) / TENSORS_FILE), device="cpu")
-    load_state_dict_checked(detector, state, source=str(path))
-    detector.class_name = meta.get("class_name")
-    detector.threshold = meta.get("threshold")
-    return detector.to(map_location)
+    detector = cls(build_config(cls.config_class, config, method=method), weights_dir=weights_dir)
+    return detector.to(detector.config.device)

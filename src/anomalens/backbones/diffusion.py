@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from anomalens.offload import ParkedTensors
-from anomalens.weights import resolve
+from anomalens.backbones.weights import resolve
+from anomalens.nn.offload import ParkedTensors
+from anomalens.nn.state import EmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -211,16 +212,14 @@ class DiffusionBackbone(nn.Module):
         self.image_size = int(image_size or native)
         if self.image_size % 8:
             raise ValueError(f"diffusion image_size must be a multiple of 8, got {self.image_size}")
-        self.scheduler = diffusers.DDPMScheduler(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-        )
+        self.scheduler = sd_noise_scheduler()
         # Only the encoder half of the VAE is ever used: dropping the decoder saves ~190 MB at SD size.
         self.vae.decoder = self.vae.post_quant_conv = None
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.text_cache = EmbeddingCache()  # prompt -> (T, D) hidden states, follows .to() like the weights
         self.latent_side = self.image_size // 8
-        # Parkable in a temporary file once a method's prompts are cached (see anomalens.offload).
+        # Parkable in a temporary file once a method's prompts are cached (see anomalens.nn.offload).
         self.text_weights = ParkedTensors(self.text_encoder, "diffusion text encoder", device_module=self.unet)
 
     def _load_single_file(self, path, diffusers) -> None:
@@ -229,7 +228,7 @@ class DiffusionBackbone(nn.Module):
         diffusers infers the model type from the keys and needs that model's configs: from the Hugging Face
         cache, or downloaded on a connected machine.
         """
-        from anomalens.weights import is_offline
+        from anomalens.backbones.weights import is_offline
 
         try:
             pipeline = diffusers.StableDiffusionPipeline.from_single_file(str(path), local_files_only=is_offline())
@@ -260,14 +259,14 @@ class DiffusionBackbone(nn.Module):
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """``(P, T, D)`` text-encoder hidden states for ``prompts``, cached per prompt."""
-        missing = [prompt for prompt in prompts if prompt not in self._text_cache]
+        missing = [prompt for prompt in prompts if prompt not in self.text_cache]
         if missing:
             ids = self.tokenizer(missing).to(self.device)
             with self.text_weights.resident():
                 states = self.text_encoder(ids)[0]
             for prompt, state in zip(missing, states):
-                self._text_cache[prompt] = state
-        return torch.stack([self._text_cache[prompt] for prompt in prompts])
+                self.text_cache.put(prompt, state)
+        return torch.stack([self.text_cache.get(prompt)[0] for prompt in prompts])
 
     def token_positions(self, prompt: str, words: str) -> list[int]:
         """Positions in the tokenised ``prompt`` (start token at 0) of the tokens of ``words``."""
@@ -462,3 +461,12 @@ def capture_block_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[di
     finally:
         for handle in handles:
             handle.remove()
+
+
+def sd_noise_scheduler():
+    """Stable Diffusion 1.x/2.x's training noise schedule as diffusers' ``DDPMScheduler`` (1000 steps, scaled-linear
+    betas from 0.00085 to 0.012): the one schedule CLIPFusion's noising and VLMDiff's training and DDIM use."""
+    diffusers = require_diffusers()
+    return diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )

@@ -16,7 +16,7 @@ visual references and test-time adaptation on synthesised anomalies.
 4. Test-time adaptation (``tta``): a linear adapter on the projected tokens (initialised to the identity)
    is trained for ``tta_steps`` steps on the pool itself: on the real images the targets are the zero-shot
    joint map (soft pseudo-labels, BCE); on pseudo-anomalies (Perlin-shaped regions of foreign texture pasted
-   into a ``tta_pseudo_share`` of the pool's images, :mod:`anomalens.synthesis`) the targets are the masks
+   into a ``tta_pseudo_share`` of the pool's images, :mod:`anomalens.methods.synthesis`) the targets are the masks
    (BCE + dice). The adapted tokens give a refined language map, and the joint map is rebuilt with it.
    With ``tta=False`` the output is exactly the zero-shot joint map.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,19 +33,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone
+from anomalens.config import check_options
 from anomalens.detector import Detector
-from anomalens.memory import NearestNeighbourMemory
-from anomalens.methods.clip_common import class_name_of, clip_weights_of, prompt_set_of
-from anomalens.synthesis import synthesize_anomaly
+from anomalens.methods.clip_base import CLIPConfig, class_name_of, clip_weights_of, prompt_set_of
+from anomalens.methods.synthesis import synthesize_anomaly
+from anomalens.nn.losses import dice_loss
+from anomalens.nn.memory import NearestNeighbourMemory
+from anomalens.nn.state import ResizableBuffers
 
 
 @dataclass
-class DualImageCLIPConfig:
-    """Configuration of :class:`DualImageCLIP`."""
+class DualImageCLIPConfig(CLIPConfig):
+    """Configuration of :class:`DualImageCLIP` (common CLIP fields: :class:`.clip_base.CLIPConfig`)."""
 
-    backbone: str = "ViT-L-14-336"  # open_clip model name
-    pretrained: str | None = "openai"  # open_clip pretrained tag, a checkpoint path, or None (random init)
-    class_name: str | None = None  # product name for the prompts when fit() is given none ("object" if neither)
+    method: ClassVar[str] = "dual_image_clip"
+
+    batch_size: int = 16  # images scored together as one pool by predict and the batch commands
     layers: tuple[int, ...] = (-13, -7, -1)  # blocks (negative: from the end) whose v-v tokens are used
     partners: int = 1  # r: partners per image within the pool (the paper's base case is 1)
     language_weight: float = 0.5  # weight of the language map in the joint map; the visual map gets the rest
@@ -55,35 +59,25 @@ class DualImageCLIPConfig:
     tta_alignment_weight: float = 1.0  # weight of the alignment to the zero-shot pseudo-labels in the TTA loss
     image_size: int | None = None  # model input side; None = the model's own (336 for ViT-L-14-336)
     resize_mode: str = "resize"  # "resize" (squash to square) or "crop" (centre crop; map placed back in the crop)
-    normal_states: tuple[str, ...] | None = None  # normal state phrases with one "{}"; None = WinCLIP's
-    anomalous_states: tuple[str, ...] | None = None  # anomalous state phrases with one "{}"; None = WinCLIP's
-    templates: tuple[str, ...] | None = None  # prompt templates with one "{}"; None = WinCLIP's
-    defect_words: tuple[str, ...] = ()  # extra anomalous states "{} with <word>"
-    temperature: float | None = None  # softmax temperature of text similarities; None = CLIP's logit scale
-    smoothing_sigma: float = 4.0  # Gaussian sigma of the map, in pixels at the model's input size
-    batch_size: int = 16  # images scored together as one pool by predict and the batch commands
     forward_batch_size: int = 4  # images per backbone forward pass
-    seed: int = 0  # seeds pairing, pseudo-anomaly synthesis, and random init when pretrained is None
-    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.layers = tuple(int(layer) for layer in self.layers)
-        problems = {
-            "layers": (bool(self.layers), "one or more block indices"),
-            "partners": (self.partners >= 1, ">= 1"),
-            "language_weight": (0.0 <= self.language_weight <= 1.0, "in [0, 1]"),
-            "tta_steps": (self.tta_steps >= 0, ">= 0"),
-            "tta_lr": (self.tta_lr > 0, "> 0"),
-            "tta_pseudo_share": (0.0 < self.tta_pseudo_share <= 1.0, "in (0, 1]"),
-            "resize_mode": (self.resize_mode in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}"),
-            "smoothing_sigma": (self.smoothing_sigma >= 0, ">= 0"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "forward_batch_size": (self.forward_batch_size >= 1, ">= 1"),
-        }
-        for name, (ok, rule) in problems.items():
-            if not ok:
-                raise ValueError(f"dual_image_clip option {name}={getattr(self, name)!r} must be {rule}")
-        prompt_set_of(self)  # fails early, naming the phrase, if a placeholder is missing
+        check_options(
+            self.method,
+            self,
+            {
+                "layers": (bool(self.layers), "one or more block indices"),
+                "partners": (self.partners >= 1, ">= 1"),
+                "language_weight": (0.0 <= self.language_weight <= 1.0, "in [0, 1]"),
+                "tta_steps": (self.tta_steps >= 0, ">= 0"),
+                "tta_lr": (self.tta_lr > 0, "> 0"),
+                "tta_pseudo_share": (0.0 < self.tta_pseudo_share <= 1.0, "in (0, 1]"),
+                "resize_mode": (self.resize_mode in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}"),
+                "forward_batch_size": (self.forward_batch_size >= 1, ">= 1"),
+            },
+        )
 
 
 def pair_partners(count: int, partners: int, seed: int) -> list[list[int]]:
@@ -105,13 +99,7 @@ def pair_partners(count: int, partners: int, seed: int) -> list[list[int]]:
     return [[int(ring[(position[image] + step) % count]) for step in range(1, r + 1)] for image in range(count)]
 
 
-def dice_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft dice loss of ``(B, N)`` probabilities against ``(B, N)`` targets in [0, 1]."""
-    intersection = (prediction * target).sum(1)
-    return (1 - (2 * intersection + 1) / (prediction.sum(1) + target.sum(1) + 1)).mean()
-
-
-class DualImageCLIP(Detector):
+class DualImageCLIP(ResizableBuffers, Detector):
     """Zero-shot: scores the images of one ``predict`` call against each other (optionally plus references)."""
 
     method_name = "dual_image_clip"

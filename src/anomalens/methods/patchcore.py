@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
+from anomalens.config import DetectorConfig, check_options
 from anomalens.detector import Detector
-from anomalens.memory import NearestNeighbourMemory
-from anomalens.postprocess import gaussian_blur, images_to_tensor
+from anomalens.io.images import images_to_tensor
+from anomalens.nn.maps import gaussian_blur
+from anomalens.nn.memory import NearestNeighbourMemory
 
 
 @dataclass
-class PatchCoreConfig:
-    """Configuration of :class:`PatchCore`."""
+class PatchCoreConfig(DetectorConfig):
+    """Configuration of :class:`PatchCore` (batch size, seed, precision, smoothing: :class:`DetectorConfig`)."""
+
+    method: ClassVar[str] = "patchcore"
 
     backbone: str = "wide_resnet50_2"  # feature backbone; see anomalens.backbones.list_backbones()
     pretrained: str | None = "default"  # "default": the backbone's registered weights; a path; None: random init
@@ -36,34 +41,21 @@ class PatchCoreConfig:
     feature_dim: int = 1024  # channels the concatenated features are averaged down to (never up)
     coreset_ratio: float = 0.1  # share of reference patch features kept in the memory bank (1.0 keeps all)
     coreset_projection_dim: int = 128  # random projection width used by the greedy coreset search
-    smoothing_sigma: float = 4.0  # Gaussian sigma, in pixels at image_size, applied to the upsampled map
-    batch_size: int = 8  # images per forward pass
-    seed: int = 0  # seeds the coreset's projection and start, and random init when pretrained is None
-    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.layers = check_layers(self.backbone, self.layers)
-        checks = {
-            "image_size": self.image_size >= 16,
-            "neighbourhood": self.neighbourhood >= 1 and self.neighbourhood % 2 == 1,
-            "feature_dim": self.feature_dim >= 1,
-            "coreset_ratio": 0.0 < self.coreset_ratio <= 1.0,
-            "coreset_projection_dim": self.coreset_projection_dim >= 1,
-            "smoothing_sigma": self.smoothing_sigma >= 0.0,
-            "batch_size": self.batch_size >= 1,
-        }
-        rules = {
-            "image_size": ">= 16",
-            "neighbourhood": "an odd integer >= 1",
-            "feature_dim": ">= 1",
-            "coreset_ratio": "in (0, 1]",
-            "coreset_projection_dim": ">= 1",
-            "smoothing_sigma": ">= 0",
-            "batch_size": ">= 1",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"PatchCore option {name}={getattr(self, name)!r} must be {rules[name]}")
+        check_options(
+            self.method,
+            self,
+            {
+                "image_size": (self.image_size >= 16, ">= 16"),
+                "neighbourhood": (self.neighbourhood >= 1 and self.neighbourhood % 2 == 1, "an odd integer >= 1"),
+                "feature_dim": (self.feature_dim >= 1, ">= 1"),
+                "coreset_ratio": (0.0 < self.coreset_ratio <= 1.0, "in (0, 1]"),
+                "coreset_projection_dim": (self.coreset_projection_dim >= 1, ">= 1"),
+            },
+        )
 
 
 class PatchCore(Detector):

@@ -2,7 +2,7 @@
 CVPR 2023).
 
 Zero-shot (no references):
-1. Text: the compositional prompt ensemble (state words x templates, :mod:`anomalens.prompts`) gives one
+1. Text: the compositional prompt ensemble (state words x templates, :mod:`anomalens.backbones.prompts`) gives one
    normal and one anomalous embedding for the class, encoded once and cached.
 2. Windows: for each scale s in ``scales`` (2 and 3 patches, stride 1), every s x s window of the patch grid
    is embedded alone: its patch tokens plus the class token go through the transformer (token gathering,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,49 +33,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone, harmonic_window_aggregation, sliding_windows
+from anomalens.config import check_options
 from anomalens.detector import Detector
-from anomalens.memory import NearestNeighbourMemory
-from anomalens.methods.clip_common import check_shots, class_name_of, clip_weights_of, prompt_set_of
+from anomalens.methods.clip_base import CLIPConfig, check_shots, class_name_of, clip_weights_of, prompt_set_of
+from anomalens.nn.memory import NearestNeighbourMemory
 
 
 @dataclass
-class WinCLIPConfig:
-    """Configuration of :class:`WinCLIP`."""
+class WinCLIPConfig(CLIPConfig):
+    """Configuration of :class:`WinCLIP` (common CLIP fields: :class:`~anomalens.methods.clip_base.CLIPConfig`)."""
+
+    method: ClassVar[str] = "winclip"
 
     backbone: str = "ViT-B-16-plus-240"  # open_clip model name
     pretrained: str | None = "laion400m_e31"  # open_clip pretrained tag, a checkpoint path, or None (random init)
     shots: int | None = None  # 0 forces zero-shot, k >= 1 few-shot (fit needs references); None: as fit() is called
-    class_name: str | None = None  # product name for the prompts when fit() is given none ("object" if neither)
     scales: tuple[int, ...] = (2, 3)  # window sides in patches (stride 1); the image scale is always added
     image_size: int | None = None  # model input side; None = the model's own (240 for ViT-B-16-plus-240)
     resize_mode: str = "resize"  # "resize" (squash to square) or "crop" (centre crop; map placed back in the crop)
-    normal_states: tuple[str, ...] | None = None  # normal state phrases with one "{}"; None = WinCLIP's
-    anomalous_states: tuple[str, ...] | None = None  # anomalous state phrases with one "{}"; None = WinCLIP's
-    templates: tuple[str, ...] | None = None  # prompt templates with one "{}"; None = WinCLIP's 22
-    defect_words: tuple[str, ...] = ()  # extra anomalous states "{} with <word>", e.g. ("scratch", "crack")
     patch_layer: int = -1  # block whose patch tokens form WinCLIP+'s patch-scale memory (-1 = last)
-    temperature: float | None = None  # softmax temperature of text similarities; None = CLIP's logit scale
-    smoothing_sigma: float = 4.0  # Gaussian sigma of the map, in pixels at the model's input size
-    batch_size: int = 8  # images per forward pass
-    seed: int = 0  # seeds random initialisation when pretrained is None
-    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.scales = tuple(int(scale) for scale in self.scales)
-        if not self.scales or any(scale < 1 for scale in self.scales):
-            raise ValueError(f"WinCLIP option scales={list(self.scales)} must be one or more integers >= 1")
-        if self.shots is not None and self.shots < 0:
-            raise ValueError(f"WinCLIP option shots={self.shots} must be >= 0 or None")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(
-                f"WinCLIP option resize_mode={self.resize_mode!r} must be one of {', '.join(RESIZE_MODES)}"
-            )
-        if self.smoothing_sigma < 0 or self.batch_size < 1:
-            raise ValueError(
-                f"WinCLIP options smoothing_sigma={self.smoothing_sigma} and batch_size={self.batch_size} "
-                "must be >= 0 and >= 1"
-            )
-        prompt_set_of(self)  # fails early, naming the phrase, if a placeholder is missing
+        check_options(
+            self.method,
+            self,
+            {
+                "scales": (bool(self.scales) and all(scale >= 1 for scale in self.scales), "integers >= 1"),
+                "shots": (self.shots is None or self.shots >= 0, ">= 0 or None"),
+                "resize_mode": (self.resize_mode in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}"),
+            },
+        )
 
 
 class WinCLIP(Detector):

@@ -36,12 +36,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalens.captions import DEFAULT_PROMPT, DEFAULT_TEMPLATE, CaptionCache, VLMCaptioner, caption_images
-from anomalens.datasets import open_dataset
-from anomalens.images import ImageLoadError, load_image
-from anomalens.methods.vlmdiff import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, VLMDiffArchitecture, VLMDiffNet
-from anomalens.outputs import atomic_write_bytes, png_bytes
-from anomalens.postprocess import images_to_tensor
+from anomalens.io.datasets import open_dataset
+from anomalens.io.images import ImageLoadError, images_to_tensor, load_image
+from anomalens.io.outputs import atomic_write_bytes, png_bytes
+from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
+from anomalens.methods.vlmdiff.captions import (
+    DEFAULT_PROMPT,
+    DEFAULT_TEMPLATE,
+    CaptionCache,
+    VLMCaptioner,
+    caption_images,
+)
+from anomalens.methods.vlmdiff.network import VLMDiffNet
+from anomalens.methods.vlmdiff.run_files import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 class VLMDiffTrainConfig:
     """Settings of one VLMDiff training run (recorded in ``vlmdiff.json``)."""
 
-    dataset: str  # dataset layout (see anomalens.datasets.list_datasets())
+    dataset: str  # dataset layout (see anomalens.io.datasets.list_datasets())
     root: str  # its root folder
     categories: tuple[str, ...] | None = None  # categories trained together; None = all
     architecture: VLMDiffArchitecture = field(default_factory=VLMDiffArchitecture)  # the model to build
@@ -68,7 +75,7 @@ class VLMDiffTrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     checkpoint_every: int = 500  # steps between checkpoints
     seed: int = 0  # model initialisation, data order, timesteps, noise and caption dropout
-    caption_file: str | None = None  # user captions (JSON / JSONL / CSV); see anomalens.captions
+    caption_file: str | None = None  # user captions (JSON / JSONL / CSV); see anomalens.methods.vlmdiff.captions
     captioner: str | None = None  # transformers VLM / image-to-text model id or folder; None: no model
     caption_prompt: str = DEFAULT_PROMPT  # the question asked to the captioner
     caption_template: str = DEFAULT_TEMPLATE  # fallback caption for images without one
@@ -326,10 +333,17 @@ def train_vlmdiff(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    resume = _read_resume(config, out, overwrite)
+    trainer = _Trainer(config, out, resume, caption_progress)
+    trainer.run(progress, stop_after)
+    return out
+
+
+def _read_resume(config: VLMDiffTrainConfig, out: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from (checked against ``config``), or ``None``; ``overwrite`` clears the run."""
     checkpoint_path = out / CHECKPOINT_FILE
-    resume = None
     if checkpoint_path.exists() and not overwrite:
-        resume = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        resume = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         saved = resume["config"]
         current = config.resumable_fields()
         different = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
@@ -339,135 +353,152 @@ def train_vlmdiff(
                 "use another --out, the same settings, or --overwrite"
             )
         logger.info("resuming %s from step %d", out, resume["step"])
-    elif overwrite:
+        return resume
+    if overwrite:
         for name in (CHECKPOINT_FILE, LOSS_CSV, LOSS_PLOT, RUN_WEIGHTS_FILE, RUN_CONFIG_FILE):
             (out / name).unlink(missing_ok=True)
+    return None
 
-    device = _device(config.device)
-    autocast_dtype = _autocast_dtype(config.mixed_precision, device)
-    images, paths, categories = load_training_images(config)
-    logger.info("training on %d normal image(s) of %s", len(paths), sorted(set(categories)))
 
-    captioner = VLMCaptioner(config.captioner, config.caption_prompt) if config.captioner else None
-    captions = caption_images(
-        paths,
-        class_names=categories,
-        caption_file=config.caption_file,
-        captioner=captioner,
-        cache=CaptionCache(out / CAPTION_CACHE) if captioner is not None else None,
-        template=config.caption_template,
-        progress=caption_progress,
-    )
+class _Trainer:
+    """One training run: data, captions, model, optimiser and the training loop, resumable from a checkpoint.
 
-    net = VLMDiffNet(config.architecture, weights_dir=config.weights_dir, init_seed=config.seed).to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-    if resume is not None:
-        if config.autoencoder_finetune_steps > 0:
-            net.autoencoder.load_state_dict(resume["autoencoder"])
-    elif config.autoencoder_finetune_steps > 0:
-        logger.info("fine-tuning the autoencoder for %d steps", config.autoencoder_finetune_steps)
-        finetune_autoencoder(
-            net,
-            images,
-            config.autoencoder_finetune_steps,
-            config.autoencoder_learning_rate,
-            config.batch_size,
-            generator,
-            device,
+    The seeded CPU generator is used in a fixed order (autoencoder fine-tuning, data order, caption dropout,
+    timesteps and noise), and its state is checkpointed, so a resumed run continues bit for bit.
+    """
+
+    def __init__(self, config: VLMDiffTrainConfig, out: Path, resume: dict | None, caption_progress: Callable | None):
+        self.config, self.out, self.resume = config, out, resume
+        self.device = _device(config.device)
+        self.autocast_dtype = _autocast_dtype(config.mixed_precision, self.device)
+        self.images, self.paths, self.categories = load_training_images(config)
+        logger.info("training on %d normal image(s) of %s", len(self.paths), sorted(set(self.categories)))
+        captioner = VLMCaptioner(config.captioner, config.caption_prompt) if config.captioner else None
+        self.captions = caption_images(
+            self.paths,
+            class_names=self.categories,
+            caption_file=config.caption_file,
+            captioner=captioner,
+            cache=CaptionCache(out / CAPTION_CACHE) if captioner is not None else None,
+            template=config.caption_template,
+            progress=caption_progress,
         )
-    raw_latents = encode_dataset(net, images, device)
-    net.latent_shift.fill_(float(raw_latents.mean()))
-    net.latent_scale.fill_(float(raw_latents.std()))
-    latents = (raw_latents - net.latent_shift.cpu()) / net.latent_scale.cpu()
+        self.net = VLMDiffNet(config.architecture, weights_dir=config.weights_dir, init_seed=config.seed)
+        self.net.to(self.device)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.latents = self._prepare_latents()
+        self._prepare_optimiser()
 
-    parameters = [parameter for module in net.trainable_modules().values() for parameter in module.parameters()]
-    optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    step, history = 0, []
-    sampler = EpochSampler(len(paths), generator)
-    if resume is not None:
-        for name, module in net.trainable_modules().items():
-            module.load_state_dict(resume["modules"][name])
-        optimiser.load_state_dict(resume["optimiser"])
-        generator.set_state(resume["generator"])
-        step, history = resume["step"], resume["history"]
-        sampler.order, sampler.position = resume["order"], resume["position"]
-    start_step = step
+    def _prepare_latents(self) -> torch.Tensor:
+        """Fine-tune (or restore) the autoencoder, then encode the images and fit the latent statistics."""
+        config, net = self.config, self.net
+        if self.resume is not None:
+            if config.autoencoder_finetune_steps > 0:
+                net.autoencoder.load_state_dict(self.resume["autoencoder"])
+        elif config.autoencoder_finetune_steps > 0:
+            logger.info("fine-tuning the autoencoder for %d steps", config.autoencoder_finetune_steps)
+            finetune_autoencoder(net, self.images, config.autoencoder_finetune_steps, config.autoencoder_learning_rate,
+                                 config.batch_size, self.generator, self.device)  # fmt: skip
+        raw_latents = encode_dataset(net, self.images, self.device)
+        net.latent_shift.fill_(float(raw_latents.mean()))
+        net.latent_scale.fill_(float(raw_latents.std()))
+        return (raw_latents - net.latent_shift.cpu()) / net.latent_scale.cpu()
 
-    def checkpoint() -> None:
+    def _prepare_optimiser(self) -> None:
+        """AdamW over the trainable parts, the data sampler, and the resumed state where there is one."""
+        config, net = self.config, self.net
+        parameters = [parameter for module in net.trainable_modules().values() for parameter in module.parameters()]
+        self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.step, self.history = 0, []
+        self.sampler = EpochSampler(len(self.paths), self.generator)
+        if self.resume is not None:
+            for name, module in net.trainable_modules().items():
+                module.load_state_dict(self.resume["modules"][name])
+            self.optimiser.load_state_dict(self.resume["optimiser"])
+            self.generator.set_state(self.resume["generator"])
+            self.step, self.history = self.resume["step"], self.resume["history"]
+            self.sampler.order, self.sampler.position = self.resume["order"], self.resume["position"]
+
+    def checkpoint(self) -> None:
+        """Write the resumable state, the run's model and its loss curve (each file atomically)."""
+        config, net = self.config, self.net
         state = {
             "config": config.resumable_fields(),
             "modules": {name: module.state_dict() for name, module in net.trainable_modules().items()},
-            "optimiser": optimiser.state_dict(),
-            "generator": generator.get_state(),
-            "step": step,
-            "history": history,
-            "order": sampler.order,
-            "position": sampler.position,
+            "optimiser": self.optimiser.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "history": self.history,
+            "order": self.sampler.order,
+            "position": self.sampler.position,
         }
         if config.autoencoder_finetune_steps > 0:
             state["autoencoder"] = net.autoencoder.state_dict()
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(checkpoint_path, buffer.getvalue())
-        meta = {
-            "steps_done": step,
-            "images": len(paths),
-            "categories": sorted(set(categories)),
-            "captions": sorted(set(captions))[:20],
-        }
-        save_run_model(net, out, config, meta)
-        write_loss_csv(out / LOSS_CSV, history)
-        plot_losses(out / LOSS_PLOT, [row["step"] for row in history], [row["loss"] for row in history])
+        atomic_write_bytes(self.out / CHECKPOINT_FILE, buffer.getvalue())
+        meta = {"steps_done": self.step, "images": len(self.paths), "categories": sorted(set(self.categories)),
+                "captions": sorted(set(self.captions))[:20]}  # fmt: skip
+        save_run_model(net, self.out, config, meta)
+        write_loss_csv(self.out / LOSS_CSV, self.history)
+        steps = [row["step"] for row in self.history]
+        plot_losses(self.out / LOSS_PLOT, steps, [row["loss"] for row in self.history])
 
-    net.train()
-    net.autoencoder.eval()
-    began = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
-    session_began = time.perf_counter()
-    while step < config.steps:
-        learning_rate = _learning_rate(config, step)
-        for group in optimiser.param_groups:
+    def optimiser_step(self) -> tuple[float, float]:
+        """One optimiser step over ``gradient_accumulation`` micro-batches; returns (loss, learning rate)."""
+        config = self.config
+        learning_rate = _learning_rate(config, self.step)
+        for group in self.optimiser.param_groups:
             group["lr"] = learning_rate
-        optimiser.zero_grad(set_to_none=True)
+        self.optimiser.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(config.gradient_accumulation):
-            indices = sampler.next(config.batch_size)
-            keep = torch.rand(len(indices), generator=generator) >= config.caption_dropout
-            batch_captions = [captions[i] if kept else "" for i, kept in zip(indices.tolist(), keep.tolist())]
-            batch_latents = latents[indices].to(device)
-            batch_images = images[indices].to(device).float() / 255.0
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = net.training_loss(batch_latents, batch_images, batch_captions, generator)
+            indices = self.sampler.next(config.batch_size)
+            keep = torch.rand(len(indices), generator=self.generator) >= config.caption_dropout
+            captions = [self.captions[i] if kept else "" for i, kept in zip(indices.tolist(), keep.tolist())]
+            latents = self.latents[indices].to(self.device)
+            images = self.images[indices].to(self.device).float() / 255.0
+            dtype = self.autocast_dtype
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                loss = self.net.training_loss(latents, images, captions, self.generator)
             loss = loss / config.gradient_accumulation
-            (scaler.scale(loss) if scaler else loss).backward()
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
-        if scaler:
-            scaler.step(optimiser)
-            scaler.update()
+        if self.scaler:
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
         else:
-            optimiser.step()
-        step += 1
-        history.append(
-            {"step": step, "loss": total, "learning_rate": learning_rate, "seconds": time.perf_counter() - began}
-        )
-        if progress is not None:
-            progress(step, config.steps, total)
-        if step % config.checkpoint_every == 0 or step == config.steps or step == stop_after:
-            checkpoint()
-            recent = [row["loss"] for row in history[-config.checkpoint_every :]]
-            per_step = (time.perf_counter() - session_began) / (step - start_step)
-            logger.info(
-                "step %d/%d: mean loss %.4f over the last %d steps, %.0f s elapsed, about %.0f s left; checkpointed",
-                step,
-                config.steps,
-                sum(recent) / len(recent),
-                len(recent),
-                history[-1]["seconds"],
-                per_step * (config.steps - step),
-            )
-        if stop_after is not None and step >= stop_after:
-            break
-    if step == start_step:
-        checkpoint()
-    net.eval()
-    return out
+            self.optimiser.step()
+        return total, learning_rate
+
+    def run(self, progress: Callable[[int, int, float], Any] | None, stop_after: int | None) -> None:
+        """Train up to ``config.steps`` (or ``stop_after``), checkpointing every ``checkpoint_every`` steps."""
+        config = self.config
+        self.net.train()
+        self.net.autoencoder.eval()
+        began = time.perf_counter() - (self.history[-1]["seconds"] if self.history else 0.0)
+        session_began, start_step = time.perf_counter(), self.step
+        while self.step < config.steps:
+            loss, learning_rate = self.optimiser_step()
+            self.step += 1
+            self.history.append({"step": self.step, "loss": loss, "learning_rate": learning_rate,
+                                 "seconds": time.perf_counter() - began})  # fmt: skip
+            if progress is not None:
+                progress(self.step, config.steps, loss)
+            if self.step % config.checkpoint_every == 0 or self.step == config.steps or self.step == stop_after:
+                self.checkpoint()
+                self._log_progress((time.perf_counter() - session_began) / (self.step - start_step))
+            if stop_after is not None and self.step >= stop_after:
+                break
+        if self.step == start_step:
+            self.checkpoint()
+        self.net.eval()
+
+    def _log_progress(self, seconds_per_step: float) -> None:
+        recent = [row["loss"] for row in self.history[-self.config.checkpoint_every :]]
+        logger.info(
+            "step %d/%d: mean loss %.4f over the last %d steps, %.0f s elapsed, about %.0f s left; checkpointed",
+            self.step, self.config.steps, sum(recent) / len(recent), len(recent), self.history[-1]["seconds"],
+            seconds_per_step * (self.config.steps - self.step),
+        )  # fmt: skip

@@ -7,7 +7,7 @@
   cluster has one.
 - Actors read, score and write each image's overlay and raw map; the driver streams the records into
   ``scores.jsonl`` / ``errors.jsonl`` and, at the end, writes ``scores.parquet`` and ``scores.csv``. The layout
-  is the local engine's (see :mod:`anomalens.predict`), plus the Parquet file.
+  is every engine's (see :mod:`anomalens.engines.core`, whose writer it uses), plus the Parquet file.
 - Resume: a re-run into the same folder with the same detector skips the images already in ``scores.jsonl``
   and scores the rest (a different detector is refused). Unreadable images are recorded with their error
   and retried on the next run; they never fail the job.
@@ -30,23 +30,23 @@ from typing import Any
 import numpy as np
 
 from anomalens.detector import Detector, config_from_saved
-from anomalens.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_bytes
-from anomalens.outputs import atomic_write_bytes, atomic_write_json
-from anomalens.predict import (
-    CSV_FIELDS,
-    THRESHOLD_RULE,
+from anomalens.engines.core import (
+    RECORD_COLUMNS,
     PredictSummary,
+    RunWriter,
     collect_inputs,
-    load_scores,
+    iter_scores,
     output_names,
     prepare_out_dir,
+    run_manifest,
     score_batch,
+    threshold_source,
     write_result,
 )
+from anomalens.io.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_bytes
 
 logger = logging.getLogger(__name__)
 
-RECORD_COLUMNS = (*CSV_FIELDS, "map_scale_max", "error")
 INSTALL_HINT = "the Ray engine needs Ray: pip install 'anomalens[ray]' (or pip install 'ray[data]>=2.30')"
 
 
@@ -146,7 +146,7 @@ class _Scorer:
                 self.out, path, name, array, result, self.detector, self.raw_format, self.write_overlays
             )
             rows.append({**record, "error": None})
-        return pd.DataFrame([{column: row.get(column) for column in RECORD_COLUMNS} for row in rows])
+        return pd.DataFrame([{column: row.get(column) for column in (*RECORD_COLUMNS, "error")} for row in rows])
 
 
 def _done_paths(out: Path, config_hash: str, overwrite: bool) -> set[str]:
@@ -161,12 +161,7 @@ def _done_paths(out: Path, config_hash: str, overwrite: bool) -> set[str]:
             f"output folder {out} holds a run of another detector (config hash {earlier.get('config_hash')} "
             f"vs {config_hash}); choose another --out or pass --overwrite"
         )
-    scores = out / "scores.jsonl"
-    done = (
-        {json.loads(line)["path"] for line in scores.read_text().splitlines() if line.strip()}
-        if scores.exists()
-        else set()
-    )
+    done = {record["path"] for record in iter_scores(out)}
     for name in ("scores.parquet", "scores.csv", "errors.jsonl"):  # rebuilt at the end of this run
         (out / name).unlink(missing_ok=True)
     return done
@@ -189,7 +184,7 @@ def score(
     run_info: dict[str, Any] | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> PredictSummary:
-    """Score images on a Ray cluster; writes the local engine's layout plus ``scores.parquet``.
+    """Score images on a Ray cluster; writes every engine's layout plus ``scores.parquet``.
 
     Args:
         detector_or_path: A fitted :class:`Detector` (shipped to the actors through the object store) or the
@@ -203,83 +198,87 @@ def score(
         gpu_fraction: GPUs per actor; ``None`` requests 1 when the cluster has GPUs, else 0.
         threshold: Overrides the detector's threshold.
         threshold_source: How the threshold was chosen, recorded in ``run.json``.
-        raw_format / write_overlays / overwrite / run_info / progress: As in :func:`anomalens.predict.run_predict`.
+        raw_format / write_overlays / overwrite / run_info / progress: As in the local engine's ``run_predict``.
 
     Returns:
-        A :class:`~anomalens.predict.PredictSummary` over all images of the folder (earlier runs included).
+        A :class:`~anomalens.engines.core.PredictSummary` over all images of the folder (earlier runs included).
     """
     ray = require_ray()
     if num_workers < 1 or batch_size < 1:
         raise ValueError(f"num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
     started = time.time()
+    describe = _describe(detector_or_path, threshold)
+    source = threshold_source_of(describe, threshold, threshold_source)
+    out = Path(out_dir)
+    done = _done_paths(out, describe["config_hash"], overwrite)
+    todo = [{"path": path, "name": name} for path, name in list_inputs(inputs) if path not in done]
+    if not ray.is_initialized():
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    manifest = run_manifest(describe, source, inputs, raw_format, run_info)
+    manifest.update(engine="ray", num_workers=num_workers, ray_address=ray_address)
+    with RunWriter(out, manifest, append=True) as writer:
+        if todo:
+            results = _scoring_dataset(ray, detector_or_path, todo, out, num_workers, batch_size, gpu_fraction,
+                                       {"raw_format": raw_format, "write_overlays": write_overlays,
+                                        "threshold": threshold})  # fmt: skip
+            _collect(results, writer, progress)
+        summary = writer.finish(time.time() - started, resumed_from=len(done))
+    _write_parquet(out)
+    return summary
+
+
+def threshold_source_of(describe: dict[str, Any], threshold: float | None, chosen_by: str | None) -> str:
+    """The run's threshold source (see :func:`anomalens.engines.core.threshold_source`)."""
+    return threshold_source(threshold, chosen_by, describe.get("threshold"))
+
+
+def _describe(detector_or_path: Detector | str | os.PathLike, threshold: float | None) -> dict[str, Any]:
+    """The detector's description (from the object, or a saved folder's config), with a given threshold applied."""
     if isinstance(detector_or_path, Detector):
         describe = detector_or_path.describe()
     else:
         describe = {key: value for key, value in config_from_saved(detector_or_path).items() if key != "format"}
     if threshold is not None:
         describe["threshold"] = float(threshold)
-    describe["threshold_source"] = threshold_source or (
-        "given" if threshold is not None else "detector" if describe.get("threshold") is not None else "none"
-    )
-    out = Path(out_dir)
-    done = _done_paths(out, describe["config_hash"], overwrite)
-    pairs = list_inputs(inputs)
-    todo = [{"path": path, "name": name} for path, name in pairs if path not in done]
-    if not ray.is_initialized():
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    return describe
+
+
+def _scoring_dataset(ray, detector_or_path, todo, out: Path, num_workers: int, batch_size: int,
+                     gpu_fraction: float | None, scorer_options: dict[str, Any]):  # fmt: skip
+    """The lazy Ray dataset of score rows: the path list mapped through a pool of :class:`_Scorer` actors."""
     resources = ray.cluster_resources()
     if gpu_fraction is None:
         gpu_fraction = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     cpus = max(1, int(resources.get("CPU", 1) // num_workers))
-    manifest = {**describe, "engine": "ray", "num_workers": num_workers, "ray_address": ray_address,
-                "inputs": [str(entry) for entry in inputs], "raw_format": raw_format, "status": "running",
-                "threshold_rule": THRESHOLD_RULE if describe.get("threshold_source") == "leave-one-out" else None,
-                **(run_info or {})}  # fmt: skip
-    atomic_write_json(out / "run.json", manifest)
-    summary = PredictSummary(threshold=describe.get("threshold"), out_dir=out)
     if isinstance(detector_or_path, Detector):
         handle: Any = ray.put(detector_or_path)
     else:
         handle = str(Path(detector_or_path).resolve())
-    with open(out / "scores.jsonl", "a") as scores_file, open(out / "errors.jsonl", "w") as errors_file:
-        if todo:
-            dataset = ray.data.from_items(todo)
-            results = dataset.map_batches(
-                _Scorer,
-                fn_constructor_kwargs={"detector": handle, "out_dir": str(out.resolve()), "raw_format": raw_format,
-                                       "write_overlays": write_overlays, "threads": cpus, "threshold": threshold},
-                compute=ray.data.ActorPoolStrategy(size=num_workers),
-                batch_size=batch_size,
-                num_cpus=cpus,
-                num_gpus=gpu_fraction,
-                batch_format="pandas",
-            )  # fmt: skip
-            finished = 0
-            for frame in results.iter_batches(batch_format="pandas", batch_size=None):
-                for row in frame.to_dict("records"):
-                    row = {key: (None if _missing(value) else value) for key, value in row.items()}
-                    if row["error"] is not None:
-                        errors_file.write(json.dumps({"path": row["path"], "error": row["error"]}) + "\n")
-                        summary.skipped_inputs.append({"path": row["path"], "error": row["error"]})
-                    else:
-                        record = {key: value for key, value in row.items() if key != "error" and value is not None}
-                        scores_file.write(json.dumps(_plain(record)) + "\n")
-                    finished += 1
-                scores_file.flush()
-                errors_file.flush()
-                if progress is not None:
-                    progress(finished)
-    records = load_scores(out)
-    _write_tables(out, records)
-    summary.scored = len(records)
-    summary.flagged = sum(record.get("label") == "anomalous" for record in records)
-    summary.skipped = len(summary.skipped_inputs)
-    summary.threshold_source = describe["threshold_source"]
-    summary.seconds = time.time() - started
-    manifest.update(status="complete", scored=summary.scored, flagged=summary.flagged, skipped=summary.skipped,
-                    seconds=round(summary.seconds, 3), resumed_from=len(done))  # fmt: skip
-    atomic_write_json(out / "run.json", manifest)
-    return summary
+    return ray.data.from_items(todo).map_batches(
+        _Scorer,
+        fn_constructor_kwargs={"detector": handle, "out_dir": str(out.resolve()), "threads": cpus, **scorer_options},
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        batch_size=batch_size,
+        num_cpus=cpus,
+        num_gpus=gpu_fraction,
+        batch_format="pandas",
+    )
+
+
+def _collect(results, writer: RunWriter, progress: Callable[[int], Any] | None) -> None:
+    """Stream the actors' rows into the run writer: records to ``scores.jsonl``, failures to ``errors.jsonl``."""
+    finished = 0
+    for frame in results.iter_batches(batch_format="pandas", batch_size=None):
+        for row in frame.to_dict("records"):
+            row = {key: (None if _missing(value) else value) for key, value in row.items()}
+            if row["error"] is not None:
+                writer.error(row["path"], row["error"])
+            else:
+                record = {key: value for key, value in row.items() if key != "error" and value is not None}
+                writer.record(_plain(record))
+            finished += 1
+        if progress is not None:
+            progress(finished)
 
 
 def _missing(value: Any) -> bool:
@@ -291,21 +290,14 @@ def _plain(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value.item() if isinstance(value, np.generic) else value for key, value in record.items()}
 
 
-def _write_tables(out: Path, records: list[dict[str, Any]]) -> None:
+def _write_parquet(out: Path) -> None:
+    """``scores.parquet`` from every record of the run folder, written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = {field: [record.get(field) for record in records] for field in (*CSV_FIELDS, "map_scale_max")}
+    records = list(iter_scores(out))
+    columns = {name: [record.get(name) for record in records] for name in RECORD_COLUMNS}
     handle, temporary = tempfile.mkstemp(prefix=".scores.", suffix=".parquet", dir=out)
     os.close(handle)
     pq.write_table(pa.table(columns), temporary)
     os.replace(temporary, out / "scores.parquet")
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for record in records:
-        writer.writerow({field: "" if record.get(field) is None else record[field] for field in CSV_FIELDS})
-    atomic_write_bytes(out / "scores.csv", buffer.getvalue().encode())

@@ -25,10 +25,10 @@ Zero-shot uses the two language-guided maps (``_L``); with reference images the 
   ``map_size`` and Gaussian-smoothed. Image score: the mean of CLIP's global image-text anomaly probability and
   the smoothed map's maximum.
 
-Both vision-guided maps search :class:`~anomalens.memory.NearestNeighbourMemory`, the module PatchCore uses.
+Both vision-guided maps search :class:`~anomalens.nn.memory.NearestNeighbourMemory`, the module PatchCore uses.
 
 Both text encoders run once per class name (their outputs are cached). With ``offload_text_encoders`` their
-weights are then parked in a temporary file (:mod:`anomalens.offload`), which keeps ~1.8 GB out of memory at
+weights are then parked in a temporary file (:mod:`anomalens.nn.offload`), which keeps ~1.8 GB out of memory at
 full size; maps and scores do not change.
 """
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -51,22 +52,30 @@ from anomalens.backbones.diffusion import (
     capture_cross_attention,
     last_unet_block,
 )
+from anomalens.backbones.weights import read_checkpoint
+from anomalens.config import check_options
 from anomalens.detector import Detector
-from anomalens.memory import NearestNeighbourMemory
-from anomalens.methods.clip_common import check_shots, class_name_of, clip_weights_of, prompt_set_of
-from anomalens.postprocess import gaussian_blur, images_to_tensor
-from anomalens.weights import read_checkpoint
+from anomalens.io.images import images_to_tensor
+from anomalens.methods.clip_base import CLIPConfig, check_shots, class_name_of, clip_weights_of, prompt_set_of
+from anomalens.nn.maps import gaussian_blur
+from anomalens.nn.memory import NearestNeighbourMemory
+from anomalens.nn.offload import OffloadMixin
 
 COMPONENTS = ("clip_language", "clip_vision", "diffusion_language", "diffusion_vision")
 PROJECTIONS = ("training_free", "trained")
 
 
 @dataclass
-class CLIPFusionConfig:
-    """Configuration of :class:`CLIPFusion` (the paper leaves layers, t, alpha and the SD version open)."""
+class CLIPFusionConfig(CLIPConfig):
+    """Configuration of :class:`CLIPFusion` (the paper leaves layers, t, alpha and the SD version open).
 
-    backbone: str = "ViT-L-14-336"  # open_clip model of PatchCLIP
-    pretrained: str | None = "openai"  # its pretrained tag, a checkpoint path, or None (random init)
+    Common CLIP fields (backbone, pretrained, class name, prompt ensemble, temperature): see
+    :class:`~anomalens.methods.clip_base.CLIPConfig`.
+    """
+
+    method: ClassVar[str] = "clipfusion"
+
+    batch_size: int = 4  # images per forward pass
     clip_layers: tuple[int, ...] = (5, 11, 17, 23)  # 0-based blocks whose patch tokens are used (6/12/18/24 of 24)
     clip_projection: str = "training_free"  # "training_free" (v-v tokens, CLIP's projection) or "trained"
     clip_projection_weights: str | None = None  # safetensors file from `anomalens train patchclip` ("trained")
@@ -85,24 +94,15 @@ class CLIPFusionConfig:
     alpha: float = 0.5  # weight of the CLIP maps; the diffusion maps get 1 - alpha
     components: tuple[str, ...] = COMPONENTS  # maps to use; vision maps need references
     shots: int | None = None  # 0 forces zero-shot, k >= 1 few-shot; None: as fit() is called
-    class_name: str | None = None  # product name when fit() is given none ("object" if neither)
-    normal_states: tuple[str, ...] | None = None  # PatchCLIP prompt ensemble; None = WinCLIP's
-    anomalous_states: tuple[str, ...] | None = None
-    templates: tuple[str, ...] | None = None
-    defect_words: tuple[str, ...] = ()  # extra anomalous states "{} with <word>"
-    temperature: float | None = None  # softmax temperature of text similarities; None = CLIP's logit scale
-    map_size: int = 256  # side of the fused map before it is resized to each image
-    smoothing_sigma: float = 4.0  # Gaussian sigma at map_size
-    batch_size: int = 4  # images per forward pass
-    seed: int = 0  # seeds noise draws and random initialisation
-    precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
+    map_size: int = 256  # side of the fused map before it is resized to each image (smoothing_sigma is at this size)
     offload_text_encoders: bool = True  # park both text encoders in a temp file once the class's prompts are cached
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("clip_layers", "timesteps", "attention_resolutions", "feature_blocks", "components"):
             setattr(self, name, tuple(getattr(self, name)))
         unknown = [name for name in self.components if name not in COMPONENTS]
-        problems = {
+        check_options(self.method, self, {
             "components": (bool(self.components) and not unknown, f"a non-empty subset of {', '.join(COMPONENTS)}"),
             "clip_projection": (self.clip_projection in PROJECTIONS, f"one of {', '.join(PROJECTIONS)}"),
             "clip_projection_weights": (
@@ -125,13 +125,8 @@ class CLIPFusionConfig:
                 "a prompt with '{}' that contains normal_words",
             ),
             "map_size": (self.map_size >= 8, ">= 8"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
             "shots": (self.shots is None or self.shots >= 0, ">= 0 or None"),
-        }  # fmt: skip
-        for name, (ok, rule) in problems.items():
-            if not ok:
-                raise ValueError(f"clipfusion option {name}={getattr(self, name)!r} must be {rule}")
-        prompt_set_of(self)  # fails early, naming the phrase, if a placeholder is missing
+        })  # fmt: skip
 
 
 class PatchCLIPProjections(nn.Module):
@@ -145,7 +140,7 @@ class PatchCLIPProjections(nn.Module):
         return [projection(layer_tokens) for projection, layer_tokens in zip(self.layers, tokens)]
 
 
-class CLIPFusion(Detector):
+class CLIPFusion(OffloadMixin, Detector):
     """Zero-shot (language maps) or few-shot (plus vision maps) CLIP + diffusion fusion."""
 
     method_name = "clipfusion"
@@ -431,7 +426,7 @@ def fuse_maps(
 
 def _read_projections(path: str | None, projections: PatchCLIPProjections) -> dict[str, torch.Tensor]:
     """Read and check a PatchCLIP projection file against the model's layer count and widths."""
-    from anomalens.weights import load_state_dict_checked, resolve
+    from anomalens.backbones.weights import load_state_dict_checked, resolve
 
     if not path:
         raise ValueError("clip_projection='trained' needs clip_projection_weights (from `anomalens train patchclip`)")

@@ -92,7 +92,7 @@ def write_benchmark_json(path: str, result: dict) -> dict:
     import shlex
     from pathlib import Path
 
-    from anomalens.outputs import atomic_write_json
+    from anomalens.io.outputs import atomic_write_json
 
     result = {
         **result,

@@ -34,16 +34,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     return smoothed[:, 0]
 
 
-def images_to_tensor(images: list, size: int, mode: str = "bilinear") -> torch.Tensor:
-    """Stack ``(H, W, 3)`` uint8 arrays into ``(B, 3, size, size)`` float in ``[0, 1]``.
-
-    Each image is resized on its own (antialiased ``mode``: bilinear or bicubic), so sizes and aspect ratios
-    may differ; maps computed on the square grid are resized back to each image's geometry by the detector.
-    """
-    tensors = []
-    for image in images:
-        tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
-        if tensor.shape[-2:] != (size, size):
-            tensor = F.interpolate(tensor, size=(size, size), mode=mode, antialias=True, align_corners=False)
-        tensors.append(tensor)
-    return torch.cat(tensors).clamp_(0.0, 1.0)
+def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize an ``(h, w)`` map to ``size`` = ``(H, W)``."""
+    if tuple(anomaly_map.shape[-2:]) == tuple(size):
+        return anomaly_map
+    return F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]

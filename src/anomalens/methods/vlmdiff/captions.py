@@ -33,7 +33,7 @@ DEFAULT_TEMPLATE = "a photo of a {class_name}"
 
 def image_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of an image file's bytes (the cache key)."""
-    from anomalens.weights import sha256_of
+    from anomalens.backbones.weights import sha256_of
 
     return sha256_of(path)
 
@@ -155,7 +155,7 @@ class VLMCaptioner:
     def _load(self) -> None:
         from transformers import pipeline
 
-        from anomalens.weights import resolve
+        from anomalens.backbones.weights import resolve
 
         source = str(resolve(self.model, method_hint="vlmdiff"))
         errors = []

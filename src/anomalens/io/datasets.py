@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalens.images import IMAGE_EXTENSIONS, load_mask
+from anomalens.io.images import IMAGE_EXTENSIONS, load_mask
 
 NORMAL_FOLDER_NAMES = ("good", "ok", "normal")
 

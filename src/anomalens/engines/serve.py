@@ -34,8 +34,9 @@ from typing import Annotated, Any
 import numpy as np
 
 from anomalens.detector import Detector
-from anomalens.images import ImageLoadError, load_image_bytes
-from anomalens.outputs import heatmap_overlay, png_bytes
+from anomalens.engines.core import fit_and_threshold, label_text
+from anomalens.io.images import ImageLoadError, load_image_bytes
+from anomalens.io.outputs import heatmap_overlay, png_bytes, raw_map_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -196,19 +197,13 @@ class ModelWorker:
             offset += count
 
     def _fit(self, job: _Job) -> None:
-        from anomalens.predict import leave_one_out_threshold
-
         if not job.future.set_running_or_notify_cancel():
             return
         try:
             with self.lock:
-                if job.threshold is None and len(job.arrays) >= 2 and self.detector.few_shot:
-                    self.detector.threshold = leave_one_out_threshold(self.detector, job.arrays, job.class_name)
-                    source = "leave-one-out"
-                else:
-                    self.detector.fit(job.arrays or None, class_name=job.class_name)
-                    self.detector.threshold = job.threshold
-                    source = "given" if job.threshold is not None else "none"
+                if job.threshold is None:
+                    self.detector.threshold = None  # a refit invalidates the old threshold
+                source = fit_and_threshold(self.detector, job.arrays, job.class_name, job.threshold)
             job.future.set_result(source)
         except Exception as error:  # noqa: BLE001
             job.future.set_exception(error)
@@ -219,34 +214,74 @@ def _encode_png(array: np.ndarray) -> str:
 
 
 def result_payload(name: str, array: np.ndarray, result, timing: dict[str, float], include_maps: bool) -> dict:
-    """The JSON of one scored image."""
+    """The JSON of one scored image (labels and the 16-bit map encoded as every engine encodes them)."""
     payload: dict[str, Any] = {
         "name": name,
         "score": result.score,
-        "label": None if result.label is None else ("anomalous" if result.label else "normal"),
+        "label": label_text(result.label),
         "threshold": result.threshold,
         "width": int(array.shape[1]),
         "height": int(array.shape[0]),
         "timing": {key: round(value, 3) if isinstance(value, float) else value for key, value in timing.items()},
     }
     if include_maps:
-        anomaly_map = result.anomaly_map
-        scale = float(max(anomaly_map.max(), 1e-12))
-        raw = np.clip(np.rint(np.clip(anomaly_map, 0, None) / scale * 65535), 0, 65535).astype(np.uint16)
-        payload["heatmap_png"] = _encode_png(heatmap_overlay(array, anomaly_map, result.threshold))
-        payload["map_png"] = _encode_png(raw)  # 16-bit: value = pixel / 65535 * map_scale_max
-        payload["map_scale_max"] = scale
+        raw, extra = raw_map_bytes(result.anomaly_map, "png16")  # value = pixel / 65535 * map_scale_max
+        payload["heatmap_png"] = _encode_png(heatmap_overlay(array, result.anomaly_map, result.threshold))
+        payload["map_png"] = base64.b64encode(raw).decode("ascii")
+        payload["map_scale_max"] = extra["map_scale_max"]
     return payload
+
+
+class _Problem(Exception):
+    """A request the server answers with a JSON 4xx/5xx: status, message, rejected files."""
+
+    def __init__(self, status: int, message: str, rejected: list | None = None):
+        super().__init__(message)
+        self.status, self.message, self.rejected = status, message, rejected or []
+
+
+def _error(status: int, message: str, **extra: Any):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content={"error": message, **extra})
+
+
+async def read_uploads(files: list, settings: ServerSettings) -> tuple[list[tuple[str, np.ndarray]], list[dict]]:
+    """Decode a request's uploads: ``(name, image)`` of the acceptable ones and the rejected ones with reasons.
+
+    Raises:
+        _Problem: No files, too many, or none acceptable.
+    """
+    if not files:
+        raise _Problem(400, "no files: send one or more images in the multipart field 'files'")
+    if len(files) > settings.max_files:
+        raise _Problem(413, f"{len(files)} files exceeds the limit of {settings.max_files} per request")
+    accepted, rejected = [], []
+    for index, upload in enumerate(files):
+        name = safe_name(upload.filename, index)
+        data = await upload.read(settings.max_upload_bytes + 1)
+        try:
+            accepted.append((name, await asyncio.to_thread(decode_upload, name, data, settings)))
+        except RejectedUpload as problem:
+            rejected.append({"name": name, "status": problem.status, "error": problem.reason})
+    if not accepted:
+        first = rejected[0]
+        raise _Problem(first["status"], f"no acceptable image: {first['name']}: {first['error']}", rejected)
+    return accepted, rejected
+
+
+async def _wait(future: concurrent.futures.Future, settings: ServerSettings):
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.request_timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise _Problem(504, f"the request took longer than {settings.request_timeout_s:g} s") from None
 
 
 def create_app(detector: Detector, settings: ServerSettings | None = None, *, class_name: str | None = None):
     """The ASGI app serving ``detector`` (a FastAPI instance; run it with uvicorn)."""
     _require_fastapi()
-    from fastapi import FastAPI, File, Form, Request, UploadFile
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
-    from fastapi.staticfiles import StaticFiles
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI
 
     settings = settings or ServerSettings()
     state = {
@@ -267,74 +302,53 @@ def create_app(detector: Detector, settings: ServerSettings | None = None, *, cl
         lifespan=lifespan,
     )
     app.state.worker = worker
+    _install_error_handlers(app, settings)
+    _add_routes(app, detector, worker, settings, state)
+    _add_page(app)
+    return app
 
-    def error(status: int, message: str, **extra: Any) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": message, **extra})
+
+def _install_error_handlers(app, settings: ServerSettings) -> None:
+    """Every error as a JSON body naming the problem; bodies over the size limit refused up front."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, problem: RequestValidationError) -> JSONResponse:
+    async def invalid_request(_request: Request, problem: RequestValidationError):
         details = [f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in problem.errors()]
-        return error(422, "invalid request: " + "; ".join(details))
+        return _error(422, "invalid request: " + "; ".join(details))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_problem(_request: Request, problem: StarletteHTTPException) -> JSONResponse:
-        return error(problem.status_code, str(problem.detail))
+    async def http_problem(_request: Request, problem: StarletteHTTPException):
+        return _error(problem.status_code, str(problem.detail))
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, problem: Exception) -> JSONResponse:
+    async def unexpected(_request: Request, problem: Exception):
         logger.exception("internal error")
-        return error(500, f"internal error: {type(problem).__name__}")
+        return _error(500, f"internal error: {type(problem).__name__}")
+
+    @app.exception_handler(_Problem)
+    async def problem_handler(_request: Request, problem: _Problem):
+        return _error(problem.status, problem.message, rejected=problem.rejected)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         limit = settings.max_upload_bytes * settings.max_files + 2**20
         if length is not None and length.isdigit() and int(length) > limit:
-            return error(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+            return _error(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
         return await call_next(request)
 
-    async def read_uploads(files: list[UploadFile]) -> tuple[list[tuple[str, np.ndarray]], list[dict[str, Any]]]:
-        if not files:
-            raise _Problem(400, "no files: send one or more images in the multipart field 'files'")
-        if len(files) > settings.max_files:
-            raise _Problem(413, f"{len(files)} files exceeds the limit of {settings.max_files} per request")
-        accepted, rejected = [], []
-        for index, upload in enumerate(files):
-            name = safe_name(upload.filename, index)
-            data = await upload.read(settings.max_upload_bytes + 1)
-            try:
-                accepted.append((name, await asyncio.to_thread(decode_upload, name, data, settings)))
-            except RejectedUpload as problem:
-                rejected.append({"name": name, "status": problem.status, "error": problem.reason})
-        if not accepted:
-            first = rejected[0]
-            raise _Problem(first["status"], f"no acceptable image: {first['name']}: {first['error']}", rejected)
-        return accepted, rejected
 
-    class _Problem(Exception):
-        def __init__(self, status: int, message: str, rejected: list | None = None):
-            super().__init__(message)
-            self.status, self.message, self.rejected = status, message, rejected or []
-
-    @app.exception_handler(_Problem)
-    async def problem_handler(_request: Request, problem: _Problem) -> JSONResponse:
-        return error(problem.status, problem.message, rejected=problem.rejected)
-
-    async def wait(future: concurrent.futures.Future):
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.request_timeout_s)
-        except TimeoutError:
-            future.cancel()
-            raise _Problem(504, f"the request took longer than {settings.request_timeout_s:g} s") from None
+def _add_routes(app, detector: Detector, worker: ModelWorker, settings: ServerSettings, state: dict) -> None:
+    """``/healthz``, ``/v1/detector``, ``/v1/references`` and ``/v1/predict``."""
+    from fastapi import File, Form, UploadFile
 
     @app.get("/healthz", summary="Health")
     async def healthz() -> dict:
-        return {
-            "status": "ok",
-            "fitted": detector.is_fitted,
-            "queued_jobs": worker.jobs.qsize(),
-            "batches": worker.batches,
-        }
+        return {"status": "ok", "fitted": detector.is_fitted, "queued_jobs": worker.jobs.qsize(),
+                "batches": worker.batches}  # fmt: skip
 
     @app.get("/v1/detector", summary="The current detector and the server's limits")
     async def describe() -> dict:
@@ -351,14 +365,13 @@ def create_app(detector: Detector, settings: ServerSettings | None = None, *, cl
     ) -> dict:
         if not detector.few_shot:
             raise _Problem(400, f"method {detector.method_name!r} is zero-shot and takes no reference images")
-        accepted, rejected = await read_uploads(files)
+        accepted, rejected = await read_uploads(files, settings)
         if class_name:
             state["class_name"] = class_name
-        future = worker.submit(
-            "fit", [array for _, array in accepted], threshold=threshold, class_name=state["class_name"]
-        )
+        arrays = [array for _, array in accepted]
+        future = worker.submit("fit", arrays, threshold=threshold, class_name=state["class_name"])
         try:
-            state["threshold_source"] = await wait(future)
+            state["threshold_source"] = await _wait(future, settings)
         except ValueError as problem:
             raise _Problem(422, str(problem)) from None
         return {**detector.describe(), "threshold_source": state["threshold_source"], "references": len(accepted),
@@ -372,10 +385,10 @@ def create_app(detector: Detector, settings: ServerSettings | None = None, *, cl
         started = time.perf_counter()
         if not detector.is_fitted:
             raise _Problem(409, "the detector is not fitted: POST normal images to /v1/references first")
-        accepted, rejected = await read_uploads(files)
+        accepted, rejected = await read_uploads(files, settings)
         future = worker.submit("predict", [array for _, array in accepted])
         try:
-            results, timing = await wait(future)
+            results, timing = await _wait(future, settings)
         except (ValueError, RuntimeError) as problem:
             raise _Problem(422, str(problem)) from None
         total_ms = (time.perf_counter() - started) * 1000
@@ -387,13 +400,17 @@ def create_app(detector: Detector, settings: ServerSettings | None = None, *, cl
         )
         return {"results": payloads, "rejected": rejected, "method": detector.method_name}
 
+
+def _add_page(app) -> None:
+    """The inspection page at ``/`` and its static files."""
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-
-    return app
 
 
 def _version() -> str:

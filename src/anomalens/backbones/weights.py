@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 WEIGHTS_DIR_ENV = "ANOMALENS_WEIGHTS_DIR"
 CACHE_ENV = "ANOMALENS_CACHE"
 OFFLINE_ENVS = ("ANOMALENS_OFFLINE", "HF_HUB_OFFLINE")
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -318,18 +317,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_state_dict_checked(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Load ``state`` into ``module``, checking that every key and shape matches.
 
-    Buffers a sub-module lists in ``resizable_buffers`` (e.g. a memory bank) take the saved shape.
+    Buffers of :class:`~anomalens.nn.state.ResizableBuffers` sub-modules (e.g. a memory bank) take the saved shape.
     Floating-point tensors are cast to the module's dtype (so fp16 checkpoints load into fp32 models).
 
     Raises:
         ValueError: Missing, unexpected or mis-shaped keys; the message lists them and names ``source``.
     """
+    from anomalens.nn.state import ResizableBuffers
+
     for prefix, submodule in module.named_modules():
-        for name in getattr(submodule, "resizable_buffers", ()):
-            key = f"{prefix}.{name}" if prefix else name
-            if key in state:
-                current = getattr(submodule, name)
-                setattr(submodule, name, torch.empty(state[key].shape, dtype=current.dtype, device=current.device))
+        if isinstance(submodule, ResizableBuffers):
+            submodule.resize_buffers_for(state, f"{prefix}." if prefix else "")
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

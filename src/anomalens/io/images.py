@@ -8,14 +8,20 @@ Grayscale, palette, RGBA, 16-bit, float, CMYK and EXIF-rotated images are all no
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -201,3 +207,41 @@ def load_mask(path: str | os.PathLike, shape: Sequence[int]) -> np.ndarray:
     if tuple(mask.shape) != tuple(shape[:2]):
         raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}")
     return mask
+
+
+def images_to_tensor(images: list, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Stack ``(H, W, 3)`` uint8 arrays into ``(B, 3, size, size)`` float in ``[0, 1]``.
+
+    Each image is resized on its own (antialiased ``mode``: bilinear or bicubic), so sizes and aspect ratios
+    may differ; maps computed on the square grid are resized back to each image's geometry by the detector.
+    """
+    import torch  # here, so that reading images needs no torch
+    import torch.nn.functional as F
+
+    tensors = []
+    for image in images:
+        tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
+        if tensor.shape[-2:] != (size, size):
+            tensor = F.interpolate(tensor, size=(size, size), mode=mode, antialias=True, align_corners=False)
+        tensors.append(tensor)
+    return torch.cat(tensors).clamp_(0.0, 1.0)
+
+
+def readable_images(
+    paths: Iterable[Any], kind: str = "image", on_error: Callable[[Any, str], None] | None = None
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(path, (H, W, 3) uint8 image)`` for each of ``paths`` that loads; the others are reported and skipped.
+
+    The one "load or report" loop of the library: ``on_error(path, reason)`` gets each failure (default: a
+    warning naming the file, its ``kind`` and the reason).
+    """
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ImageLoadError as error:
+            if on_error is None:
+                logger.warning("skipped %s %s: %s", kind, path, error.reason)
+            else:
+                on_error(path, error.reason)
+            continue
+        yield path, image

@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,76 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 _RECORD_PREFIX = "SPEED_RECORD "
 
 
+@dataclass
+class SpeedOptions:
+    """What ``anomalens benchmark-speed`` times and how."""
+
+    methods: tuple[str, ...] | None = None  # only these methods' full-size settings
+    settings: tuple[int, ...] | None = None  # only these full-size settings (indices; see --list)
+    variants: bool = True  # include the variant rows (SD 256 px, bf16); --no-variants skips them
+    settings_file: str | None = None  # JSON list of {method, shots, options, variant} instead of the built-in rows
+    images: tuple[str, ...] | None = None  # test images / folders (default: MVTec AD bottle)
+    reference: tuple[str, ...] | None = None  # reference images / folders for few-shot rows
+    shared: str | None = None  # folder holding datasets/mvtec (default: $ANOMALENS_SHARED, else ../shared)
+    count: int = 16  # test images used (a fixed, evenly spaced subset)
+    repeats: int = 3  # timed batches per batch size, after a warm-up
+    batch_sizes: tuple[int, ...] = (1, 8)  # batch sizes timed per setting
+    threads: int | None = None  # torch threads for every setting (default: torch's)
+    device: str = "cpu"  # torch device, e.g. cpu or cuda
+    dtype: str = "float32"  # precision of settings without their own: float32, bfloat16 or float16
+    timeout: float = 3600  # seconds allowed per setting
+    open_clip_config: tuple[str, ...] = ()  # extra open_clip model config JSON files
+    list: bool = False  # list the full-size settings and exit
+    out: str | None = None  # JSON file (default: speed-<machine>-<threads>threads.json)
+
+
+def choose_settings(options: SpeedOptions) -> list[dict[str, Any]]:
+    """The settings ``options`` select: a settings file, or the full-size rows filtered by method, index, variant."""
+    if options.settings_file:
+        return load_settings(options.settings_file)
+    methods = list(dict.fromkeys(setting["method"] for setting in FULL_SIZE_SETTINGS))
+    unknown = sorted(set(options.methods or []) - set(methods))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} for benchmark-speed; valid: {', '.join(methods)}")
+    count = len(FULL_SIZE_SETTINGS)
+    bad = sorted(index for index in options.settings or [] if not 0 <= index < count)
+    if bad:
+        listing = "; ".join(f"{i}: {setting_label(s)} {s['shots']}-shot" for i, s in enumerate(FULL_SIZE_SETTINGS))
+        raise ValueError(f"--settings {bad} out of range 0..{count - 1} ({listing})")
+    chosen = [setting for index, setting in enumerate(FULL_SIZE_SETTINGS)
+              if (options.methods is None or setting["method"] in options.methods)
+              and (options.settings is None or index in options.settings)
+              and (options.variants or not setting.get("variant"))]  # fmt: skip
+    if not chosen:
+        raise ValueError("--methods, --settings and --no-variants leave no setting to time")
+    return check_settings(chosen)
+
+
+def choose_inputs(options: SpeedOptions, needed_references: int) -> tuple[list[Path], list[Path]]:
+    """Test images and references: the given folders (unreadable files reported and skipped, since they would fail
+    every setting), else MVTec AD bottle under the shared folder."""
+    from anomalens.io.images import find_images, readable_images
+
+    shared = Path(options.shared or os.environ.get("ANOMALENS_SHARED", "../shared"))
+    if options.images:
+        readable = [path for path, _ in readable_images(find_images(options.images), "image")]
+        images = evenly_spaced(readable, options.count)
+        if not images:
+            raise ValueError(f"no readable images in {list(options.images)}")
+    else:
+        images = default_test_images(shared, options.count)
+    if options.reference:
+        references = [path for path, _ in readable_images(find_images(options.reference), "reference")]
+    else:
+        references = sorted((shared / "datasets" / "mvtec" / "bottle" / "train" / "good").glob("*.png"))
+        references = references[:needed_references]
+    if len(references) < needed_references:
+        raise ValueError(
+            f"a setting needs {needed_references} reference image(s), found {len(references)}: pass --reference"
+        )
+    return images, references
+
+
 def setting_label(setting: dict[str, Any]) -> str:
     """``"method"`` or ``"method (variant)"``."""
     variant = setting.get("variant")
@@ -134,8 +205,8 @@ def load_settings(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def default_test_images(shared: str | os.PathLike, count: int) -> list[Path]:
     """The fixed stratified subset of ``count`` MVTec AD bottle test images under ``shared/datasets/mvtec``."""
-    from anomalens.benchmark import subset_test
-    from anomalens.datasets import open_dataset
+    from anomalens.evaluation.benchmark import subset_test
+    from anomalens.io.datasets import open_dataset
 
     root = Path(shared) / "datasets" / "mvtec"
     if not (root / "bottle").is_dir():
@@ -212,8 +283,11 @@ def count_flops(detector, batch: list) -> tuple[float, dict[str, float]]:
     ``nn.MultiheadAttention``'s inference fast path (one fused ``_native_multi_head_attention`` kernel, which
     open_clip's transformers take) is invisible to ``FlopCounterMode``: it would count its projections and
     attention as 0 FLOPs, a third of a ViT's. So this batch runs with the fast path off, through the same
-    matmuls as separate, counted operators; the timed batches keep it.
+    matmuls as separate, counted operators; the timed batches keep it. Newer torch (2.14) then runs the attention
+    through the CPU flash kernel ``_scaled_dot_product_flash_attention_for_cpu``, which ``FlopCounterMode`` has no
+    formula for either; it is counted with torch's own formula for the other SDPA kernels (same FLOPs).
     """
+    import torch
     from torch.backends import mha
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -230,7 +304,9 @@ def count_flops(detector, batch: list) -> tuple[float, dict[str, float]]:
     fast_path = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False) as counter:
+        cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        mapping = {cpu_flash: _cpu_flash_attention_flops} if cpu_flash is not None else {}
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             detector.timed = counted  # an instance attribute, shadowing the method for this batch only
             try:
                 detector.predict_arrays(batch)
@@ -239,6 +315,13 @@ def count_flops(detector, batch: list) -> tuple[float, dict[str, float]]:
     finally:
         mha.set_fastpath_enabled(fast_path)
     return float(counter.get_total_flops()), stage_flops
+
+
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of one CPU flash-attention call: torch's count for its other SDPA kernels, from the input shapes."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def measure_setting(
@@ -260,7 +343,7 @@ def measure_setting(
     import resource
 
     import anomalens
-    from anomalens.images import load_image
+    from anomalens.io.images import load_image
 
     method, shots = setting["method"], setting["shots"]
     options = {"precision": dtype, **setting["options"]}
@@ -280,41 +363,46 @@ def measure_setting(
         if detector.pooled and batch_size < 2 and not references:
             record["batches"][str(batch_size)] = {"skipped": "a pooled zero-shot method scores at least 2 images"}
             continue
-        batches = [[images[(start + offset) % len(images)] for offset in range(batch_size)]
-                   for start in range(0, batch_size * (repeats + 1), batch_size)]  # fmt: skip
-        detector.predict_arrays(batches[0])  # warm-up
-        detector.stage_seconds.clear()
-        per_image = []
-        for batch in batches[1:]:
-            start = time.perf_counter()
-            detector.predict_arrays(batch)
-            _synchronize(device)
-            per_image.append((time.perf_counter() - start) / batch_size)
-        stages = grouped_per_image(detector.stage_seconds, batch_size * repeats)
-        flops, stage_flops = count_flops(detector, batches[1])
-        flops_per_image = flops / batch_size
-        group_flops = grouped_per_image(stage_flops, batch_size)
-        seconds = statistics.median(per_image)
-        stages["other"] = max(statistics.mean(per_image) - sum(stages.values()), 0.0)
-        stage_gflops = {group: value / 1e9 for group, value in group_flops.items()}
-        networks = {stage: significant(stage_gflops[stage] / stages[stage]) for stage in NETWORK_STAGES
-                    if stage_gflops.get(stage) and stages.get(stage)}  # fmt: skip
-        dominant = dominant_network(stage_gflops)
-        record["batches"][str(batch_size)] = {
-            "seconds_per_image": significant(seconds),
-            "images_per_second": significant(1 / seconds),
-            "timed_seconds_per_image": [significant(value) for value in per_image],
-            "gflops_per_image": significant(flops_per_image / 1e9),
-            "achieved_gflops_per_second": significant(flops_per_image / seconds / 1e9),
-            "stages_seconds_per_image": {group: significant(value) for group, value in stages.items() if value > 0},
-            "stages_gflops_per_image": {group: significant(value) for group, value in stage_gflops.items()},
-            "networks_gflops_per_second": networks,  # FLOPs counted inside each network's stage / its time
-            "dominant_network": dominant,
-            "dominant_gflops_per_second": networks.get(dominant),
-        }
+        record["batches"][str(batch_size)] = time_batches(detector, images, batch_size, repeats, device)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     record["peak_rss_mb"] = round(peak_kb / (2**20 if sys.platform == "darwin" else 1024), 1)
     return record
+
+
+def time_batches(detector, images: list, batch_size: int, repeats: int, device: str) -> dict[str, Any]:
+    """Time ``repeats`` batches of ``batch_size`` images after a warm-up; seconds, FLOPs and stage figures."""
+    batches = [[images[(start + offset) % len(images)] for offset in range(batch_size)]
+               for start in range(0, batch_size * (repeats + 1), batch_size)]  # fmt: skip
+    detector.predict_arrays(batches[0])  # warm-up
+    detector.stage_seconds.clear()
+    per_image = []
+    for batch in batches[1:]:
+        start = time.perf_counter()
+        detector.predict_arrays(batch)
+        _synchronize(device)
+        per_image.append((time.perf_counter() - start) / batch_size)
+    stages = grouped_per_image(detector.stage_seconds, batch_size * repeats)
+    flops, stage_flops = count_flops(detector, batches[1])
+    flops_per_image = flops / batch_size
+    group_flops = grouped_per_image(stage_flops, batch_size)
+    seconds = statistics.median(per_image)
+    stages["other"] = max(statistics.mean(per_image) - sum(stages.values()), 0.0)
+    stage_gflops = {group: value / 1e9 for group, value in group_flops.items()}
+    networks = {stage: significant(stage_gflops[stage] / stages[stage]) for stage in NETWORK_STAGES
+                if stage_gflops.get(stage) and stages.get(stage)}  # fmt: skip
+    dominant = dominant_network(stage_gflops)
+    return {
+        "seconds_per_image": significant(seconds),
+        "images_per_second": significant(1 / seconds),
+        "timed_seconds_per_image": [significant(value) for value in per_image],
+        "gflops_per_image": significant(flops_per_image / 1e9),
+        "achieved_gflops_per_second": significant(flops_per_image / seconds / 1e9),
+        "stages_seconds_per_image": {group: significant(value) for group, value in stages.items() if value > 0},
+        "stages_gflops_per_image": {group: significant(value) for group, value in stage_gflops.items()},
+        "networks_gflops_per_second": networks,  # FLOPs counted inside each network's stage / its time
+        "dominant_network": dominant,
+        "dominant_gflops_per_second": networks.get(dominant),
+    }
 
 
 def significant(value: float, digits: int = 4) -> float:
@@ -409,7 +497,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def default_output_name(threads: int) -> str:
     """``speed-<machine>-<threads>threads.json``: the accelerator's name, or ``cpu``."""
-    from anomalens.profiling import machine_info
+    from anomalens.evaluation.profiling import machine_info
 
     accelerator = machine_info()["accelerator"] or "cpu"
     name = re.sub(r"[^a-z0-9]+", "-", accelerator.lower()).strip("-")
@@ -418,8 +506,8 @@ def default_output_name(threads: int) -> str:
 
 def write_results(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     """Ratios, then the JSON (with the command and machine, atomically) and the markdown table beside it."""
-    from anomalens.outputs import atomic_write_text
-    from anomalens.profiling import write_benchmark_json
+    from anomalens.evaluation.profiling import write_benchmark_json
+    from anomalens.io.outputs import atomic_write_text
 
     add_ratios(result["records"], result["matmul_peak_gflops"])
     written = write_benchmark_json(str(out), result)
@@ -446,13 +534,11 @@ def run_speed(
 
     Args:
         settings: Checked by :func:`check_settings`.
-        image_paths: The test images every setting scores.
-        reference_paths: Normal images; a setting with ``shots=k`` is fitted on the first ``k``.
+        image_paths / reference_paths: Test images every setting scores; normal images (``shots=k``: the first k).
         out: The JSON file; the markdown table goes beside it (``.md``).
         batch_sizes: Batch sizes timed per setting.
         repeats: Timed batches per batch size (after one warm-up batch).
-        threads: torch threads, the same for the matmul peak and every setting.
-        device: torch device.
+        threads / device: torch threads and device, the same for the matmul peak and every setting.
         dtype: Precision of the settings whose options do not set their own ``precision``.
         timeout: Seconds allowed per setting; one that runs over is recorded as an error and the run goes on.
         open_clip_configs: Extra open_clip model configs (JSON files) registered in every worker.
@@ -460,20 +546,12 @@ def run_speed(
 
     Returns:
         The result written to ``out``. A setting that fails is recorded with its error; the others still run.
-
     Raises:
         ValueError: Bad settings, no images, a non-positive batch size, repeats or threads, or an unknown dtype.
     """
-    import torch
+    import torch  # here: the settings' subprocess workers import it themselves
 
-    settings = check_settings(list(settings))
-    if not image_paths:
-        raise ValueError("no test images to time")
-    if dtype not in PRECISIONS:
-        raise ValueError(f"dtype {dtype!r} must be one of {', '.join(PRECISIONS)}")
-    for name, value in (("repeats", repeats), ("threads", threads), *(("batch size", size) for size in batch_sizes)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    settings = _check_run(settings, image_paths, dtype, repeats, threads, batch_sizes)
     out = Path(out)
     torch.set_num_threads(threads)
     precisions = sorted({setting["options"].get("precision", dtype) for setting in settings})
@@ -482,14 +560,13 @@ def run_speed(
     result: dict[str, Any] = {"matmul_peak_gflops": peaks, "count": len(image_paths), "repeats": repeats,
                               "threads": threads, "device": device, "dtype": dtype,
                               "images": [str(path) for path in image_paths], "records": []}  # fmt: skip
+    common = {"images": [str(path) for path in image_paths], "references": [str(path) for path in reference_paths],
+              "batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads, "device": device,
+              "dtype": dtype, "open_clip_configs": [str(path) for path in open_clip_configs]}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="anomalens-speed-") as folder:
         for index, setting in enumerate(settings):
-            spec = {"setting": setting, "images": [str(path) for path in image_paths],
-                    "references": [str(path) for path in reference_paths], "batch_sizes": list(batch_sizes),
-                    "repeats": repeats, "threads": threads, "device": device, "dtype": dtype,
-                    "open_clip_configs": [str(path) for path in open_clip_configs]}  # fmt: skip
             spec_path = Path(folder) / f"setting-{index}.json"
-            spec_path.write_text(json.dumps(spec))
+            spec_path.write_text(json.dumps({"setting": setting, **common}))
             logger.info("timing %s %d-shot", setting_label(setting), setting["shots"])
             record = _run_worker(spec_path, timeout)
             record = {"method": setting["method"], "shots": setting["shots"], "variant": setting["variant"],
@@ -501,8 +578,21 @@ def run_speed(
     return result
 
 
+def _check_run(settings, image_paths, dtype: str, repeats: int, threads: int, batch_sizes) -> list[dict[str, Any]]:
+    """The checked settings of a run; a ``ValueError`` naming the first bad argument otherwise."""
+    settings = check_settings(list(settings))
+    if not image_paths:
+        raise ValueError("no test images to time")
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype {dtype!r} must be one of {', '.join(PRECISIONS)}")
+    for name, value in (("repeats", repeats), ("threads", threads), *(("batch size", size) for size in batch_sizes)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return settings
+
+
 def _run_worker(spec_path: Path, timeout: float) -> dict[str, Any]:
-    command = [sys.executable, "-m", "anomalens.speed", str(spec_path)]
+    command = [sys.executable, "-m", "anomalens.evaluation.speed", str(spec_path)]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

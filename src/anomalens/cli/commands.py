@@ -1,0 +1,333 @@
+"""The handlers of the ``anomalens`` commands: short orchestration over the library, one function per command.
+
+Each handler takes the parsed options (one validated dataclass per group, see :mod:`anomalens.cli.parser`) and
+whether progress bars are off, prints its result and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from anomalens.cli.parser import MethodOptions, ReferenceOptions
+
+logger = logging.getLogger("anomalens")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def method_config(method: MethodOptions) -> dict[str, Any]:
+    """The method config options of ``--set NAME=VALUE``, ``--backbone``, ``--pretrained`` and ``--batch-size``."""
+    options: dict[str, Any] = {}
+    for item in method.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        options[name.strip().replace("-", "_")] = value
+    for name in ("backbone", "pretrained"):
+        if getattr(method, name):
+            options[name] = getattr(method, name)
+    if method.batch_size is not None:
+        options["batch_size"] = method.batch_size
+    options["device"] = method.device
+    return options
+
+
+def create_detector(method: MethodOptions):
+    """A new detector of ``--method`` with its options."""
+    import anomalens
+
+    if not method.method:
+        raise ValueError(f"give --method (one of {', '.join(anomalens.list_methods())})")
+    return anomalens.create(method.method, weights_dir=method.weights_dir, **method_config(method))
+
+
+def detector_from(method: MethodOptions, saved: str | None):
+    """A saved detector (``--detector``) or a new one (``--method``)."""
+    import anomalens
+
+    if saved:
+        detector = anomalens.load(saved, map_location=method.device)
+        if method.method and method.method != detector.method_name:
+            raise ValueError(f"--method {method.method!r} differs from the saved detector's {detector.method_name!r}")
+        return detector
+    if not method.method:
+        raise ValueError("give --method (and references) or --detector SAVED_FOLDER")
+    return create_detector(method)
+
+
+def progress_bar(total: int | None, desc: str, quiet: bool, unit: str = "img"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet or None, dynamic_ncols=True)
+
+
+def reference_images(entries: Sequence[str]) -> list:
+    """Load reference images from files and folders, reporting and skipping unreadable ones."""
+    from anomalens.io.images import find_images, readable_images
+
+    if not entries:
+        return []
+    images = [image for _, image in readable_images(find_images(entries), "reference")]
+    if not images:
+        raise ValueError(f"no readable reference image in {list(entries)}")
+    return images
+
+
+def fit_detector(detector, references: ReferenceOptions) -> str:
+    """Fit from ``--reference`` and set the threshold (:func:`anomalens.engines.core.fit_and_threshold`)."""
+    from anomalens.engines.core import fit_and_threshold
+
+    images = reference_images(references.reference)
+    if images and references.threshold is None and detector.few_shot:
+        logger.info("fitting on %d reference image(s) and deriving the threshold (leave-one-out)", len(images))
+    return fit_and_threshold(detector, images, references.class_name, references.threshold)
+
+
+def command_line() -> str:
+    return "anomalens " + " ".join(shlex.quote(part) for part in sys.argv[1:])
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_predict(options: Any, quiet: bool) -> int:
+    run = options.run
+    if not options.inputs:
+        swallowed = f" (--reference took {list(options.references.reference)})" if options.references.reference else ""
+        raise ValueError(
+            f"no inputs to score{swallowed}: give image files or folders before the options, "
+            "or end the reference list with -- (anomalens predict ... --reference refs/ -- incoming/)"
+        )
+    total = _count_inputs(options.inputs, run.engine)
+    detector = detector_from(options.method, run.detector)
+    source = fit_detector(detector, options.references)
+    if run.save_detector:
+        detector.save(run.save_detector)
+    bar = progress_bar(total, "scoring", quiet)
+    finished = [0]
+
+    def advance(done: int) -> None:
+        bar.update(done - finished[0])
+        finished[0] = done
+
+    common = {"threshold": options.references.threshold, "threshold_source": source, "raw_format": run.raw_format,
+              "overwrite": run.overwrite, "write_overlays": run.overlays, "run_info": {"command": command_line()},
+              "progress": advance}  # fmt: skip
+    try:
+        summary = _score(detector, options, common)
+    finally:
+        bar.close()
+    if summary.threshold is not None:
+        print(f"threshold {summary.threshold:.6g} ({summary.threshold_source})")
+    for item in summary.skipped_inputs:
+        print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
+    print(summary.line())
+    return 0
+
+
+def _count_inputs(inputs: Sequence[str], engine: str) -> int:
+    """How many images the inputs hold (Ray is checked first: a missing Ray says how to install it)."""
+    if engine == "ray":
+        from anomalens.engines.ray import list_inputs, require_ray
+
+        require_ray()
+        total = len(list_inputs(inputs))
+    else:
+        from anomalens.engines.core import collect_inputs
+
+        total = len(collect_inputs(inputs)[0])
+    if total == 0:
+        raise ValueError(f"no image files found in {list(inputs)}")
+    return total
+
+
+def _score(detector, options: Any, common: dict[str, Any]):
+    run = options.run
+    if run.engine == "ray":
+        from anomalens.engines.ray import score
+
+        return score(detector, options.inputs, run.out, num_workers=run.num_workers,
+                     batch_size=options.method.batch_size or detector.config.batch_size,
+                     ray_address=run.ray_address, gpu_fraction=run.gpu_fraction, **common)  # fmt: skip
+    from anomalens.engines.local import run_predict
+
+    return run_predict(detector, options.inputs, run.out, batch_size=options.method.batch_size, **common)
+
+
+def cmd_fit(options: Any, quiet: bool) -> int:
+    detector = create_detector(options.method)
+    source = fit_detector(detector, options.references)
+    path = detector.save(options.run.out)
+    threshold = "none" if detector.threshold is None else f"{detector.threshold:.6g} ({source})"
+    print(f"saved fitted {detector.method_name} detector to {path}; threshold {threshold}")
+    return 0
+
+
+def cmd_serve(options: Any, quiet: bool) -> int:
+    from anomalens.engines.serve import _require_fastapi, create_app
+
+    _require_fastapi()
+    import uvicorn
+
+    serve = options.serve
+    detector = detector_from(options.method, serve.detector)
+    references = options.references
+    if references.reference or (detector.zero_shot and not detector.is_fitted):
+        fit_detector(detector, references)
+    elif references.threshold is not None:
+        detector.threshold = references.threshold
+    app = create_app(detector, options.settings, class_name=options.references.class_name)
+    if serve.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: reachable from other machines", serve.host)
+    print(f"anomalens serving {detector.method_name} on http://{serve.host}:{serve.port}/ (Ctrl+C to stop)")
+    uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning")
+    return 0
+
+
+def cmd_benchmark(options: Any, quiet: bool) -> int:
+    from anomalens.evaluation.benchmark import parse_shots, results_table, run_benchmark
+
+    bench = options.benchmark
+    eval_size = None if str(bench.eval_size).lower() == "none" else int(bench.eval_size)
+    detector = create_detector(options.method)
+    results = run_benchmark(
+        detector, bench.dataset, bench.root, categories=bench.category, shots=parse_shots(bench.shots),
+        seeds=list(bench.seeds), out_dir=bench.out, batch_size=options.method.batch_size, eval_size=eval_size,
+        max_images=bench.max_images, command=command_line(),
+        progress_factory=lambda total, desc: progress_bar(total, desc, quiet),
+    )  # fmt: skip
+    print(results_table(results))
+    if bench.out:
+        print(f"results written to {os.path.join(bench.out, 'results.json')} and results.md")
+    return 0
+
+
+def cmd_benchmark_speed(options: Any, quiet: bool) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from anomalens.evaluation.speed import (
+        FULL_SIZE_SETTINGS,
+        choose_inputs,
+        choose_settings,
+        default_output_name,
+        markdown,
+        run_speed,
+        setting_label,
+    )
+
+    speed = options.speed
+    if speed.list:
+        for index, setting in enumerate(FULL_SIZE_SETTINGS):
+            print(f"{index:2d}  {setting_label(setting)} {setting['shots']}-shot  {setting['options']}")
+        return 0
+    settings = choose_settings(speed)
+    images, references = choose_inputs(speed, max(setting["shots"] for setting in settings))
+    threads = speed.threads or torch.get_num_threads()
+    out = Path(speed.out or default_output_name(threads))
+    bar = progress_bar(len(settings), "settings", quiet, unit="setting")
+
+    def on_record(record: dict) -> None:
+        bar.update(1)
+        if "error" in record:
+            logger.warning("%s %d-shot failed: %s", setting_label(record), record["shots"], record["error"])
+
+    try:
+        result = run_speed(settings, images, references, out=out, batch_sizes=speed.batch_sizes, repeats=speed.repeats,
+                           threads=threads, device=speed.device, dtype=speed.dtype, timeout=speed.timeout,
+                           open_clip_configs=speed.open_clip_config, on_record=on_record)  # fmt: skip
+    finally:
+        bar.close()
+    print(markdown(result))
+    print(f"results written to {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def cmd_weights_list(options: Any, quiet: bool) -> int:
+    from anomalens.backbones.weights import WEIGHTS, resolve
+
+    for name, source in sorted(WEIGHTS.items()):
+        try:
+            where = str(resolve(name, weights_dir=options.weights.weights_dir, allow_download=False))
+        except FileNotFoundError:
+            where = "not found"
+        print(f"{name:20s} {source.size_mb:7.1f} MB  {source.licence:28s} {where}")
+    return 0
+
+
+def cmd_weights_download(options: Any, quiet: bool) -> int:
+    import anomalens
+    from anomalens.backbones.weights import resolve
+    from anomalens.config import build_config
+
+    method = options.method
+    name = options.method_name or method.method
+    if not name:
+        raise ValueError(f"give the method: anomalens weights download METHOD ({', '.join(anomalens.list_methods())})")
+    cls = anomalens.get_method(name)
+    references = cls.required_weights(build_config(cls.config_class, method_config(method), method=name))
+    if not references:
+        print(f"{name} with this configuration needs no pretrained weights")
+    for reference in references:
+        print(f"{reference}: {resolve(reference, weights_dir=method.weights_dir, method_hint=name)}")
+    return 0
+
+
+def cmd_train_patchclip(options: Any, quiet: bool) -> int:
+    from anomalens.methods.clipfusion.training import train_patchclip
+
+    bar = progress_bar(None, "training patchclip", quiet)
+    finished = [0]
+
+    def advance(done: int, loss: float) -> None:
+        bar.update(done - finished[0])
+        bar.set_postfix(loss=f"{loss:.4f}")
+        finished[0] = done
+
+    try:
+        path = train_patchclip(options.train, progress=advance)
+    finally:
+        bar.close()
+    print(f"saved PatchCLIP projections to {path}; use them with --set clip_projection=trained "
+          f"--set clip_projection_weights={path}")  # fmt: skip
+    return 0
+
+
+def cmd_train_vlmdiff(options: Any, quiet: bool) -> int:
+    from tqdm.auto import tqdm
+
+    from anomalens.methods.vlmdiff.training import train_vlmdiff
+
+    config = options.train
+    bar = tqdm(total=config.steps, desc="training vlmdiff", unit="step", disable=quiet or None, dynamic_ncols=True)
+
+    def advance(step: int, total: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.refresh()
+
+    def caption_bar(iterable):
+        return tqdm(iterable, desc="captioning", unit="img", disable=quiet or None, dynamic_ncols=True)
+
+    try:
+        out = train_vlmdiff(config, options.run.out, overwrite=options.run.overwrite, progress=advance,
+                            caption_progress=caption_bar)  # fmt: skip
+    finally:
+        bar.close()
+    print(f"trained VLMDiff in {out}; score with: "
+          f"anomalens predict --method vlmdiff --set checkpoint={out} IMAGES --out DIR")  # fmt: skip
+    return 0
+
+
+def cmd_list(options: Any, quiet: bool) -> int:
+    import anomalens
+    from anomalens.backbones import list_backbones
+    from anomalens.io.datasets import list_datasets
+
+    print("methods:   " + ", ".join(anomalens.list_methods()))
+    print("backbones: " + ", ".join(list_backbones()))
+    print("datasets:  " + ", ".join(list_datasets()))
+    return 0

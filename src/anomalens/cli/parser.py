@@ -1,0 +1,233 @@
+"""The ``anomalens`` commands and their options, each group of options one dataclass.
+
+Method configs, training configs, server settings and speed settings are the library's own dataclasses; the
+few options that only the command line has (where to write, which engine) are declared here the same way.
+:func:`build_parser` generates every option from them (:mod:`anomalens.cli.options`); :func:`parse` turns the
+command line, and an optional ``--config`` YAML file, into validated dataclass instances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from anomalens.cli.options import add_dataclass_options, build_options, check_config_keys, read_config_file
+from anomalens.config import check_options
+from anomalens.engines.serve import ServerSettings
+from anomalens.evaluation.speed import SpeedOptions
+from anomalens.methods.clipfusion.training import PatchCLIPTrainConfig
+from anomalens.methods.vlmdiff.training import VLMDiffTrainConfig
+
+
+@dataclass
+class MethodOptions:
+    """Which detector to build (or load) and where."""
+
+    method: str = ""  # detector method (see `anomalens list`)
+    backbone: str = ""  # backbone name (a method config field); empty: the method's default
+    pretrained: str = ""  # pretrained weights: a tag, a path, or none (random weights); empty: the method's default
+    set: tuple[str, ...] = dataclasses.field(  # any method config field as NAME=VALUE, one per --set
+        default=(), metadata={"one_value_per_option": True, "help": "any method config field as NAME=VALUE (repeat)"}
+    )
+    weights_dir: str | None = None  # folder with pretrained weights (or $ANOMALENS_WEIGHTS_DIR)
+    device: str = "cpu"  # torch device, e.g. cpu or cuda
+    batch_size: int | None = None  # images per forward pass; empty: the method's default
+
+
+@dataclass
+class ReferenceOptions:
+    """Normal references, the class name and the threshold."""
+
+    reference: tuple[str, ...] = ()  # normal reference images and/or folders (several values or repeated options)
+    class_name: str | None = None  # the product's name, e.g. bottle
+    threshold: float | None = None  # score above which an image is anomalous; default: leave-one-out (>= 2 refs)
+
+
+@dataclass
+class PredictOptions:
+    """Where ``predict`` writes and which engine scores."""
+
+    out: str = ""  # output folder (required)
+    detector: str | None = None  # a detector folder saved by `anomalens fit`
+    raw_format: str = "npy"  # format of the raw maps: npy (exact float32) or png16
+    overlays: bool = True  # write heatmap overlays (--no-overlays: only raw maps and scores)
+    overwrite: bool = False  # replace an earlier run in --out
+    save_detector: str | None = None  # also save the fitted detector to this folder
+    engine: str = "local"  # where to score: local or ray
+    ray_address: str | None = None  # Ray cluster address (default: start a local one)
+    num_workers: int = 1  # Ray actors scoring in parallel
+    gpu_fraction: float | None = None  # GPUs per Ray actor (default: 1 if the cluster has any)
+
+    def __post_init__(self) -> None:
+        check_options("predict", self, {
+            "out": (bool(self.out), "an output folder (--out DIR)"),
+            "raw_format": (self.raw_format in ("npy", "png16"), "npy or png16"),
+            "engine": (self.engine in ("local", "ray"), "local or ray"),
+            "num_workers": (self.num_workers >= 1, ">= 1"),
+        })  # fmt: skip
+
+
+@dataclass
+class FitOptions:
+    """Where ``fit`` saves the detector."""
+
+    out: str = ""  # folder to save the fitted detector in (required)
+
+    def __post_init__(self) -> None:
+        check_options("fit", self, {"out": (bool(self.out), "a folder (--out DIR)")})
+
+
+@dataclass
+class ServeOptions:
+    """Where ``serve`` listens, and a saved detector to serve."""
+
+    detector: str | None = None  # a detector folder saved by `anomalens fit`
+    host: str = "127.0.0.1"  # interface to bind (default: this machine only)
+    port: int = 8000  # TCP port
+
+
+@dataclass
+class BenchmarkOptions:
+    """Which dataset a benchmark runs on, and how."""
+
+    dataset: str = ""  # dataset layout: mvtec, visa, realiad or folder (required)
+    root: str = ""  # dataset root folder (required)
+    category: tuple[str, ...] | None = None  # categories (default: all)
+    shots: str = "1"  # reference images per category: an integer, or all
+    seeds: tuple[int, ...] = (0,)  # seeds for drawing references
+    eval_size: str = "256"  # side maps and masks are resized to; none = each image's native size
+    max_images: int | None = None  # score a fixed stratified subset of N test images per category
+    out: str | None = None  # output folder for results.json and results.md
+
+    def __post_init__(self) -> None:
+        check_options("benchmark", self, {
+            "dataset": (bool(self.dataset), "a dataset layout (--dataset mvtec|visa|realiad|folder)"),
+            "root": (bool(self.root), "the dataset's root folder (--root DIR)"),
+        })  # fmt: skip
+
+
+@dataclass
+class TrainRunOptions:
+    """Where a training run writes."""
+
+    out: str = ""  # run folder (required); a re-run on it resumes from its checkpoint
+    overwrite: bool = False  # start afresh instead of resuming
+
+    def __post_init__(self) -> None:
+        check_options("train", self, {"out": (bool(self.out), "a run folder (--out DIR)")})
+
+
+@dataclass
+class WeightsOptions:
+    """Where ``weights list`` looks."""
+
+    weights_dir: str | None = None  # folder with pretrained weights, searched first
+
+
+@dataclass
+class Command:
+    """One (sub)command: its help, option dataclasses, positional arguments and handler."""
+
+    help: str
+    groups: dict[str, type]  # namespace attribute -> options dataclass
+    handler: str  # name of the function in anomalens.cli.commands
+    positionals: Sequence[tuple[str, dict[str, Any]]] = ()
+    flags: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # older spellings of some fields
+
+
+_METHOD = {"method": MethodOptions}
+COMMANDS: dict[str, Command] = {
+    "predict": Command(
+        "score images; write heatmaps, raw maps and scores",
+        {**_METHOD, "references": ReferenceOptions, "run": PredictOptions},
+        "cmd_predict",
+        [("inputs", {"nargs": "*", "help": "image files and/or folders (searched recursively)"})],
+    ),
+    "fit": Command("fit a detector on reference images and save it",
+                   {**_METHOD, "references": ReferenceOptions, "run": FitOptions}, "cmd_fit"),
+    "serve": Command(
+        "HTTP API and browser page over one detector",
+        {**_METHOD, "references": ReferenceOptions, "serve": ServeOptions, "settings": ServerSettings},
+        "cmd_serve",
+        flags={"request_timeout_s": ["--timeout", "--request-timeout-s"]},
+    ),
+    "benchmark": Command("reproduce paper-style tables on a dataset", {**_METHOD, "benchmark": BenchmarkOptions},
+                         "cmd_benchmark"),
+    "benchmark-speed": Command("time methods side by side", {"speed": SpeedOptions}, "cmd_benchmark_speed"),
+    "train patchclip": Command(
+        "PatchCLIP projections for clipfusion", {"train": PatchCLIPTrainConfig}, "cmd_train_patchclip",
+        flags={"learning_rate": ["--learning-rate", "--lr"], "categories": ["--categories", "--category"]},
+    ),
+    "train vlmdiff": Command(
+        "VLMDiff's caption-conditioned diffusion model", {"train": VLMDiffTrainConfig, "run": TrainRunOptions},
+        "cmd_train_vlmdiff",
+        flags={"learning_rate": ["--learning-rate", "--lr"], "caption_file": ["--caption-file", "--captions"]},
+    ),
+    "weights download": Command(
+        "fill the weights cache with what a method needs", _METHOD, "cmd_weights_download",
+        [("method_name", {"nargs": "?", "help": "method name (or --method)"})],
+    ),
+    "weights list": Command("list registered weights and where they are found", {"weights": WeightsOptions},
+                            "cmd_weights_list"),
+    "list": Command("the available methods, backbones and datasets", {}, "cmd_list"),
+}  # fmt: skip
+
+
+def _version() -> str:
+    from anomalens import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``anomalens`` parser, every option generated from the dataclasses in :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="anomalens", description="Visual anomaly detection with foundation models.")
+    parser.add_argument("--version", action="version", version=f"anomalens {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only, no progress bars")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    nested: dict[str, argparse._SubParsersAction] = {}
+    for name, command in COMMANDS.items():
+        words = name.split()
+        if len(words) == 2 and words[0] not in nested:
+            group = top.add_parser(words[0], help=f"{words[0]} commands")
+            nested[words[0]] = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+        container = nested[words[0]] if len(words) == 2 else top
+        sub = container.add_parser(words[-1], help=command.help, description=command.help)
+        for positional, options in command.positionals:
+            sub.add_argument(positional, **options)
+        for title, cls in command.groups.items():
+            add_dataclass_options(sub.add_argument_group(title), cls, flags=command.flags)
+        sub.add_argument("--config", metavar="FILE", help="YAML file of option values (the command line overrides)")
+        sub.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
+        sub.set_defaults(command_key=name)
+    return parser
+
+
+def parse(argv: Sequence[str] | None) -> tuple[Command, SimpleNamespace, argparse.Namespace]:
+    """Parse the command line into ``(command, options, raw namespace)``.
+
+    ``options`` has one attribute per group of the command (a validated dataclass instance each) plus the
+    positional arguments.
+    """
+    namespace = build_parser().parse_args(argv)
+    command = COMMANDS[namespace.command_key]
+    file_values = read_config_file(namespace.config) if namespace.config else {}
+    if file_values:
+        check_config_keys(file_values, list(command.groups.values()), source=namespace.config)
+    owner = namespace.command_key
+    options = SimpleNamespace(**{title: build_options(cls, file_values, namespace, owner=owner)
+                                 for title, cls in command.groups.items()})  # fmt: skip
+    for positional, _ in command.positionals:
+        setattr(options, positional, getattr(namespace, positional))
+    return command, options, namespace
+
+
+def handler_of(command: Command) -> Callable[..., int]:
+    from anomalens.cli import commands
+
+    return getattr(commands, command.handler)

@@ -1,0 +1,311 @@
+"""What every engine (local, Ray, serve) shares: the run folder, its writer, and one image's record and files.
+
+Run folder layout::
+
+    OUT/run.json          method, config, config hash, threshold and its source, counts, status
+    OUT/scores.jsonl      one record per scored image, appended as it is scored
+    OUT/scores.csv        the same records as CSV, written when the run ends
+    OUT/errors.jsonl      one record per skipped input, with the reason
+    OUT/overlays/NAME.png heatmap over the image
+    OUT/maps/NAME.npy     the raw float32 map (or NAME.png, 16-bit, with raw_format="png16")
+
+NAME mirrors the image's path below the input folder it was found in (a file given directly uses its own name),
+with a numeric suffix where two inputs would collide.
+
+Threshold sources: ``given`` (a number from the user), ``leave-one-out`` (derived from the references, see
+:func:`leave_one_out_threshold`), ``detector`` (carried by a saved detector), ``none`` (no labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomalens.io.images import find_images, load_image
+from anomalens.io.outputs import atomic_write_bytes, atomic_write_json, heatmap_overlay, png_bytes, raw_map_bytes
+
+logger = logging.getLogger(__name__)
+
+RUN_ARTIFACTS = ("run.json", "scores.jsonl", "scores.csv", "scores.parquet", ".scores.csv.partial", "errors.jsonl",
+                 "overlays", "maps")  # fmt: skip
+CSV_FIELDS = ("path", "score", "label", "threshold", "method", "config_hash", "overlay", "map", "width", "height")
+RECORD_COLUMNS = (*CSV_FIELDS, "map_scale_max")  # every field a score record can have
+RAW_FORMATS = ("npy", "png16")
+THRESHOLD_RULE = "leave-one-out: max over references of the score of each reference against the others"
+
+
+# ---------------------------------------------------------------------------------------------------- thresholds
+def leave_one_out_threshold(detector: Any, reference_images: Sequence[Any], class_name: str | None = None):
+    """The default threshold from the references themselves.
+
+    Each reference is scored by the detector fitted on the other references; the threshold is the largest of those
+    scores, i.e. the lowest threshold at which no held-out reference is flagged. Refits ``detector`` once per
+    reference and finally on all of them, so it ends fitted on every reference. Returns ``None`` (and logs why)
+    with fewer than two references.
+    """
+    references = [load_image(image) for image in reference_images]
+    if len(references) < 2:
+        logger.warning("a default threshold needs at least 2 reference images (got %d); no labels", len(references))
+        detector.fit(references, class_name=class_name)
+        return None
+    held_out_scores = []
+    for index in range(len(references)):
+        others = references[:index] + references[index + 1 :]
+        detector.fit(others, class_name=class_name)
+        held_out_scores.append(detector.predict_arrays([references[index]])[0].score)
+    detector.fit(references, class_name=class_name)
+    return float(max(held_out_scores))
+
+
+def fit_and_threshold(detector: Any, references: Sequence[Any], class_name: str | None = None,
+                      threshold: float | None = None) -> str:  # fmt: skip
+    """Fit ``detector`` on ``references`` and set its threshold by the one rule every engine follows.
+
+    - A given ``threshold`` is used as is (``"given"``).
+    - Else, with references and a few-shot method: leave-one-out (``"leave-one-out"``; ``"none"`` with fewer than
+      two references, where no threshold can be derived).
+    - Else the detector keeps the threshold it carries (``"detector"``), if any (``"none"``).
+
+    Without references a detector that is not fitted yet is fitted zero-shot. Returns the threshold's source.
+    """
+    references = list(references or [])
+    if references and threshold is None and detector.few_shot:
+        detector.threshold = leave_one_out_threshold(detector, references, class_name=class_name)
+        return "leave-one-out" if detector.threshold is not None else "none"
+    if references or not detector.is_fitted:
+        detector.fit(references or None, class_name=class_name)
+    if threshold is not None:
+        detector.threshold = float(threshold)
+        return "given"
+    return "detector" if detector.threshold is not None else "none"
+
+
+def threshold_source(given: float | None, chosen_by: str | None, current: float | None) -> str:
+    """How the threshold of a run was chosen: the rule that chose it if named, else ``given`` for a number from
+    the user, else the detector's own (``detector``) or ``none``."""
+    if chosen_by:
+        return chosen_by
+    if given is not None:
+        return "given"
+    return "detector" if current is not None else "none"
+
+
+def label_text(label: bool | None) -> str | None:
+    """The label string of records and API answers: ``"anomalous"``, ``"normal"``, or ``None`` (no threshold)."""
+    return None if label is None else ("anomalous" if label else "normal")
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path | None]]:
+    """Expand inputs to image files and remember the folder each came from (``None`` for direct files)."""
+    paths, roots, seen = [], [], set()
+    for entry in inputs:
+        entry_path = Path(entry)
+        for path in find_images([entry_path]):
+            key = path.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            paths.append(path)
+            roots.append(entry_path if entry_path.is_dir() else None)
+    return paths, roots
+
+
+def output_names(paths: Sequence[Path], roots: Sequence[Path | None]) -> list[str]:
+    """Collision-free relative names (without extension) for each input image."""
+    names, used = [], set()
+    for path, root in zip(paths, roots):
+        relative = path.relative_to(root) if root is not None else Path(path.name)
+        stem = relative.with_suffix("").as_posix()
+        name, counter = stem, 1
+        while name in used:
+            counter += 1
+            name = f"{stem}-{counter}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------- one image
+def score_batch(detector, paths, names, arrays, skip: Callable[[Any, str], None]) -> list[tuple]:
+    """Score a batch; if the batch fails, retry image by image so one bad input cannot sink the others.
+
+    Returns ``(path, name, array, result)`` for each scored image; ``skip(path, reason)`` gets the failures.
+    """
+    if not arrays:
+        return []
+    try:
+        results = detector.predict_arrays(arrays, [str(path) for path in paths])
+        return list(zip(paths, names, arrays, results))
+    except (RuntimeError, ValueError) as error:
+        if len(arrays) == 1:
+            skip(paths[0], f"scoring failed: {error}")
+            return []
+        logger.warning("batch failed (%s); scoring its %d images one by one", error, len(arrays))
+    scored = []
+    for path, name, array in zip(paths, names, arrays):
+        scored.extend(score_batch(detector, [path], [name], [array], skip))
+    return scored
+
+
+def result_record(path: Any, array, result, method: str, config_hash: str) -> dict[str, Any]:
+    """The score record of one image (without its file names)."""
+    return {
+        "path": str(path),
+        "score": result.score,
+        "label": label_text(result.label),
+        "threshold": result.threshold,
+        "method": method,
+        "config_hash": config_hash,
+        "width": int(array.shape[1]),
+        "height": int(array.shape[0]),
+    }
+
+
+def write_result(out: Path, path, name: str, array, result, detector, raw_format: str, write_overlays: bool) -> dict:
+    """Write one image's overlay and raw map under ``out``; returns its full score record."""
+    record = result_record(path, array, result, detector.method_name, detector.config_hash)
+    if write_overlays:
+        overlay = png_bytes(heatmap_overlay(array, result.anomaly_map, result.threshold))
+        record["overlay"] = atomic_write_bytes(out / "overlays" / f"{name}.png", overlay).relative_to(out).as_posix()
+    data, extra = raw_map_bytes(result.anomaly_map, raw_format)
+    suffix = ".npy" if raw_format == "npy" else ".png"
+    record["map"] = atomic_write_bytes(out / "maps" / f"{name}{suffix}", data).relative_to(out).as_posix()
+    record.update(extra)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+@dataclass
+class PredictSummary:
+    """What a run did."""
+
+    scored: int = 0
+    flagged: int = 0
+    skipped: int = 0
+    threshold: float | None = None
+    threshold_source: str = "none"
+    out_dir: Path | None = None
+    seconds: float = 0.0
+    skipped_inputs: list[dict[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        flagged = f"{self.flagged} flagged" if self.threshold is not None else "none flagged (no threshold)"
+        return f"scored {self.scored} image(s), {flagged}, skipped {self.skipped}; results in {self.out_dir}"
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Create ``out_dir``; refuse to mix runs: earlier run outputs are an error unless ``overwrite``.
+
+    With ``overwrite`` only anomalens' own artifacts (``RUN_ARTIFACTS``) are removed; other files stay.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a folder")
+    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"output folder {out} already holds a run ({', '.join(existing)}); "
+            "choose another --out or pass --overwrite to replace it"
+        )
+    for name in existing:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_manifest(describe: dict[str, Any], source: str, inputs: Sequence[Any], raw_format: str,
+                 run_info: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """The ``run.json`` of a starting run: the detector's description, the threshold's source and rule, inputs."""
+    return {
+        **describe,
+        "threshold_source": source,
+        "threshold_rule": THRESHOLD_RULE if source == "leave-one-out" else None,
+        "inputs": [str(entry) for entry in inputs],
+        "raw_format": raw_format,
+        "status": "running",
+        **(run_info or {}),
+    }
+
+
+class RunWriter:
+    """Writes one run folder for any engine: ``run.json`` at the start and the end, score records streamed to
+    ``scores.jsonl``, skipped inputs to ``errors.jsonl``, and ``scores.csv`` built from every record at the end.
+
+    Use as a context manager. ``append=True`` keeps the records of an earlier run (a resumed Ray run).
+    """
+
+    def __init__(self, out: Path, manifest: dict[str, Any], *, append: bool = False):
+        self.out = out
+        self.manifest = manifest
+        self.append = append
+        self.summary = PredictSummary(threshold=manifest.get("threshold"), out_dir=out,
+                                      threshold_source=manifest.get("threshold_source", "none"))  # fmt: skip
+
+    def __enter__(self) -> RunWriter:
+        atomic_write_json(self.out / "run.json", self.manifest)
+        self._scores = open(self.out / "scores.jsonl", "a" if self.append else "w")
+        self._errors = open(self.out / "errors.jsonl", "w")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._scores.close()
+        self._errors.close()
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Append one scored image's record (flushed, so an interrupted run keeps it)."""
+        self._scores.write(json.dumps(record) + "\n")
+        self._scores.flush()
+
+    def error(self, path: Any, reason: str) -> None:
+        """Report one skipped input: ``errors.jsonl``, the summary and a warning."""
+        entry = {"path": str(path), "error": reason}
+        self.summary.skipped += 1
+        self.summary.skipped_inputs.append(entry)
+        self._errors.write(json.dumps(entry) + "\n")
+        self._errors.flush()
+        logger.warning("skipped %s: %s", path, reason)
+
+    def finish(self, seconds: float, **extra: Any) -> PredictSummary:
+        """Write ``scores.csv`` from every record and complete ``run.json``; returns the summary of the whole
+        folder (records of an earlier, resumed run included)."""
+        self._scores.flush()
+        scored = flagged = 0
+        buffer_path = self.out / ".scores.csv.partial"
+        with open(buffer_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            for record in iter_scores(self.out):
+                writer.writerow({key: "" if record.get(key) is None else record[key] for key in CSV_FIELDS})
+                scored += 1
+                flagged += record.get("label") == "anomalous"
+        os.replace(buffer_path, self.out / "scores.csv")
+        self.summary.scored, self.summary.flagged, self.summary.seconds = scored, flagged, seconds
+        self.manifest.update(status="complete", scored=scored, flagged=flagged, skipped=self.summary.skipped,
+                             seconds=round(seconds, 3), **extra)  # fmt: skip
+        atomic_write_json(self.out / "run.json", self.manifest)
+        return self.summary
+
+
+def iter_scores(out_dir: str | os.PathLike) -> Iterable[dict[str, Any]]:
+    """The records of a run's ``scores.jsonl``, one at a time (memory does not grow with the run)."""
+    path = Path(out_dir) / "scores.jsonl"
+    if not path.exists():
+        return
+    with open(path) as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def load_scores(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read the records of a finished (or interrupted) run's ``scores.jsonl``."""
+    return list(iter_scores(out_dir))

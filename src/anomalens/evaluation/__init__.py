@@ -1,0 +1,1 @@
+"""Measuring detectors: metrics, benchmark tables, speed runs, memory and machine profiling."""

@@ -1,0 +1,79 @@
+"""What a VLMDiff model is built from: UNet sizes, guidance channels, autoencoders, and the architecture dataclass
+written to every training run's ``vlmdiff.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# UNet sizes. ``attention_head_dim`` follows diffusers' (historical) meaning for SD 1.x: the number of heads.
+UNET_SIZES: dict[str, dict[str, Any]] = {
+    "sd-1-5": {  # Stable Diffusion 1.5's UNet (860M parameters with 4 latent channels)
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 768,
+        "norm_num_groups": 32,
+    },
+    "small": {  # trains from scratch on a 2-core CPU in about an hour; attention at 1/2 and 1/4 of the latent side
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (64, 128, 192),
+        "layers_per_block": 1,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 192,
+        "norm_num_groups": 32,
+    },
+    "tiny": {  # tests
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "attention_head_dim": 2,
+        "cross_attention_dim": 16,
+        "norm_num_groups": 4,
+    },
+}
+# Channels of the guidance network's image encoder (3 stride-2 convolutions: pixels to the 1/8 latent grid).
+GUIDANCE_EMBEDDING_CHANNELS = {"sd-1-5": (16, 32, 96, 256), "small": (16, 32, 64, 128), "tiny": (4, 4, 8, 8)}
+AUTOENCODERS = ("taef2", "sd", "tiny")
+
+
+@dataclass
+class VLMDiffArchitecture:
+    """What a VLMDiff model is built from; written to a training run's ``vlmdiff.json``."""
+
+    unet: str = "sd-1-5"  # UNet and guidance-network size: one of UNET_SIZES
+    autoencoder: str = "sd"  # latent autoencoder: "sd" (KL-f8 VAE), "taef2", or "tiny" (tests)
+    autoencoder_weights: str | None = (
+        "default"  # "default": real weights (sd_model's vae/, registered TAEF2); None: random; or a path / repo id
+    )
+    text_encoder: str = "sd"  # caption encoder: "sd", "minilm", "tiny", or a transformers sentence-encoder id / folder
+    text_encoder_weights: str | None = (
+        "default"  # "default": the kind's real weights; None: random; or a path / repo id
+    )
+    sd_model: str = SD15_REPO  # repo id / diffusers folder of the "sd" autoencoder and text encoder
+    image_size: int = 256  # training and inference resolution (a multiple of 8)
+    max_caption_tokens: int = 77  # captions are padded / truncated to this many tokens
+
+    def __post_init__(self) -> None:
+        if self.unet not in UNET_SIZES:
+            raise ValueError(f"unknown VLMDiff unet size {self.unet!r}; valid: {', '.join(UNET_SIZES)}")
+        if self.autoencoder not in AUTOENCODERS:
+            raise ValueError(f"unknown VLMDiff autoencoder {self.autoencoder!r}; valid: {', '.join(AUTOENCODERS)}")
+        if self.image_size < 16 or self.image_size % 8:
+            raise ValueError(f"VLMDiff image_size must be a multiple of 8 and >= 16, got {self.image_size}")
+        if self.max_caption_tokens < 2:
+            raise ValueError(f"VLMDiff max_caption_tokens must be >= 2, got {self.max_caption_tokens}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> VLMDiffArchitecture:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown VLMDiff architecture field(s) {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**values)

@@ -1,0 +1,178 @@
+"""VLMDiff (Hicsonmez, Shabayek and Aouada, WACV 2026): caption-conditioned latent diffusion reconstructs
+normal images; anomalies are where the input's features differ from its reconstruction's.
+
+Model (:class:`VLMDiffNet`):
+
+1. A latent autoencoder (:class:`LatentAutoencoder`): SD's KL-f8 VAE, or the TAEF2 tiny autoencoder
+   (32 latent channels at 1/8 resolution); latents are shifted and scaled to unit variance with statistics
+   of the training images.
+2. A caption-conditioned UNet (diffusers ``UNet2DConditionModel``); captions are encoded by a frozen
+   :class:`anomalens.backbones.text.TextEncoder` and mapped to the UNet's cross-attention width by a learned
+   linear projection.
+3. A guidance network fed the input image: a diffusers ``ControlNetModel`` initialised from the UNet whose
+   residuals are added into the UNet's skip connections and middle block.
+
+Training (``anomalens train vlmdiff``, :mod:`anomalens.methods.vlmdiff.training`) is the usual
+noise-prediction loss on normal images of all categories together, with their captions as condition.
+
+Inference (:class:`VLMDiff`): the input's latent is noised to ``noise_level`` (the paper: t = 999), then
+denoised in ``ddim_steps`` deterministic DDIM steps guided by the input image, with the test caption
+(empty by default, as in the paper for MVTec AD, VisA and Real-IAD). The anomaly map is one minus the
+cosine similarity between the input's and the reconstruction's features (DINO ViT-S/8 by default, any
+:mod:`anomalens.backbones` name), averaged over layers at ``image_size``, Gaussian-smoothed; the image
+score is its maximum.
+
+Shapes: images ``(B, 3, S, S)`` in [0, 1] with ``S = image_size``; latents ``(B, C, S/8, S/8)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
+from anomalens.config import DetectorConfig, check_options
+from anomalens.detector import Detector
+from anomalens.io.images import images_to_tensor
+from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
+from anomalens.methods.vlmdiff.network import VLMDiffNet
+from anomalens.methods.vlmdiff.run_files import load_run_weights, read_run
+from anomalens.nn.maps import gaussian_blur
+
+
+@dataclass
+class VLMDiffConfig(DetectorConfig):
+    """Configuration of :class:`VLMDiff` (batch size, seed, precision, smoothing: :class:`DetectorConfig`)."""
+
+    method: ClassVar[str] = "vlmdiff"
+
+    checkpoint: str | None = None  # run folder written by `anomalens train vlmdiff`; None: an untrained random model
+    architecture: dict | None = None  # VLMDiffArchitecture fields; read from the checkpoint, or given for random models
+    noise_level: int = 999  # timestep the input's latent is noised to before denoising (the paper: 999)
+    ddim_steps: int = 10  # deterministic DDIM denoising steps (the paper: 10)
+    caption: str = ""  # text condition at test time; "" = none (the paper, for MVTec AD / VisA / Real-IAD)
+    feature_extractor: str = "dino_vits8"  # backbone comparing input and reconstruction (see anomalens.backbones)
+    feature_weights: str | None = "default"  # its weights: "default" registered ones, a path, or None (random)
+    feature_layers: tuple[str, ...] | None = None  # its layers; None = the backbone's defaults
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.architecture is not None:
+            if isinstance(self.architecture, str):
+                self.architecture = json.loads(self.architecture)
+            self.architecture = asdict(VLMDiffArchitecture.from_dict(dict(self.architecture)))
+        self.feature_layers = check_layers(self.feature_extractor, self.feature_layers, "feature_layers")
+        check_options(
+            self.method,
+            self,
+            {
+                "noise_level": (0 < self.noise_level < 1000, "in 1..999"),
+                "ddim_steps": (self.ddim_steps >= 1, ">= 1"),
+            },
+        )
+
+
+class VLMDiff(Detector):
+    """A trained VLMDiff model as a detector. Needs no references: ``fit()`` only records the class name."""
+
+    method_name = "vlmdiff"
+    config_class = VLMDiffConfig
+    zero_shot = True
+    few_shot = False
+
+    def __init__(
+        self,
+        config: VLMDiffConfig,
+        *,
+        weights_dir: str | os.PathLike | None = None,
+        load_pretrained: bool = True,
+    ):
+        if config.architecture is None:  # record the architecture in this detector's own copy of the config
+            found = read_run(config.checkpoint)["architecture"] if config.checkpoint else asdict(VLMDiffArchitecture())
+            config = replace(config, architecture=found)
+        super().__init__(config, weights_dir=weights_dir, load_pretrained=load_pretrained)
+        architecture = VLMDiffArchitecture.from_dict(config.architecture)
+        self.net = VLMDiffNet(
+            architecture, load_pretrained=load_pretrained, weights_dir=weights_dir, init_seed=config.seed
+        )
+        if load_pretrained and config.checkpoint is not None:
+            load_run_weights(self.net, config.checkpoint)
+        self.features = FeatureBackbone(
+            config.feature_extractor,
+            config.feature_layers,
+            pretrained=config.feature_weights if load_pretrained else None,
+            weights_dir=weights_dir,
+            method_hint=f"vlmdiff --set feature_extractor={config.feature_extractor}",
+            init_seed=config.seed,
+        )
+        self.image_size = architecture.image_size
+        self.net.eval()
+
+    @classmethod
+    def required_weights(cls, config: VLMDiffConfig) -> list[str]:
+        architecture = VLMDiffArchitecture.from_dict(
+            config.architecture or (read_run(config.checkpoint)["architecture"] if config.checkpoint else {})
+        )
+        needed = []
+        if architecture.autoencoder == "taef2" and architecture.autoencoder_weights == "default":
+            needed += ["taef2_encoder", "taef2_decoder"]
+        elif architecture.autoencoder == "sd" and architecture.autoencoder_weights is not None:
+            needed.append(
+                architecture.sd_model
+                if architecture.autoencoder_weights == "default"
+                else architecture.autoencoder_weights
+            )
+        if architecture.text_encoder == "sd" and architecture.text_encoder_weights is not None:
+            needed.append(
+                architecture.sd_model
+                if architecture.text_encoder_weights == "default"
+                else architecture.text_encoder_weights
+            )
+        if config.feature_weights is not None:
+            spec = get_backbone_spec(config.feature_extractor)
+            needed.append(spec.weights if config.feature_weights == "default" else config.feature_weights)
+        return list(dict.fromkeys(needed))
+
+    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
+        """Nothing to fit: the model was trained on normal images of every category beforehand."""
+
+    def reconstruct(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and reconstructions, both ``(B, 3, S, S)`` in [0, 1], for ``(H, W, 3)`` uint8 images."""
+        pixels = images_to_tensor(images, self.image_size).to(self.device)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        with torch.inference_mode(), self.autocast():
+            reconstructions = self.net.reconstruct(
+                pixels,
+                caption=self.config.caption,
+                noise_level=self.config.noise_level,
+                ddim_steps=self.config.ddim_steps,
+                generator=generator,
+                timed=self.timed,
+            )
+        return pixels, reconstructions
+
+    def feature_difference(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+        """``1 - cos`` between the two images' features, per layer at ``S x S``, averaged: ``(B, S, S)``."""
+        size = images.shape[-2:]
+        both = self.features(torch.cat([images, reconstructions]))
+        maps = []
+        for layer in both:
+            original, rebuilt = layer.float().chunk(2)
+            distance = 1.0 - F.cosine_similarity(original, rebuilt, dim=1)  # (B, h, w)
+            maps.append(F.interpolate(distance[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
+        return torch.stack(maps).mean(0)
+
+    def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, reconstructions = self.reconstruct(images)
+        with self.timed("features"):
+            anomaly_maps = self.feature_difference(pixels, reconstructions)
+        with self.timed("post_processing"):
+            anomaly_maps = gaussian_blur(anomaly_maps, self.config.smoothing_sigma)
+            scores = anomaly_maps.flatten(1).amax(1)
+        return scores, anomaly_maps

@@ -1,0 +1,207 @@
+"""VLMDiff's network: frozen autoencoder and caption encoder, a caption-conditioned UNet and a guidance network,
+with the noise-prediction training loss and deterministic DDIM reconstruction.
+
+Shapes: images ``(B, 3, S, S)`` in [0, 1] with ``S = image_size``; latents ``(B, C, S/8, S/8)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalens.backbones.diffusion import require_diffusers, sd_noise_scheduler
+from anomalens.backbones.text import TextEncoder
+from anomalens.methods.vlmdiff.architecture import GUIDANCE_EMBEDDING_CHANNELS, UNET_SIZES, VLMDiffArchitecture
+from anomalens.methods.vlmdiff.autoencoder import LatentAutoencoder
+
+
+def ddim_timesteps(noise_level: int, steps: int) -> list[int]:
+    """``steps`` decreasing timesteps from ``noise_level`` towards 0 (evenly spaced, first = noise_level)."""
+    if steps < 1:
+        raise ValueError(f"ddim_steps must be >= 1, got {steps}")
+    if noise_level < 1:
+        raise ValueError(f"noise_level must be >= 1, got {noise_level}")
+    return [int(round(value)) for value in np.linspace(noise_level, 0, steps, endpoint=False)]
+
+
+def ddim_step(sample: torch.Tensor, predicted_noise: torch.Tensor, alpha: float, alpha_previous: float) -> torch.Tensor:
+    """One deterministic DDIM update (eta = 0) from cumulative alpha ``alpha`` to ``alpha_previous``.
+
+    The cumulative alphas are diffusers' (:func:`~anomalens.backbones.diffusion.sd_noise_scheduler`). The update is
+    written out because diffusers' ``DDIMScheduler.step`` derives the previous timestep as ``t - 1000 // steps``, so
+    it cannot start at an arbitrary ``noise_level`` (VLMDiff's t = 500, say) with evenly spaced steps down to 0.
+    """
+    predicted_clean = (sample - (1.0 - alpha) ** 0.5 * predicted_noise) / alpha**0.5
+    return alpha_previous**0.5 * predicted_clean + (1.0 - alpha_previous) ** 0.5 * predicted_noise
+
+
+class VLMDiffNet(nn.Module):
+    """Autoencoder + caption encoder (frozen) and UNet + guidance network + caption projection (trained).
+
+    Args:
+        architecture: What to build.
+        load_pretrained: Load the autoencoder's and text encoder's weights as the architecture says; ``False``
+            builds them randomly (a saved detector then restores every tensor).
+        weights_dir: Searched first for pretrained weights.
+        init_seed: Seed of every random initialisation.
+    """
+
+    def __init__(
+        self,
+        architecture: VLMDiffArchitecture,
+        *,
+        load_pretrained: bool = True,
+        weights_dir: str | os.PathLike | None = None,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        diffusers = require_diffusers()
+        self.architecture = architecture
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.autoencoder = LatentAutoencoder(
+                architecture.autoencoder,
+                architecture.autoencoder_weights if load_pretrained else None,
+                sd_model=architecture.sd_model,
+                weights_dir=weights_dir,
+            )
+            self.text_encoder = TextEncoder(
+                architecture.text_encoder,
+                architecture.text_encoder_weights if load_pretrained else None,
+                sd_model=architecture.sd_model,
+                max_tokens=architecture.max_caption_tokens,
+                weights_dir=weights_dir,
+                init_seed=init_seed,
+            )
+            size = dict(UNET_SIZES[architecture.unet])
+            channels = self.autoencoder.latent_channels
+            self.unet = diffusers.UNet2DConditionModel(
+                sample_size=architecture.image_size // 8, in_channels=channels, out_channels=channels, **size
+            )
+            self.guidance = diffusers.ControlNetModel.from_unet(
+                self.unet, conditioning_embedding_out_channels=GUIDANCE_EMBEDDING_CHANNELS[architecture.unet]
+            )
+            self.caption_projection = nn.Linear(self.text_encoder.width, size["cross_attention_dim"])
+        self.autoencoder.eval().requires_grad_(False)
+        self.register_buffer("latent_shift", torch.zeros(()))
+        self.register_buffer("latent_scale", torch.ones(()))
+        self.noise_scheduler = sd_noise_scheduler()
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.double(), persistent=False)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The parts training updates (and a run's ``model.safetensors`` stores)."""
+        return {"unet": self.unet, "guidance": self.guidance, "caption_projection": self.caption_projection}
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] to normalised latents (about zero mean, unit variance on the training set)."""
+        return (self.autoencoder.encode(images) - self.latent_shift) / self.latent_scale
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents to images in [0, 1]."""
+        return self.autoencoder.decode(latents * self.latent_scale + self.latent_shift)
+
+    def condition(self, captions: list[str]) -> torch.Tensor:
+        """Captions to cross-attention states ``(B, L, D_cross)``.
+
+        Padding positions are kept (their states were computed with the padding masked out inside the text
+        encoder), as Stable Diffusion does with CLIP's 77 states; the guidance network takes no cross-attention
+        mask, so the UNet gets none either.
+        """
+        states, _ = self.text_encoder(captions)
+        return self.caption_projection(states)
+
+    def predict_noise(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor,
+        guidance_images: torch.Tensor,
+    ) -> torch.Tensor:
+        """The UNet's noise estimate with the guidance network's residuals added. Returns ``noisy_latents``' shape."""
+        down_residuals, mid_residual = self.guidance(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=condition,
+            controlnet_cond=guidance_images,
+            return_dict=False,
+        )
+        return self.unet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=condition,
+            down_block_additional_residuals=down_residuals,
+            mid_block_additional_residual=mid_residual,
+        ).sample
+
+    def training_loss(
+        self,
+        latents: torch.Tensor,
+        images: torch.Tensor,
+        captions: list[str],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Noise-prediction MSE for normalised ``latents`` of ``images`` conditioned on ``captions``.
+
+        Timesteps and noise are drawn from ``generator`` (on the CPU), so training is reproducible.
+        """
+        batch = latents.shape[0]
+        timesteps = torch.randint(0, self.alphas_cumprod.numel(), (batch,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps.to(latents.device))
+        condition = self.condition(captions)
+        predicted = self.predict_noise(noisy, timesteps.to(latents.device), condition, images)
+        return F.mse_loss(predicted.float(), noise.float())
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        images: torch.Tensor,
+        *,
+        caption: str = "",
+        noise_level: int = 999,
+        ddim_steps: int = 10,
+        generator: torch.Generator | None = None,
+        timed: Callable[[str], AbstractContextManager] | None = None,
+    ) -> torch.Tensor:
+        """Noise the images' latents to ``noise_level`` and denoise them with DDIM, guided by the images.
+
+        Args:
+            images: ``(B, 3, S, S)`` in [0, 1].
+            caption: Text condition for every image ("" = none).
+            noise_level: Starting timestep (0 < t < 1000).
+            ddim_steps: Denoising steps.
+            generator: CPU generator of the starting noise.
+            timed: ``stage -> context manager`` adding the time of the autoencoder ("vae"), caption encoding
+                ("text_encoder") and denoising ("unet") to a detector's stage times.
+
+        Returns:
+            Reconstructions ``(B, 3, S, S)`` in [0, 1].
+        """
+        last = self.alphas_cumprod.numel() - 1
+        if not 0 < noise_level <= last:
+            raise ValueError(f"noise_level must be in 1..{last}, got {noise_level}")
+        timed = timed or (lambda stage: nullcontext())
+        with timed("vae"):
+            latents = self.encode_latents(images)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        timesteps = ddim_timesteps(noise_level, ddim_steps)
+        alphas = self.alphas_cumprod.double().cpu()
+        alpha = float(alphas[timesteps[0]])
+        sample = alpha**0.5 * latents + (1.0 - alpha) ** 0.5 * noise
+        with timed("text_encoder"):
+            condition = self.condition([caption] * images.shape[0])
+        with timed("unet"):
+            for index, timestep in enumerate(timesteps):
+                alpha = float(alphas[timestep])
+                alpha_previous = float(alphas[timesteps[index + 1]]) if index + 1 < len(timesteps) else 1.0
+                step = torch.full((images.shape[0],), timestep, device=images.device, dtype=torch.long)
+                predicted = self.predict_noise(sample, step, condition, images)
+                sample = ddim_step(sample, predicted.to(sample.dtype), alpha, alpha_previous)
+        with timed("vae"):
+            return self.decode_latents(sample)
