@@ -65,6 +65,18 @@ def progress_bar(total: int | None, desc: str, quiet: bool, unit: str = "img"):
     return tqdm(total=total, desc=desc, unit=unit, disable=quiet or None, dynamic_ncols=True)
 
 
+def loss_bar(total: int | None, desc: str, quiet: bool, unit: str):
+    """A progress bar and its callback for training loops: ``advance(done, ..., loss)`` moves it to ``done``."""
+    bar = progress_bar(total, desc, quiet, unit=unit)
+
+    def advance(done: int, *rest: float) -> None:  # (images done, loss) or (step, total steps, loss)
+        bar.n = done
+        bar.set_postfix(loss=f"{rest[-1]:.4f}", refresh=False)
+        bar.refresh()
+
+    return bar, advance
+
+
 def reference_images(entries: Sequence[str]) -> list:
     """Load reference images from files and folders, reporting and skipping unreadable ones."""
     from anomalens.io.images import find_images, readable_images
@@ -279,14 +291,7 @@ def cmd_weights_download(options: Any, quiet: bool) -> int:
 def cmd_train_patchclip(options: Any, quiet: bool) -> int:
     from anomalens.methods.clipfusion.training import train_patchclip
 
-    bar = progress_bar(None, "training patchclip", quiet)
-    finished = [0]
-
-    def advance(done: int, loss: float) -> None:
-        bar.update(done - finished[0])
-        bar.set_postfix(loss=f"{loss:.4f}")
-        finished[0] = done
-
+    bar, advance = loss_bar(None, "training patchclip", quiet, "img")
     try:
         path = train_patchclip(options.train, progress=advance)
     finally:
@@ -302,12 +307,7 @@ def cmd_train_vlmdiff(options: Any, quiet: bool) -> int:
     from anomalens.methods.vlmdiff.training import train_vlmdiff
 
     config = options.train
-    bar = tqdm(total=config.steps, desc="training vlmdiff", unit="step", disable=quiet or None, dynamic_ncols=True)
-
-    def advance(step: int, total: int, loss: float) -> None:
-        bar.n = step
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bar.refresh()
+    bar, advance = loss_bar(config.steps, "training vlmdiff", quiet, "step")
 
     def caption_bar(iterable):
         return tqdm(iterable, desc="captioning", unit="img", disable=quiet or None, dynamic_ncols=True)

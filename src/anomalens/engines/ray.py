@@ -43,7 +43,7 @@ from anomalens.engines.core import (
     threshold_source,
     write_result,
 )
-from anomalens.io.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_bytes
+from anomalens.io.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_bytes, readable_images
 
 logger = logging.getLogger(__name__)
 
@@ -132,15 +132,12 @@ class _Scorer:
     def __call__(self, batch):
         import pandas as pd
 
-        rows, arrays, good = [], [], []
-        for path, name in zip(batch["path"], batch["name"]):
-            try:
-                arrays.append(_read(path))
-                good.append((path, name))
-            except ImageLoadError as error:
-                rows.append({"path": path, "error": error.reason})
-        paths, names = [path for path, _ in good], [name for _, name in good]
+        rows: list[dict[str, Any]] = []
         failed = lambda path, reason: rows.append({"path": str(path), "error": reason})  # noqa: E731
+        names_of = dict(zip(batch["path"], batch["name"]))
+        loaded = list(readable_images(batch["path"], on_error=failed, load=_read))
+        paths, arrays = [path for path, _ in loaded], [array for _, array in loaded]
+        names = [names_of[path] for path in paths]
         for path, name, array, result in score_batch(self.detector, paths, names, arrays, failed):
             record = write_result(
                 self.out, path, name, array, result, self.detector, self.raw_format, self.write_overlays

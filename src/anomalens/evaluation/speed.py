@@ -536,12 +536,11 @@ def run_speed(
         settings: Checked by :func:`check_settings`.
         image_paths / reference_paths: Test images every setting scores; normal images (``shots=k``: the first k).
         out: The JSON file; the markdown table goes beside it (``.md``).
-        batch_sizes: Batch sizes timed per setting.
-        repeats: Timed batches per batch size (after one warm-up batch).
+        batch_sizes / repeats: Batch sizes timed per setting; timed batches per batch size (after a warm-up).
         threads / device: torch threads and device, the same for the matmul peak and every setting.
         dtype: Precision of the settings whose options do not set their own ``precision``.
         timeout: Seconds allowed per setting; one that runs over is recorded as an error and the run goes on.
-        open_clip_configs: Extra open_clip model configs (JSON files) registered in every worker.
+        open_clip_configs: Extra open_clip model config JSON files, registered in every worker.
         on_record: Called with each setting's record as soon as it is measured (a progress hook).
 
     Returns:

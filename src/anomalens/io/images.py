@@ -228,16 +228,20 @@ def images_to_tensor(images: list, size: int, mode: str = "bilinear") -> torch.T
 
 
 def readable_images(
-    paths: Iterable[Any], kind: str = "image", on_error: Callable[[Any, str], None] | None = None
+    paths: Iterable[Any],
+    kind: str = "image",
+    on_error: Callable[[Any, str], None] | None = None,
+    load: Callable[[Any], np.ndarray] | None = None,
 ) -> Iterator[tuple[Any, np.ndarray]]:
     """``(path, (H, W, 3) uint8 image)`` for each of ``paths`` that loads; the others are reported and skipped.
 
     The one "load or report" loop of the library: ``on_error(path, reason)`` gets each failure (default: a
-    warning naming the file, its ``kind`` and the reason).
+    warning naming the file, its ``kind`` and the reason); ``load`` reads one path (default :func:`load_image`;
+    the Ray engine passes its URI reader) and raises :class:`ImageLoadError` for a bad one.
     """
     for path in paths:
         try:
-            image = load_image(path)
+            image = (load or load_image)(path)
         except ImageLoadError as error:
             if on_error is None:
                 logger.warning("skipped %s %s: %s", kind, path, error.reason)

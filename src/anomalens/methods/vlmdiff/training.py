@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.io.datasets import open_dataset
-from anomalens.io.images import ImageLoadError, images_to_tensor, load_image
+from anomalens.io.images import images_to_tensor, readable_images
 from anomalens.io.outputs import atomic_write_bytes, png_bytes
 from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
 from anomalens.methods.vlmdiff.captions import (
@@ -138,14 +138,9 @@ def load_training_images(config: VLMDiffTrainConfig) -> tuple[torch.Tensor, list
     size = config.architecture.image_size
     pixels, paths, categories = [], [], []
     for category in chosen:
-        for sample in data.train_samples(category):
-            try:
-                image = load_image(sample.image_path)
-            except ImageLoadError as error:
-                logger.warning("skipped %s: %s", sample.image_path, error.reason)
-                continue
+        for path, image in readable_images([sample.image_path for sample in data.train_samples(category)]):
             pixels.append((images_to_tensor([image], size)[0] * 255.0).round().to(torch.uint8))
-            paths.append(str(sample.image_path))
+            paths.append(str(path))
             categories.append(category)
     if not pixels:
         raise ValueError(f"no readable normal training image in {config.dataset} at {config.root} for {chosen}")
