@@ -186,6 +186,16 @@ def test_reference_that_swallows_the_inputs_gets_a_clear_error(tmp_path, capsys)
     assert "no inputs to score (--reference took" in error and "-- incoming/" in error
 
 
+def test_inputs_may_stand_between_the_options_and_unknown_options_are_refused(capsys):
+    from anomalens.cli.parser import parse
+
+    _, options, _ = parse(["predict", "a/", "--method", "patchcore", "--set", "k=1", "b.png", "--out", "o", "c/"])
+    assert options.inputs == ["a/", "b.png", "c/"] and options.method.set == ("k=1",)
+    with pytest.raises(SystemExit):
+        parse(["predict", "a/", "--method", "patchcore", "--colour", "red", "--out", "o"])
+    assert "unrecognized arguments: --colour red" in capsys.readouterr().err
+
+
 def test_every_training_option_is_reachable(capsys):
     from anomalens.cli.parser import build_parser
     from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture

@@ -214,8 +214,14 @@ def parse(argv: Sequence[str] | None) -> tuple[Command, SimpleNamespace, argpars
     ``options`` has one attribute per group of the command (a validated dataclass instance each) plus the
     positional arguments.
     """
-    namespace = build_parser().parse_args(argv)
+    parser = build_parser()
+    namespace, extra = parser.parse_known_args(argv)
     command = COMMANDS[namespace.command_key]
+    if extra:  # inputs may stand anywhere between the options: ``predict in1/ --method m in2/``
+        options_left = [item for item in extra if item.startswith("-")]
+        if options_left or "inputs" not in dict(command.positionals):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        namespace.inputs = [*namespace.inputs, *extra]
     file_values = read_config_file(namespace.config) if namespace.config else {}
     if file_values:
         check_config_keys(file_values, list(command.groups.values()), source=namespace.config)
