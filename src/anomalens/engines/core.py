@@ -87,7 +87,7 @@ def fit_and_threshold(detector: Any, references: Sequence[Any], class_name: str 
     return "detector" if detector.threshold is not None else "none"
 
 
-def threshold_source(given: float | None, chosen_by: str | None, current: float | None) -> str:
+def resolve_threshold_source(given: float | None, chosen_by: str | None, current: float | None) -> str:
     """How the threshold of a run was chosen: the rule that chose it if named, else ``given`` for a number from
     the user, else the detector's own (``detector``) or ``none``."""
     if chosen_by:

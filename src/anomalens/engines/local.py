@@ -19,9 +19,9 @@ from anomalens.engines.core import (
     collect_inputs,
     output_names,
     prepare_out_dir,
+    resolve_threshold_source,
     run_manifest,
     score_batch,
-    threshold_source,
     write_result,
 )
 from anomalens.io.images import readable_images
@@ -67,7 +67,9 @@ def run_predict(
         raise ValueError(f"unknown raw map format {raw_format!r}; valid formats: {', '.join(RAW_FORMATS)}")
     started = time.time()
     out = prepare_out_dir(out_dir, overwrite)
-    source = _threshold_source(detector, threshold, threshold_source)
+    if threshold is not None:
+        detector.threshold = float(threshold)
+    source = resolve_threshold_source(threshold, threshold_source, detector.threshold)
     paths, roots = collect_inputs(inputs)
     names = dict(zip(paths, output_names(paths, roots)))
     size = batch_size or detector.config.batch_size
@@ -82,10 +84,3 @@ def run_predict(
             if progress is not None:
                 progress(min(start + size, len(paths)))
         return writer.finish(time.time() - started)
-
-
-def _threshold_source(detector: Detector, threshold: float | None, source: str | None) -> str:
-    """Apply a given threshold to the detector; returns how the run's threshold was chosen."""
-    if threshold is not None:
-        detector.threshold = float(threshold)
-    return threshold_source(threshold, source, detector.threshold)

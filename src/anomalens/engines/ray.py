@@ -38,9 +38,9 @@ from anomalens.engines.core import (
     iter_scores,
     output_names,
     prepare_out_dir,
+    resolve_threshold_source,
     run_manifest,
     score_batch,
-    threshold_source,
     write_result,
 )
 from anomalens.io.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_bytes, readable_images
@@ -205,7 +205,7 @@ def score(
         raise ValueError(f"num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
     started = time.time()
     describe = _describe(detector_or_path, threshold)
-    source = threshold_source_of(describe, threshold, threshold_source)
+    source = resolve_threshold_source(threshold, threshold_source, describe.get("threshold"))
     out = Path(out_dir)
     done = _done_paths(out, describe["config_hash"], overwrite)
     todo = [{"path": path, "name": name} for path, name in list_inputs(inputs) if path not in done]
@@ -222,11 +222,6 @@ def score(
         summary = writer.finish(time.time() - started, resumed_from=len(done))
     _write_parquet(out)
     return summary
-
-
-def threshold_source_of(describe: dict[str, Any], threshold: float | None, chosen_by: str | None) -> str:
-    """The run's threshold source (see :func:`anomalens.engines.core.threshold_source`)."""
-    return threshold_source(threshold, chosen_by, describe.get("threshold"))
 
 
 def _describe(detector_or_path: Detector | str | os.PathLike, threshold: float | None) -> dict[str, Any]:
