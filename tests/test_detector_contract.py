@@ -27,8 +27,8 @@ def _references_and_queries():
     return references, [normal, defective, odd_size]
 
 
-def _fit(detector, references):
-    return detector.fit(references if detector.few_shot else None, class_name="widget")
+def _fit(detector, references, threshold=None):
+    return detector.fit(references if detector.few_shot else None, class_name="widget", threshold=threshold)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -139,3 +139,79 @@ def test_register_third_party_method():
         registry._REGISTERED.pop("brightness_test")
     with pytest.raises(ValueError, match="must be a Detector subclass"):
         anomalens.register_method(int)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_follows_to_dtype_after_fit(method):
+    """Fitted state (cached prompt embeddings, memory banks) follows ``.to()``: a bfloat16 detector still scores."""
+    import torch
+
+    references, queries = _references_and_queries()
+    detector = _fit(tiny_detector(method), references)
+    full = detector.predict(queries)
+    detector.to(torch.bfloat16)
+    assert detector.weights_dtype == torch.bfloat16
+    half = detector.predict(queries)
+    for a, b, query in zip(full, half, queries):
+        assert b.anomaly_map.dtype == np.float32 and b.anomaly_map.shape == query.shape[:2]
+        assert np.isfinite(b.score) and np.isfinite(b.anomaly_map).all()
+        assert b.score == pytest.approx(a.score, abs=0.05)  # bfloat16 keeps ~3 significant digits
+    detector.to(torch.float32)
+    for result in detector.predict(queries):  # and back: the float32 weights were rounded once
+        assert np.isfinite(result.score)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_score_does_not_depend_on_the_rest_of_the_batch(method):
+    """An image scores the same alone and second in a batch; pooled methods (images are each other's references)
+    score a pool the same in any order."""
+    references, queries = _references_and_queries()
+    detector = _fit(tiny_detector(method), references)
+    if detector.pooled:
+        forward = [result.score for result in detector.predict(queries)]
+        backward = [result.score for result in detector.predict(queries[::-1])][::-1]
+        assert forward == pytest.approx(backward, rel=1e-5, abs=1e-6)
+        return
+    alone = detector.predict([queries[1]])[0]
+    second = detector.predict([queries[0], queries[1]])[1]
+    third = detector.predict([queries[2], queries[0], queries[1]])[2]
+    for other in (second, third):
+        assert other.score == pytest.approx(alone.score, rel=1e-5, abs=1e-6)
+        assert np.allclose(other.anomaly_map, alone.anomaly_map, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [name for name in METHODS if anomalens.get_method(name).few_shot])
+def test_leave_one_out_threshold_matches_refitting_per_fold(method):
+    """``fit(threshold="leave-one-out")`` equals the brute-force rule (refit from the images on all but one,
+    score the one held out, take the maximum) while running each reference through the backbone only twice
+    (once encoded, once held out), not once per fold."""
+    references, _ = _references_and_queries()
+    references = references + [textured_image(np.random.default_rng(7), 40, 48)]
+    brute_force = []
+    for index in range(len(references)):
+        detector = _fit(tiny_detector(method), references[:index] + references[index + 1 :])
+        brute_force.append(detector.predict([references[index]])[0].score)
+    detector = tiny_detector(method)
+    encoded_images, scored_images = [], []
+    encode, predict = detector._encode_references, detector._predict_batch
+    detector._encode_references = lambda images: encoded_images.extend(images) or encode(images)
+    detector._predict_batch = lambda images: scored_images.extend(images) or predict(images)
+    steps = []
+    detector.fit(references, class_name="widget", threshold="leave-one-out",
+                 progress=lambda done, total: steps.append((done, total)))  # fmt: skip
+    assert detector.threshold == pytest.approx(max(brute_force), rel=1e-5)
+    assert detector.threshold_source == "leave-one-out"
+    assert len(encoded_images) == len(references) and len(scored_images) == len(references)
+    assert steps[-1] == (2 * len(references), 2 * len(references))
+    auto = _fit(tiny_detector(method), references, threshold="auto")
+    assert auto.threshold == pytest.approx(detector.threshold, rel=1e-5)
+    single = _fit(tiny_detector(method), references[:1], threshold="auto")
+    assert single.threshold is None and single.threshold_source == "none"
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "max", True, "1.0"])
+def test_fit_refuses_a_bad_threshold(threshold):
+    detector = BrightnessDetector(BrightnessDetector.config_class())
+    with pytest.raises(ValueError, match="threshold="):
+        detector.fit(None, threshold=threshold)
+    assert not detector.is_fitted

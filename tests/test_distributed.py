@@ -73,8 +73,68 @@ def test_ray_engine_matches_local_engine_and_resumes(local_ray, mvtec_root, tmp_
     assert resumed.scored == 6 and run["resumed_from"] == 4 and run["status"] == "complete"
     assert _records(tmp_path / "ray").keys() == local.keys()
     other = tiny_detector("patchcore", seed=9).fit(references)
-    with pytest.raises(ValueError, match="holds a run of another detector"):
+    with pytest.raises(ValueError, match="different detector: method and config"):
         score(other, [folder], tmp_path / "ray")
+    # Same method and config, other references: the fitted state's fingerprint differs.
+    refit = tiny_detector("patchcore").fit(references[:2])
+    refit.threshold = 0.4
+    with pytest.raises(ValueError, match=r"fitted state \(references\)"):
+        score(refit, [folder], tmp_path / "ray")
+    with pytest.raises(ValueError, match=r"threshold \(0.4 then, 0.5 now\)"):
+        score(detector, [folder], tmp_path / "ray", threshold=0.5)
+    # A killed run leaves half a line: it is removed before resuming, and the image is scored again.
+    lines = (tmp_path / "ray" / "scores.jsonl").read_text().splitlines()
+    (tmp_path / "ray" / "scores.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    resumed = score(detector, [folder], tmp_path / "ray", num_workers=1, batch_size=4)
+    assert resumed.scored == 6 and json.loads((tmp_path / "ray" / "run.json").read_text())["resumed_from"] == 3
+    # A damaged line before the last is no interrupted write: refused, naming the file and line.
+    lines = (tmp_path / "ray" / "scores.jsonl").read_text().splitlines()
+    (tmp_path / "ray" / "scores.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"scores.jsonl line 2 is not a JSON record"):
+        score(detector, [folder], tmp_path / "ray")
+
+
+def test_interrupted_run_is_marked_and_resumes(local_ray, mvtec_root, tmp_path):
+    from anomalens.engines.ray import score
+
+    detector = tiny_detector("patchcore").fit(sorted((mvtec_root / "widget" / "train" / "good").glob("*.png")))
+    folder = mvtec_root / "widget" / "test"
+
+    def stop(done):
+        raise KeyboardInterrupt  # what Ctrl+C (or SIGTERM, see below) raises in the driver
+
+    with pytest.raises(KeyboardInterrupt):
+        score(detector, [folder], tmp_path / "out", batch_size=2, progress=stop)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["status"] == "interrupted"
+    kept = len((tmp_path / "out" / "scores.jsonl").read_text().splitlines())
+    assert 1 <= kept < 6
+    resumed = score(detector, [folder], tmp_path / "out", batch_size=2)
+    assert resumed.scored == 6 and json.loads((tmp_path / "out" / "run.json").read_text())["resumed_from"] == kept
+
+
+def test_sigterm_becomes_an_interrupt():
+    import signal
+
+    from anomalens.engines.ray import _terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_cli_interrupt_exits_130_without_traceback(monkeypatch, capsys, mvtec_root, tmp_path):
+    import anomalens.cli.commands as commands
+
+    def interrupted(options, quiet):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "cmd_predict", interrupted)
+    code = main(["-q", "predict", "--method", "patchcore", str(mvtec_root), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 130 and "interrupted" in captured.err and "Traceback" not in captured.err
 
 
 def test_cli_engine_ray(local_ray, capsys, mvtec_root, tmp_path):

@@ -13,6 +13,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="serve is in the test extras: pip install -e '.[test]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from anomalens.engines.access import AccessSettings  # noqa: E402
 from anomalens.engines.serve import ServerSettings, create_app, safe_name  # noqa: E402
 
 from conftest import plant_defect, textured_image, tiny_detector  # noqa: E402
@@ -36,7 +37,7 @@ def images():
 @pytest.fixture
 def client():
     app = create_app(tiny_detector("patchcore"), ServerSettings(max_upload_bytes=200_000, max_pixels=100_000))
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
         yield test_client
 
 
@@ -54,7 +55,8 @@ def test_fit_then_predict(client, images):
     assert fitted.status_code == 200
     body = fitted.json()
     assert body["fitted"] and body["references"] == 3 and body["threshold_source"] == "leave-one-out"
-    result = client.post("/v1/predict", files=_files(("ok.png", normal), ("bad.png", defective))).json()
+    result = client.post("/v1/predict", files=_files(("ok.png", normal), ("bad.png", defective)),
+                         data={"include_raw_map": "true"}).json()  # fmt: skip
     assert [r["name"] for r in result["results"]] == ["ok.png", "bad.png"]
     ok, bad = result["results"]
     assert bad["score"] > ok["score"] and bad["threshold"] == body["threshold"]
@@ -74,7 +76,7 @@ def test_bad_requests_get_json_4xx(client, images):
     references, normal, _ = images
     client.post("/v1/references", files=_files(*[(f"r{i}.png", data) for i, data in enumerate(references)]))
     cases = [
-        (_files(("notes.png", b"definitely not an image")), 415, "not an image"),
+        (_files(("notes.png", b"definitely not an image")), 415, "not a recognised image format"),
         (_files(("empty.png", b"")), 400, "empty file"),
         (_files(("huge.png", png(np.zeros((400, 400, 3), np.uint8)))), 413, "pixels exceeds the limit"),
         (_files(("big.png", b"\x89PNG" + bytes(250_000))), 413, "bytes exceeds the limit"),
@@ -104,7 +106,7 @@ def test_concurrent_requests_share_forward_passes(images):
     references, normal, defective = images
     detector = tiny_detector("patchcore")
     app = create_app(detector, ServerSettings(max_batch=8, max_wait_ms=200))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         client.post("/v1/references", files=_files(*[(f"r{i}.png", data) for i, data in enumerate(references)]))
         before = client.get("/healthz").json()["batches"]
         responses = []
@@ -129,7 +131,7 @@ def test_request_timeout_is_504(images):
     references, normal, _ = images
     detector = tiny_detector("patchcore").fit([Image.open(io.BytesIO(references[0]))])
     app = create_app(detector, ServerSettings(request_timeout_s=0.05))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         app.state.worker.lock.acquire()  # the model is busy
         try:
             response = client.post("/v1/predict", files=_files(("a.png", normal)))
@@ -152,7 +154,11 @@ def test_schema_driven_fuzz_finds_no_server_error(images):
 
     references, _, _ = images
     detector = tiny_detector("patchcore").fit([Image.open(io.BytesIO(references[0]))])
-    app = create_app(detector, ServerSettings(max_upload_bytes=100_000, max_pixels=50_000))
+    app = create_app(
+        detector,
+        ServerSettings(max_upload_bytes=100_000, max_pixels=50_000),
+        access=AccessSettings(allowed_hosts=("testserver",)),
+    )  # the host name Starlette's client sends
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     failures = []
 
@@ -169,7 +175,7 @@ def test_schema_driven_fuzz_finds_no_server_error(images):
 
         return check
 
-    with TestClient(app):
+    with TestClient(app, base_url="http://127.0.0.1"):
         for operation in schema.get_all_operations():
             make_check(operation.ok().as_strategy())()
     assert not failures, failures

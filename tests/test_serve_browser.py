@@ -13,8 +13,10 @@ pytest.importorskip("fastapi", reason="serve is in the test extras: pip install 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
 
 import uvicorn  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from anomalens.engines.serve import create_app  # noqa: E402
+from anomalens.engines.access import AccessSettings  # noqa: E402
+from anomalens.engines.serve import ServerSettings, create_app  # noqa: E402
 
 from conftest import tiny_detector  # noqa: E402
 
@@ -65,7 +67,11 @@ def test_page_end_to_end(mvtec_root, tmp_path):
     tests = sorted(str(path) for path in (mvtec_root / "widget" / "test").rglob("*.png"))
     bogus = tmp_path / "not-an-image.png"
     bogus.write_text("hello")
-    with ServerThread(create_app(tiny_detector("patchcore"))) as url, sync_api.sync_playwright() as playwright:
+    settings = ServerSettings(max_files=4)  # 6 test images + 1 bogus: the page must split them into requests
+    with (
+        ServerThread(create_app(tiny_detector("patchcore"), settings)) as url,
+        sync_api.sync_playwright() as playwright,
+    ):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
         try:
             page = browser.new_page(accept_downloads=True)
@@ -80,7 +86,12 @@ def test_page_end_to_end(mvtec_root, tmp_path):
             page.set_input_files("#test-input", [*tests, str(bogus)])
             cards = page.locator("#results .card")
             sync_api.expect(cards).to_have_count(len(tests))
-            sync_api.expect(page.locator("#messages")).to_contain_text("Rejected not-an-image.png")
+            sync_api.expect(page.locator("#messages")).to_contain_text("Not scored: not-an-image.png")
+            # test/good/000.png and test/scratch/000.png share a name: each card keeps its own original.
+            originals = page.locator("#results .card img:not(.heatmap)")
+            assert len(set(originals.evaluate_all("images => images.map(image => image.src)"))) == len(tests)
+            assert len(set(cards.evaluate_all("items => items.map(item => item.dataset.id)"))) == len(tests)
+            assert page.evaluate("state.results.every(result => result.map_png === undefined)")  # raw maps on demand
             heatmap = cards.first.locator("img.heatmap")
             assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
             assert heatmap.evaluate("image => image.naturalWidth") == 48
@@ -98,6 +109,10 @@ def test_page_end_to_end(mvtec_root, tmp_path):
             cards.first.focus()
             page.keyboard.press("Enter")
             sync_api.expect(page.locator("#viewer")).to_be_visible()
+            with page.expect_download() as raw_download:
+                page.click("#viewer-raw")
+            raw = Image.open(raw_download.value.path())
+            assert raw.mode.startswith("I") and raw.size == (48, 40)  # the 16-bit map, fetched when asked for
             page.keyboard.press("Escape")
             sync_api.expect(page.locator("#viewer")).to_be_hidden()
             with page.expect_download() as download_info:
@@ -106,7 +121,35 @@ def test_page_end_to_end(mvtec_root, tmp_path):
             lines = csv_text.strip().splitlines()
             assert lines[0] == "name,score,label,threshold" and len(lines) == len(tests) + 1
             assert all(line.split(",")[2] == "normal" for line in lines[1:])
+            # A refit: every shown verdict becomes stale until re-scored.
+            page.set_input_files("#reference-input", references[:3])
+            sync_api.expect(page.locator("#reference-status")).to_contain_text("fitted on 3 reference image(s)")
+            sync_api.expect(page.locator("#results .card.stale")).to_have_count(len(tests))
+            sync_api.expect(page.locator("#counts")).to_contain_text(f"{len(tests)} stale")
+            page.click("#rescore")
+            sync_api.expect(page.locator("#results .card.stale")).to_have_count(0)
+            sync_api.expect(cards).to_have_count(len(tests))
             assert not page_errors, page_errors
+        finally:
+            browser.close()
+
+
+def test_page_asks_for_the_api_key():
+    access = AccessSettings(api_key="page-test-key-0123456789")
+    with ServerThread(create_app(tiny_detector("patchcore"), access=access)) as url, \
+            sync_api.sync_playwright() as playwright:  # fmt: skip
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            assert page.url.endswith("/login")
+            page.fill("#key", "wrong-key")
+            page.click("button[type=submit]")
+            sync_api.expect(page.locator("body")).to_contain_text("Wrong key")
+            page.fill("#key", access.api_key)
+            page.click("button[type=submit]")
+            sync_api.expect(page.locator("#detector")).to_contain_text("not fitted")
         finally:
             browser.close()
 

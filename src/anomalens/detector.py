@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from torch import nn
 
 from anomalens.config import PRECISIONS, DetectorConfig, build_config, config_hash, config_to_dict
 from anomalens.io.images import ImageLike, describe, load_image
+from anomalens.io.outputs import honour_umask
 from anomalens.nn.maps import resize_map
 from anomalens.nn.state import clear_embedding_caches
 
@@ -116,6 +118,7 @@ class Detector(nn.Module):
         self.load_pretrained = load_pretrained
         self.class_name: str | None = None
         self.threshold: float | None = None
+        self.threshold_source = "none"  # how ``threshold`` was chosen: given, leave-one-out, none (see fit())
         self.stage_seconds: dict[str, float] = {}  # time spent per named stage, summed since last cleared
         self.register_buffer("_is_fitted", torch.tensor(False))
 
@@ -125,8 +128,19 @@ class Detector(nn.Module):
         Networks run their matmuls and convolutions in bfloat16/float16 under it; weights, memory banks and
         nearest-neighbour distances stay float32, and maps and scores are returned as float32.
         """
-        precision = self.config.precision
-        return torch.autocast(self.device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
+        dtype = getattr(torch, self.config.precision)
+        weights = self.weights_dtype
+        if weights in (torch.bfloat16, torch.float16):  # moved with .to(dtype): compute in the weights' dtype
+            dtype = weights
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype of the detector's floating-point weights (``float32`` unless moved with ``.to(dtype)``)."""
+        for tensor in self.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.float32
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -163,20 +177,35 @@ class Detector(nn.Module):
         """Short hash of the method and config, recorded with every score."""
         return config_hash(self.method_name, self.config)
 
-    def fit(self, reference_images: Sequence[ImageLike] | None = None, class_name: str | None = None) -> Detector:
-        """Prepare the detector for a product class.
+    def fit(
+        self,
+        reference_images: Sequence[ImageLike] | None = None,
+        class_name: str | None = None,
+        threshold: float | str | None = "auto",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Detector:
+        """Prepare the detector for a product class, and set its threshold.
+
+        Each reference passes through the backbone once; the leave-one-out threshold reuses those features, so it
+        costs one more pass per reference (for the held-out score), not a refit from images per fold.
 
         Args:
             reference_images: Normal images (paths, PIL images or arrays). Zero-shot methods accept none;
                 few-shot methods need at least one.
             class_name: The product's name (e.g. ``"bottle"``), used by language-guided methods.
+            threshold: The rule the command line follows. ``"auto"`` (default): leave-one-out with two or more
+                references, else no threshold. ``"leave-one-out"``: the largest score of each reference against
+                the others (needs two or more). A finite number: that threshold. ``None``: no threshold.
+                The detector carries the result in ``threshold`` and ``threshold_source`` (saved with it).
+            progress: Called as ``progress(done, total)`` after each reference encoded and each held-out score;
+                an exception it raises (e.g. to cancel) stops the fit.
 
         Returns:
             ``self``, fitted.
 
         Raises:
             ValueError: References given to a zero-shot-only method, none given to a method that needs
-                them, or a reference that is not a readable image.
+                them, a reference that is not a readable image, or an invalid ``threshold``.
         """
         references = list(reference_images or [])
         if references and not self.few_shot:
@@ -188,11 +217,33 @@ class Detector(nn.Module):
             )
         if class_name is not None and not isinstance(class_name, str):
             raise ValueError(f"class_name must be a string, got {class_name!r}")
+        rule = check_threshold(threshold, len(references))
         arrays = [load_image(image) for image in references]
+        total = len(arrays) * (2 if rule == "leave-one-out" else 1)
+        report = progress or (lambda done, total: None)
         self.class_name = class_name
         with torch.inference_mode(), self.autocast():
-            self._fit(arrays, class_name)
+            encoded = self._encode_references([]) if not arrays else []
+            for start in range(0, len(arrays), self.config.batch_size):  # progress (and cancelling) per batch
+                encoded.extend(self._encode_references(arrays[start : start + self.config.batch_size]))
+                report(len(encoded), total)
+        held_out = []
+        if rule == "leave-one-out":
+            for index in range(len(arrays)):
+                with torch.inference_mode(), self.autocast():
+                    self._fit_encoded(encoded[:index] + encoded[index + 1 :], class_name)
+                self._is_fitted.fill_(True)
+                held_out.append(self.predict_arrays([arrays[index]])[0].score)
+                report(len(arrays) + index + 1, total)
+        with torch.inference_mode(), self.autocast():
+            self._fit_encoded(encoded, class_name)
         self._is_fitted.fill_(True)
+        if rule == "leave-one-out":
+            self.threshold, self.threshold_source = float(max(held_out)), "leave-one-out"
+        elif rule == "given":
+            self.threshold, self.threshold_source = float(threshold), "given"  # type: ignore[arg-type]
+        else:
+            self.threshold, self.threshold_source = None, "none"
         return self
 
     def predict(self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None) -> list[AnomalyResult]:
@@ -251,6 +302,22 @@ class Detector(nn.Module):
                 )
         return results
 
+    def fingerprint(self) -> str:
+        """16 hex digits that change when anything deciding a score changes, the threshold aside: the method, its
+        config, the class name and every persistent buffer (the fitted state, e.g. memory banks built from the
+        references). Weights are named by the config; a resumed run compares fingerprints."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.config_hash}|{self.class_name}".encode())
+        parameters = {name for name, _ in self.named_parameters()}
+        for name, tensor in self.state_dict().items():
+            if name in parameters:
+                continue
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()[:16]
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready description: method, config, class name, threshold, fitted state."""
         return {
@@ -259,6 +326,7 @@ class Detector(nn.Module):
             "config_hash": self.config_hash,
             "class_name": self.class_name,
             "threshold": self.threshold,
+            "threshold_source": self.threshold_source if self.threshold is not None else "none",
             "fitted": self.is_fitted,
         }
 
@@ -277,9 +345,11 @@ class Detector(nn.Module):
                 raise ValueError(f"cannot save detector to {target}: it exists and is not a saved detector")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        honour_umask(staging, directory=True)
         try:
             meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.describe()}
             meta["anomalens_version"] = _package_version()
+            meta["fingerprint"] = self.fingerprint()
             (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
             save_file(_unshare(tensors), str(staging / TENSORS_FILE), metadata={"format": FORMAT_NAME})
@@ -317,6 +387,9 @@ class Detector(nn.Module):
         load_state_dict_checked(detector, state, source=str(path))
         detector.class_name = meta.get("class_name")
         detector.threshold = meta.get("threshold")
+        detector.threshold_source = meta.get("threshold_source") or (
+            "given" if detector.threshold is not None else "none"
+        )
         detector.config.device = str(torch.device(map_location))
         return detector.to(map_location)
 
@@ -329,6 +402,15 @@ class Detector(nn.Module):
     def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
         raise NotImplementedError
 
+    def _encode_references(self, reference_images: list[np.ndarray]) -> list[Any]:
+        """One item per reference holding what fitting needs from it (its backbone features), so that the
+        leave-one-out folds refit without running the backbone again. Default: the images themselves."""
+        return list(reference_images)
+
+    def _fit_encoded(self, encoded: list[Any], class_name: str | None) -> None:
+        """Build fitted state from items of :meth:`_encode_references`. Default: :meth:`_fit` on the images."""
+        self._fit(encoded, class_name)
+
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Score a batch. Returns scores ``(B,)`` and maps ``(B, h, w)`` at one common resolution."""
         raise NotImplementedError
@@ -336,6 +418,24 @@ class Detector(nn.Module):
     def _map_to_image(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bring one ``(h, w)`` map from the model's input geometry to its image's ``(H, W)``."""
         return resize_map(anomaly_map, size)
+
+
+THRESHOLD_RULES = ("auto", "leave-one-out")
+
+
+def check_threshold(threshold: float | str | None, references: int) -> str:
+    """Validate ``fit()``'s ``threshold`` and say which rule applies: ``given``, ``leave-one-out`` or ``none``."""
+    if threshold is None:
+        return "none"
+    if isinstance(threshold, str):
+        if threshold not in THRESHOLD_RULES:
+            raise ValueError(f"threshold={threshold!r} must be a finite number, None, or one of {THRESHOLD_RULES}")
+        if threshold == "leave-one-out" and references < 2:
+            raise ValueError(f"threshold='leave-one-out' needs at least 2 reference images, got {references}")
+        return "leave-one-out" if references >= 2 else "none"
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"threshold={threshold!r} must be a finite number, None, or one of {THRESHOLD_RULES}")
+    return "given"
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -253,7 +253,7 @@ class DiffusionBackbone(nn.Module):
 
     def add_noise(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:
         """Forward-diffuse ``latents`` to ``timestep`` with seeded Gaussian noise."""
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noise = per_image_noise(latents, generator)
         steps = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
         return self.scheduler.add_noise(latents, noise, steps)
 
@@ -461,6 +461,17 @@ def capture_block_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[di
     finally:
         for handle in handles:
             handle.remove()
+
+
+def per_image_noise(latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise shaped like ``latents`` ``(B, C, h, w)`` in which every image gets the same draw.
+
+    One ``(C, h, w)`` draw from the CPU ``generator``, repeated over the batch: an image's score then does not
+    depend on its position in the batch or on what else is in it (each draw advances the generator, so repeated
+    draws still differ from one another).
+    """
+    noise = torch.randn(latents.shape[1:], generator=generator, dtype=torch.float32)
+    return noise.to(device=latents.device, dtype=latents.dtype).expand_as(latents).contiguous()
 
 
 def sd_noise_scheduler():

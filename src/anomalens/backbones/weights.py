@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anomalens.io.outputs import honour_umask
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "ANOMALENS_WEIGHTS_DIR"
@@ -157,6 +159,7 @@ def download(source: WeightSource, destination: Path | None = None) -> Path:
             shutil.copyfileobj(response, output, length=1 << 20)
         if source.sha256 and sha256_of(temporary) != source.sha256:
             raise OSError(f"checksum mismatch for {source.url} (expected sha256 {source.sha256})")
+        honour_umask(temporary)
         os.replace(temporary, destination)
     finally:
         if os.path.exists(temporary):

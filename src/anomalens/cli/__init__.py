@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return handler_of(command)(options, namespace.quiet)
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM: run folders are already marked "interrupted"
+        print("anomalens: interrupted; results written so far are kept (re-run the command to resume a Ray run)",
+              file=sys.stderr)  # fmt: skip
+        return 130
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
         if os.environ.get("ANOMALENS_DEBUG"):
             raise

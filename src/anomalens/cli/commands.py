@@ -113,6 +113,14 @@ def cmd_predict(options: Any, quiet: bool) -> int:
             "or end the reference list with -- (anomalens predict ... --reference refs/ -- incoming/)"
         )
     total = _count_inputs(options.inputs, run.engine)
+    if run.engine == "ray":  # resumable: check the folder's records now, not after fitting
+        from anomalens.engines.ray import check_resume
+
+        check_resume(run.out, run.overwrite)
+    else:
+        from anomalens.engines.core import check_out_dir
+
+        check_out_dir(run.out, run.overwrite)
     detector = detector_from(options.method, run.detector)
     source = fit_detector(detector, options.references)
     if run.save_detector:
@@ -178,6 +186,7 @@ def cmd_fit(options: Any, quiet: bool) -> int:
 
 
 def cmd_serve(options: Any, quiet: bool) -> int:
+    from anomalens.engines.access import check_exposure, is_loopback
     from anomalens.engines.serve import _require_fastapi, create_app
 
     _require_fastapi()
@@ -190,10 +199,13 @@ def cmd_serve(options: Any, quiet: bool) -> int:
         fit_detector(detector, references)
     elif references.threshold is not None:
         detector.threshold = references.threshold
-    app = create_app(detector, options.settings, class_name=options.references.class_name)
-    if serve.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("serving on %s: reachable from other machines", serve.host)
-    print(f"anomalens serving {detector.method_name} on http://{serve.host}:{serve.port}/ (Ctrl+C to stop)")
+    check_exposure(serve.host, options.access)
+    app = create_app(detector, options.settings, class_name=options.references.class_name, access=options.access,
+                     bound_host=serve.host)  # fmt: skip
+    if not is_loopback(serve.host):
+        logger.warning("serving on %s: reachable from other machines (API key required)", serve.host)
+    key_note = " (API key required)" if options.access.api_key else ""
+    print(f"anomalens serving {detector.method_name} on http://{serve.host}:{serve.port}/{key_note} (Ctrl+C to stop)")
     uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning")
     return 0
 

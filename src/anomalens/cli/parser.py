@@ -17,6 +17,7 @@ from typing import Any
 
 from anomalens.cli.options import add_dataclass_options, build_options, check_config_keys, read_config_file
 from anomalens.config import check_options
+from anomalens.engines.access import AccessSettings
 from anomalens.engines.serve import ServerSettings
 from anomalens.evaluation.speed import SpeedOptions
 from anomalens.methods.clipfusion.training import PatchCLIPTrainConfig
@@ -151,7 +152,8 @@ COMMANDS: dict[str, Command] = {
                    {**_METHOD, "references": ReferenceOptions, "run": FitOptions}, "cmd_fit"),
     "serve": Command(
         "HTTP API and browser page over one detector",
-        {**_METHOD, "references": ReferenceOptions, "serve": ServeOptions, "settings": ServerSettings},
+        {**_METHOD, "references": ReferenceOptions, "serve": ServeOptions, "settings": ServerSettings,
+         "access": AccessSettings},
         "cmd_serve",
         flags={"request_timeout_s": ["--timeout", "--request-timeout-s"]},
     ),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomalens.io.images import find_images, load_image
+from anomalens.io.images import find_images
 from anomalens.io.outputs import atomic_write_bytes, atomic_write_json, heatmap_overlay, png_bytes, raw_map_bytes
 
 logger = logging.getLogger(__name__)
@@ -42,30 +42,29 @@ THRESHOLD_RULE = "leave-one-out: max over references of the score of each refere
 
 
 # ---------------------------------------------------------------------------------------------------- thresholds
-def leave_one_out_threshold(detector: Any, reference_images: Sequence[Any], class_name: str | None = None):
-    """The default threshold from the references themselves.
+def leave_one_out_threshold(detector: Any, reference_images: Sequence[Any], class_name: str | None = None,
+                            progress: Callable[[int, int], None] | None = None) -> float | None:  # fmt: skip
+    """Fit ``detector`` on the references and return the leave-one-out threshold (see :meth:`Detector.fit`).
 
-    Each reference is scored by the detector fitted on the other references; the threshold is the largest of those
-    scores, i.e. the lowest threshold at which no held-out reference is flagged. Refits ``detector`` once per
-    reference and finally on all of them, so it ends fitted on every reference. Returns ``None`` (and logs why)
-    with fewer than two references.
+    Each reference is scored by the detector fitted on the others; the threshold is the largest of those scores,
+    the lowest at which no held-out reference is flagged. Returns ``None`` (and logs why) with fewer than two.
     """
-    references = [load_image(image) for image in reference_images]
+    references = list(reference_images)
     if len(references) < 2:
         logger.warning("a default threshold needs at least 2 reference images (got %d); no labels", len(references))
-        detector.fit(references, class_name=class_name)
+        detector.fit(references, class_name=class_name, threshold=None, progress=progress)
         return None
-    held_out_scores = []
-    for index in range(len(references)):
-        others = references[:index] + references[index + 1 :]
-        detector.fit(others, class_name=class_name)
-        held_out_scores.append(detector.predict_arrays([references[index]])[0].score)
-    detector.fit(references, class_name=class_name)
-    return float(max(held_out_scores))
+    detector.fit(references, class_name=class_name, threshold="leave-one-out", progress=progress)
+    return detector.threshold
 
 
-def fit_and_threshold(detector: Any, references: Sequence[Any], class_name: str | None = None,
-                      threshold: float | None = None) -> str:  # fmt: skip
+def fit_and_threshold(
+    detector: Any,
+    references: Sequence[Any],
+    class_name: str | None = None,
+    threshold: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> str:
     """Fit ``detector`` on ``references`` and set its threshold by the one rule every engine follows.
 
     - A given ``threshold`` is used as is (``"given"``).
@@ -77,12 +76,13 @@ def fit_and_threshold(detector: Any, references: Sequence[Any], class_name: str 
     """
     references = list(references or [])
     if references and threshold is None and detector.few_shot:
-        detector.threshold = leave_one_out_threshold(detector, references, class_name=class_name)
-        return "leave-one-out" if detector.threshold is not None else "none"
+        leave_one_out_threshold(detector, references, class_name, progress)
+        return detector.threshold_source
     if references or not detector.is_fitted:
-        detector.fit(references or None, class_name=class_name)
+        detector.fit(references or None, class_name=class_name, threshold=threshold, progress=progress)
+        return detector.threshold_source
     if threshold is not None:
-        detector.threshold = float(threshold)
+        detector.threshold, detector.threshold_source = float(threshold), "given"
         return "given"
     return "detector" if detector.threshold is not None else "none"
 
@@ -201,11 +201,9 @@ class PredictSummary:
         return f"scored {self.scored} image(s), {flagged}, skipped {self.skipped}; results in {self.out_dir}"
 
 
-def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Create ``out_dir``; refuse to mix runs: earlier run outputs are an error unless ``overwrite``.
-
-    With ``overwrite`` only anomalens' own artifacts (``RUN_ARTIFACTS``) are removed; other files stay.
-    """
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[str]:
+    """The run artifacts already in ``out_dir``; refuses them unless ``overwrite`` (called before any fitting, so a
+    mistake costs nothing)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is not a folder")
@@ -215,6 +213,16 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
             f"output folder {out} already holds a run ({', '.join(existing)}); "
             "choose another --out or pass --overwrite to replace it"
         )
+    return existing
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Create ``out_dir``; refuse to mix runs: earlier run outputs are an error unless ``overwrite``.
+
+    With ``overwrite`` only anomalens' own artifacts (``RUN_ARTIFACTS``) are removed; other files stay.
+    """
+    out = Path(out_dir)
+    existing = check_out_dir(out, overwrite)
     for name in existing:
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -256,9 +264,15 @@ class RunWriter:
         self._errors = open(self.out / "errors.jsonl", "w")
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
         self._scores.close()
         self._errors.close()
+        if kind is not None and self.manifest.get("status") == "running":  # stopped before finish()
+            interrupted = issubclass(kind, (KeyboardInterrupt, SystemExit))
+            self.manifest["status"] = "interrupted" if interrupted else "failed"
+            if not interrupted:
+                self.manifest["error"] = f"{kind.__name__}: {error}"
+            atomic_write_json(self.out / "run.json", self.manifest)
 
     def record(self, record: dict[str, Any]) -> None:
         """Append one scored image's record (flushed, so an interrupted run keeps it)."""
@@ -296,14 +310,57 @@ class RunWriter:
 
 
 def iter_scores(out_dir: str | os.PathLike) -> Iterable[dict[str, Any]]:
-    """The records of a run's ``scores.jsonl``, one at a time (memory does not grow with the run)."""
+    """The records of a run's ``scores.jsonl``, one at a time (memory does not grow with the run).
+
+    Raises:
+        ValueError: A line is not a JSON record (the message names the file and line).
+    """
     path = Path(out_dir) / "scores.jsonl"
     if not path.exists():
         return
     with open(path) as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} line {number} is not a JSON record ({error.msg})") from None
+
+
+def repair_scores(out_dir: str | os.PathLike) -> int:
+    """Make ``scores.jsonl`` safe to append to after a killed run: a half-written last line is removed (a whole
+    last record that only lacks its newline gets one). Returns the bytes removed.
+
+    Raises:
+        ValueError: A line before the last is damaged: that is no interrupted write, so nothing is changed.
+    """
+    path = Path(out_dir) / "scores.jsonl"
+    if not path.exists():
+        return 0
+    complete, last = 0, b""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                last = line
+                break
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} line {number} is not a JSON record ({error.msg})") from None
+            complete += len(line)
+    if not last:
+        return 0
+    try:
+        json.loads(last)
+    except json.JSONDecodeError:
+        with open(path, "r+b") as handle:
+            handle.truncate(complete)
+        logger.warning("%s: removed a half-written last record (%d bytes) left by an interrupted run", path, len(last))
+        return len(last)
+    with open(path, "ab") as handle:
+        handle.write(b"\n")
+    return 0
 
 
 def load_scores(out_dir: str | os.PathLike) -> list[dict[str, Any]]:

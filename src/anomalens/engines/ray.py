@@ -9,8 +9,11 @@
   ``scores.jsonl`` / ``errors.jsonl`` and, at the end, writes ``scores.parquet`` and ``scores.csv``. The layout
   is every engine's (see :mod:`anomalens.engines.core`, whose writer it uses), plus the Parquet file.
 - Resume: a re-run into the same folder with the same detector skips the images already in ``scores.jsonl``
-  and scores the rest (a different detector is refused). Unreadable images are recorded with their error
-  and retried on the next run; they never fail the job.
+  and scores the rest. A different method or config, other references (the fitted state's fingerprint), another
+  threshold or raw map format is refused, naming what differs. A half-written last record (a killed run) is
+  removed first. Ctrl+C or SIGTERM ends the run with ``run.json`` marked "interrupted". Unreadable images are
+  recorded with their error and retried on the next run; they never fail the job.
+- Each actor that Ray gives a GPU moves its detector onto it.
 - The output folder must be reachable by every node (a shared file system on a real cluster).
 
 Ray is optional: ``pip install 'anomalens[ray]'``.
@@ -18,18 +21,22 @@ Ray is optional: ``pip install 'anomalens[ray]'``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from anomalens.detector import Detector, config_from_saved
+from anomalens.detector import TENSORS_FILE, Detector, config_from_saved
 from anomalens.engines.core import (
     RECORD_COLUMNS,
     PredictSummary,
@@ -38,12 +45,14 @@ from anomalens.engines.core import (
     iter_scores,
     output_names,
     prepare_out_dir,
+    repair_scores,
     resolve_threshold_source,
     run_manifest,
     score_batch,
     write_result,
 )
 from anomalens.io.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_bytes, readable_images
+from anomalens.io.outputs import honour_umask
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +132,9 @@ class _Scorer:
         if isinstance(detector, ray.ObjectRef):
             detector = ray.get(detector)  # once per actor, from the object store
         self.detector = anomalens.load(detector) if isinstance(detector, str) else detector
+        if ray.get_gpu_ids() and torch.cuda.is_available():  # the GPU Ray gave this actor (CUDA_VISIBLE_DEVICES)
+            self.detector.to("cuda")
+            self.detector.config.device = "cuda"
         if threshold is not None:
             self.detector.threshold = threshold
         self.out = Path(out_dir)
@@ -146,22 +158,70 @@ class _Scorer:
         return pd.DataFrame([{column: row.get(column) for column in (*RECORD_COLUMNS, "error")} for row in rows])
 
 
-def _done_paths(out: Path, config_hash: str, overwrite: bool) -> set[str]:
+RESUME_KEYS = {  # run.json fields a resumed run must share with the earlier one, and what they mean
+    "config_hash": "method and config",
+    "detector_fingerprint": "fitted state (references) or class name",
+    "threshold": "threshold",
+    "raw_format": "raw map format",
+}
+
+
+def check_resume(out_dir: str | os.PathLike, overwrite: bool = False) -> int:
+    """Before any fitting: check that ``out_dir`` can be resumed (its ``scores.jsonl`` is readable; a half-written
+    last line from a killed run is removed). Returns the records already there (0 for a new or overwritten run).
+
+    Raises:
+        ValueError: The folder holds a damaged record file (named, with the line).
+    """
+    out = Path(out_dir)
+    if overwrite or not (out / "run.json").exists():
+        return 0
+    repair_scores(out)
+    return sum(1 for _ in iter_scores(out))
+
+
+def _done_paths(out: Path, manifest: dict[str, Any], overwrite: bool) -> set[str]:
     """Paths already scored by an earlier run of the same detector in ``out`` (resume)."""
     run_file = out / "run.json"
     if overwrite or not run_file.exists():
         prepare_out_dir(out, overwrite)
         return set()
-    earlier = json.loads(run_file.read_text())
-    if earlier.get("config_hash") != config_hash:
+    try:
+        earlier = json.loads(run_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot resume {out}: {run_file} is unreadable ({error}); pass --overwrite") from None
+    differences = [
+        f"{meaning} ({earlier.get(key)!r} then, {manifest.get(key)!r} now)"
+        for key, meaning in RESUME_KEYS.items()
+        if earlier.get(key) != manifest.get(key)
+    ]
+    if differences:
         raise ValueError(
-            f"output folder {out} holds a run of another detector (config hash {earlier.get('config_hash')} "
-            f"vs {config_hash}); choose another --out or pass --overwrite"
+            f"output folder {out} holds a run of a different detector: {'; '.join(differences)}. Resuming would "
+            "mix two detectors' scores; choose another --out or pass --overwrite"
         )
+    repair_scores(out)
     done = {record["path"] for record in iter_scores(out)}
     for name in ("scores.parquet", "scores.csv", "errors.jsonl"):  # rebuilt at the end of this run
         (out / name).unlink(missing_ok=True)
     return done
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a cluster scheduler stopping the job) ends the run like Ctrl+C: ``run.json`` says "interrupted"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signal, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def score(
@@ -207,13 +267,13 @@ def score(
     describe = _describe(detector_or_path, threshold)
     source = resolve_threshold_source(threshold, threshold_source, describe.get("threshold"))
     out = Path(out_dir)
-    done = _done_paths(out, describe["config_hash"], overwrite)
+    manifest = run_manifest(describe, source, inputs, raw_format, run_info)
+    manifest.update(engine="ray", num_workers=num_workers, ray_address=ray_address)
+    done = _done_paths(out, manifest, overwrite)
     todo = [{"path": path, "name": name} for path, name in list_inputs(inputs) if path not in done]
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    manifest = run_manifest(describe, source, inputs, raw_format, run_info)
-    manifest.update(engine="ray", num_workers=num_workers, ray_address=ray_address)
-    with RunWriter(out, manifest, append=True) as writer:
+    with _terminate_as_interrupt(), RunWriter(out, manifest, append=True) as writer:
         if todo:
             results = _scoring_dataset(ray, detector_or_path, todo, out, num_workers, batch_size, gpu_fraction,
                                        {"raw_format": raw_format, "write_overlays": write_overlays,
@@ -227,12 +287,25 @@ def score(
 def _describe(detector_or_path: Detector | str | os.PathLike, threshold: float | None) -> dict[str, Any]:
     """The detector's description (from the object, or a saved folder's config), with a given threshold applied."""
     if isinstance(detector_or_path, Detector):
-        describe = detector_or_path.describe()
+        describe = {**detector_or_path.describe(), "detector_fingerprint": detector_or_path.fingerprint()}
     else:
-        describe = {key: value for key, value in config_from_saved(detector_or_path).items() if key != "format"}
+        saved = config_from_saved(detector_or_path)
+        describe = {key: value for key, value in saved.items() if key not in ("format", "fingerprint")}
+        describe["detector_fingerprint"] = saved.get("fingerprint") or _file_digest(
+            Path(detector_or_path) / TENSORS_FILE
+        )
     if threshold is not None:
         describe["threshold"] = float(threshold)
     return describe
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 (16 hex) of a file, read in blocks (a saved detector of an older version has no fingerprint)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _scoring_dataset(ray, detector_or_path, todo, out: Path, num_workers: int, batch_size: int,
@@ -292,4 +365,5 @@ def _write_parquet(out: Path) -> None:
     handle, temporary = tempfile.mkstemp(prefix=".scores.", suffix=".parquet", dir=out)
     os.close(handle)
     pq.write_table(pa.table(columns), temporary)
+    honour_umask(temporary)
     os.replace(temporary, out / "scores.parquet")

@@ -112,7 +112,7 @@ def evaluate_category(
     scored = _Scored(eval_size)
     bar = progress_factory(total=len(test), desc=f"{category} seed {seed}") if progress_factory else None
     with PeakMemory() as memory:
-        detector.fit([load_image(sample.image_path) for sample in references], class_name=category)
+        detector.fit([load_image(sample.image_path) for sample in references], class_name=category, threshold=None)
         detector.stage_seconds.clear()
         for start in range(0, len(test), size):
             chunk = test[start : start + size]

@@ -352,7 +352,7 @@ def measure_setting(
     if shots > len(reference_paths):
         raise ValueError(f"{setting_label(setting)} needs {shots} reference image(s), got {len(reference_paths)}")
     references = [load_image(path) for path in reference_paths[:shots]]
-    detector.fit(references or None, class_name="bottle")
+    detector.fit(references or None, class_name="bottle", threshold=None)
     build_seconds = time.perf_counter() - started
     images = [load_image(path) for path in image_paths]
     record: dict[str, Any] = {"method": method, "shots": shots, "variant": setting.get("variant", ""),

@@ -3,6 +3,12 @@
 Grayscale, palette, RGBA, 16-bit, float, CMYK and EXIF-rotated images are all normalised to
 ``(H, W, 3)`` uint8 in display orientation. A file that cannot be read raises
 :class:`ImageLoadError`, a ``ValueError`` whose message names the file.
+
+Before any pixel is decoded, the header's width, height, pixel count and the memory the whole pipeline will
+need for that image (decoding, the RGB copy, the float tensor of the resize, the full-size anomaly map and the
+overlay) are checked against :class:`ImageLimits`; a file over a limit is refused with its numbers, so no
+input, however small on disk, can exhaust memory. Every entry point (API, ``predict``, Ray, ``serve``) reads
+images through :func:`load_image` / :func:`load_image_bytes`.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -30,12 +38,68 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 class ImageLoadError(ValueError):
-    """An input could not be read as an image; ``source`` names it."""
+    """An input could not be read as an image; ``source`` names it.
 
-    def __init__(self, source: str, reason: str):
+    ``kind`` says why, for callers that answer differently: ``empty``, ``format`` (not an accepted image
+    type), ``size`` (over :class:`ImageLimits`) or ``unreadable`` (missing, corrupt, truncated).
+    """
+
+    def __init__(self, source: str, reason: str, kind: str = "unreadable"):
         super().__init__(f"cannot read image {source}: {reason}")
         self.source = source
         self.reason = reason
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one input image may cost; checked from the header, before decoding."""
+
+    max_pixels: int = 40_000_000  # width * height
+    max_side: int = 65_535  # the longest side, in pixels
+    max_memory_bytes: int = 2 * 2**30  # estimated peak memory of the whole pipeline for this image
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_side", "max_memory_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"image limit {name}={value!r} must be a positive integer")
+
+
+DEFAULT_LIMITS = ImageLimits()
+# Bytes per decoded sample of a PIL mode (before conversion to RGB); modes not listed count 4.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3, "LA": 2, "PA": 2, "I;16": 2,
+               "I;16B": 2, "I;16L": 2, "I": 4, "F": 4, "LAB": 3, "HSV": 3, "RGBX": 4, "RGBa": 4, "La": 2}  # fmt: skip
+# Per pixel after decoding: RGB copy (3) + RGBA compositing (8) + float32 tensor for the resize (12) +
+# float32 anomaly map (4) + its normalised float64 copy (8) + overlay: colours, image and blend as float32 (36)
+# and uint8 (3).
+_PIPELINE_BYTES_PER_PIXEL = 64
+
+
+def estimate_memory(width: int, height: int, mode: str = "RGB") -> int:
+    """Estimated peak bytes that loading and scoring one ``width`` x ``height`` image of PIL ``mode`` needs
+    (the model's own activations, which do not depend on the image size, excluded)."""
+    return width * height * (_MODE_BYTES.get(mode, 4) + _PIPELINE_BYTES_PER_PIXEL)
+
+
+def check_image_size(source: str, width: int, height: int, mode: str = "RGB",
+                     limits: ImageLimits = DEFAULT_LIMITS) -> None:  # fmt: skip
+    """Refuse an image whose size breaks ``limits``; raises :class:`ImageLoadError` with the numbers."""
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(source, f"zero-size image {width}x{height}")
+    if max(width, height) > limits.max_side:
+        raise ImageLoadError(source, f"{width}x{height}: a side exceeds the limit of {limits.max_side} pixels", "size")
+    if width * height > limits.max_pixels:
+        raise ImageLoadError(
+            source, f"{width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}", "size"
+        )
+    needed = estimate_memory(width, height, mode)
+    if needed > limits.max_memory_bytes:
+        raise ImageLoadError(
+            source,
+            f"{width}x{height} {mode} would need about {needed / 2**20:.0f} MiB to score, over the limit "
+            f"of {limits.max_memory_bytes / 2**20:.0f} MiB",
+        )
 
 
 def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
@@ -78,7 +142,7 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
-def array_to_rgb(array: np.ndarray, source: str = "<array>") -> np.ndarray:
+def array_to_rgb(array: np.ndarray, source: str = "<array>", limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Normalise an ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` array to RGB uint8."""
     if not isinstance(array, np.ndarray):
         raise ImageLoadError(source, f"expected a numpy array, got {type(array).__name__}")
@@ -86,8 +150,7 @@ def array_to_rgb(array: np.ndarray, source: str = "<array>") -> np.ndarray:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise ImageLoadError(source, f"array shape {array.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageLoadError(source, f"zero-size image {array.shape[1]}x{array.shape[0]}")
+    check_image_size(source, int(array.shape[1]), int(array.shape[0]), limits=limits)
     array = _scale_to_uint8(array)
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
@@ -97,23 +160,23 @@ def array_to_rgb(array: np.ndarray, source: str = "<array>") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_image(image: ImageLike) -> np.ndarray:
+def load_image(image: ImageLike, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Read one image as RGB.
 
     Args:
         image: A file path, a PIL image or a numpy array.
+        limits: Size limits, checked from the header before decoding.
 
     Returns:
         ``(H, W, 3)`` uint8 array in display orientation (EXIF rotation applied).
 
     Raises:
-        ImageLoadError: The file is missing, empty, not an image, corrupt or of zero size.
+        ImageLoadError: The file is missing, empty, not an image, corrupt, of zero size or over ``limits``.
     """
     if isinstance(image, np.ndarray):
-        return array_to_rgb(image)
+        return array_to_rgb(image, limits=limits)
     if isinstance(image, Image.Image):
-        if image.width == 0 or image.height == 0:
-            raise ImageLoadError("<PIL image>", f"zero-size image {image.width}x{image.height}")
+        check_image_size("<PIL image>", image.width, image.height, image.mode, limits)
         return _pil_to_rgb(image)
     if not isinstance(image, (str, os.PathLike)):
         raise ImageLoadError(repr(image)[:80], f"unsupported input type {type(image).__name__}")
@@ -123,31 +186,63 @@ def load_image(image: ImageLike) -> np.ndarray:
     if path.is_dir():
         raise ImageLoadError(str(path), "is a directory")
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ImageLoadError(str(path), f"file of {size} bytes exceeds the limit of {MAX_FILE_BYTES} bytes", "size")
         data = path.read_bytes()
     except OSError as error:
         raise ImageLoadError(str(path), f"cannot read ({error})") from None
-    return load_image_bytes(data, str(path))
+    return load_image_bytes(data, str(path), limits)
 
 
-def load_image_bytes(data: bytes, source: str) -> np.ndarray:
-    """Decode an encoded image (PNG, JPEG, BMP, TIFF) held in memory; errors name ``source``."""
+MAX_FILE_BYTES = 2**30  # an encoded image file larger than this is refused before it is read
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "MPO")  # as PIL names them (MPO: multi-picture JPEG)
+
+
+def probe_image(data: bytes, source: str, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[str, int, int, str]:
+    """Read only the header of an encoded image and check it: ``(format, width, height, mode)``.
+
+    Raises:
+        ImageLoadError: Empty, not a PNG/JPEG/BMP/TIFF by its content, or over ``limits``.
+    """
     if not data:
-        raise ImageLoadError(source, "empty file (0 bytes)")
+        raise ImageLoadError(source, "empty file (0 bytes)", "empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limits apply instead
+            with Image.open(io.BytesIO(data)) as probe:
+                kind, (width, height), mode = probe.format, probe.size, probe.mode
+    except UnidentifiedImageError:
+        raise ImageLoadError(source, "not a recognised image format (PNG, JPEG, BMP or TIFF)", "format") from None
+    except Image.DecompressionBombError:
+        raise ImageLoadError(source, "image header declares too many pixels", "size") from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as error:
+        raise ImageLoadError(source, f"corrupt image header ({error})") from None
+    if kind not in ACCEPTED_FORMATS:
+        raise ImageLoadError(source, f"image type {kind} is not accepted; use PNG, JPEG, BMP or TIFF", "format")
+    check_image_size(source, width, height, mode, limits)
+    return kind, width, height, mode
+
+
+def load_image_bytes(data: bytes, source: str, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, BMP, TIFF) held in memory; errors name ``source``.
+
+    The header is checked against ``limits`` (:func:`probe_image`) before any pixel is decoded.
+    """
+    probe_image(data, source, limits)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as opened:
                 opened.load()
-                if opened.width == 0 or opened.height == 0:
-                    raise ImageLoadError(source, f"zero-size image {opened.width}x{opened.height}")
                 return _pil_to_rgb(opened)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
         raise ImageLoadError(source, "not a recognised image format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageLoadError(source, f"too many pixels ({error})") from None
-    except (OSError, ValueError, SyntaxError) as error:
+    except Image.DecompressionBombError:
+        raise ImageLoadError(source, "image declares too many pixels") from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError, MemoryError) as error:
         raise ImageLoadError(source, f"corrupt or truncated image ({error})") from None
 
 
@@ -221,8 +316,14 @@ def images_to_tensor(images: list, size: int, mode: str = "bilinear") -> torch.T
     tensors = []
     for image in images:
         tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
-        if tensor.shape[-2:] != (size, size):
-            tensor = F.interpolate(tensor, size=(size, size), mode=mode, antialias=True, align_corners=False)
+        height, width = tensor.shape[-2:]
+        if (height, width) != (size, size):
+            # Shrink the longer side first: resizing both at once widens a 1-pixel-wide strip of height H to an
+            # (H, size) intermediate, size/3 times the image's own memory (6.7 GB for a 1 x 2,500,000 PNG).
+            steps = [(size, width), (size, size)] if height >= width else [(height, size), (size, size)]
+            for step in steps:
+                if tuple(tensor.shape[-2:]) != step:
+                    tensor = F.interpolate(tensor, size=step, mode=mode, antialias=True, align_corners=False)
         tensors.append(tensor)
     return torch.cat(tensors).clamp_(0.0, 1.0)
 

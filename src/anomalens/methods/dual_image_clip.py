@@ -99,6 +99,13 @@ def pair_partners(count: int, partners: int, seed: int) -> list[list[int]]:
     return [[int(ring[(position[image] + step) % count]) for step in range(1, r + 1)] for image in range(count)]
 
 
+def content_order(batch: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` indices ordering a batch ``(B, ...)`` by its content (sum, then sum of cubes), not by position."""
+    values = batch.detach().flatten(1).double()
+    key = values.sum(1) + 1e-3 * values.pow(3).sum(1)
+    return torch.argsort(key, stable=True).cpu()
+
+
 class DualImageCLIP(ResizableBuffers, Detector):
     """Zero-shot: scores the images of one ``predict`` call against each other (optionally plus references)."""
 
@@ -172,7 +179,12 @@ class DualImageCLIP(ResizableBuffers, Detector):
         """``(B, L, N, E)`` pool tokens -> ``(B, N)`` min over partners of the layer-mean NN cosine distance."""
         count = tokens.shape[0]
         references = self.reference_tokens if self.reference_tokens.numel() else tokens.new_empty(0, *tokens.shape[1:])
-        pairs = pair_partners(count, self.config.partners, self.config.seed) if count > 1 else [[]]
+        # Partners are drawn over the images ranked by content, so the pool scores the same in any order.
+        order = content_order(tokens).tolist()
+        ranked_pairs = pair_partners(count, self.config.partners, self.config.seed) if count > 1 else [[]]
+        pairs = [[] for _ in range(count)]
+        for rank, image in enumerate(order):
+            pairs[image] = [order[partner] for partner in ranked_pairs[rank]]
         scores = []
         with self.timed("memory_search"):
             for image in range(count):
@@ -188,12 +200,18 @@ class DualImageCLIP(ResizableBuffers, Detector):
         return torch.stack(scores)
 
     # ------------------------------------------------------------------ detector hooks
-    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
+    def _encode_references(self, reference_images: list[np.ndarray]) -> list[torch.Tensor]:
+        """Per reference: its patch tokens of every chosen layer."""
+        if not reference_images:
+            return []
+        _, tokens = self._tokens(self.clip.preprocess(reference_images))
+        return [tokens[index] for index in range(tokens.shape[0])]
+
+    def _fit_encoded(self, encoded: list[torch.Tensor], class_name: str | None) -> None:
         with self.timed("text_encoder"):
             self.clip.text_embeddings(self._class_name, self.prompt_set)
-        if reference_images:
-            _, tokens = self._tokens(self.clip.preprocess(reference_images))
-            self.reference_tokens = tokens
+        if encoded:
+            self.reference_tokens = torch.stack(encoded)
         else:
             self.reference_tokens = self.reference_tokens.new_empty(0, 0, 0, 0)
 
@@ -254,7 +272,9 @@ class DualImageCLIP(ResizableBuffers, Detector):
         """
         generator = torch.Generator().manual_seed(self.config.seed)
         pixels01 = pixels * self.clip.std + self.clip.mean
-        pseudo_images, pseudo_masks = self.pseudo_anomalies(pixels01.cpu(), generator)
+        # Pick and pair the images to corrupt in an order given by their content, not their batch positions, so
+        # that a pool scores the same in any order.
+        pseudo_images, pseudo_masks = self.pseudo_anomalies(pixels01[content_order(pixels01)].cpu(), generator)
         _, pseudo_tokens = self._tokens((pseudo_images.to(pixels.device) - self.clip.mean) / self.clip.std, stage=None)
         height, width = self.clip.grid
         mask_targets = F.adaptive_avg_pool2d(pseudo_masks[:, None], (height, width)).flatten(1).to(pixels.device)

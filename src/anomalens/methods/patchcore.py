@@ -127,8 +127,11 @@ class PatchCore(Detector):
         return torch.cat(batches)
 
     # ------------------------------------------------------------------ detector hooks
-    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
-        features = self._embed_arrays(reference_images)
+    def _encode_references(self, reference_images: list[np.ndarray]) -> list[torch.Tensor]:
+        return list(self._embed_arrays(reference_images))  # one (h, w, C) patch-feature grid per reference
+
+    def _fit_encoded(self, encoded: list[torch.Tensor], class_name: str | None) -> None:
+        features = torch.stack(encoded)
         generator = torch.Generator().manual_seed(self.config.seed)
         self.memory.fit(
             features.reshape(-1, features.shape[-1]),

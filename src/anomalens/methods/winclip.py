@@ -121,23 +121,24 @@ class WinCLIP(Detector):
         return class_name_of(self)
 
     # ------------------------------------------------------------------ detector hooks
-    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
-        check_shots("WinCLIP", self.config.shots, reference_images)
-        self.clip.text_embeddings(self._class_name, self.prompt_set)  # encode (and cache) the prompts now
-        self._few_shot.fill_(bool(reference_images))
-        if not reference_images:
-            for memory in self.memories.values():
-                memory.bank = memory.bank.new_empty(0, 0)
-            return
-        patches, windows = [], {scale: [] for scale in self.windows}
+    def _encode_references(self, reference_images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """Per reference: its patch tokens ``(N, C)`` and window embeddings ``(W_s, C)`` per scale."""
+        encoded = []
         for start in range(0, len(reference_images), self.config.batch_size):
-            _, batch_patches, batch_windows = self._features(reference_images[start : start + self.config.batch_size])
-            patches.append(batch_patches.flatten(0, 1))
-            for scale, embeddings in batch_windows.items():
-                windows[scale].append(embeddings.flatten(0, 1))
-        self.memories["patch"].fit(torch.cat(patches))
-        for scale in self.windows:
-            self.memories[f"window{scale}"].fit(torch.cat(windows[scale]))
+            _, patches, windows = self._features(reference_images[start : start + self.config.batch_size])
+            for index in range(patches.shape[0]):
+                encoded.append({"patch": patches[index], **{f"window{s}": w[index] for s, w in windows.items()}})
+        return encoded
+
+    def _fit_encoded(self, encoded: list[dict[str, torch.Tensor]], class_name: str | None) -> None:
+        check_shots("WinCLIP", self.config.shots, encoded)
+        self.clip.text_embeddings(self._class_name, self.prompt_set)  # encode (and cache) the prompts now
+        self._few_shot.fill_(bool(encoded))
+        for name, memory in self.memories.items():
+            if encoded:
+                memory.fit(torch.cat([item[name] for item in encoded]))
+            else:
+                memory.clear()
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         with self.timed("clip"):

@@ -92,6 +92,19 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
     def __len__(self) -> int:
         return int(self.bank.shape[0])
 
+    def _apply(self, fn, recurse: bool = True):  # nn.Module's hook behind .to(), .cuda(), .half()
+        """Follow device moves but keep the bank float32: ``.to(torch.bfloat16)`` would round the references
+        and the expanded distances would cancel badly, so distances are always computed in float32."""
+        super()._apply(fn, recurse)
+        if self.bank.dtype != torch.float32:
+            self.bank = self.bank.float()
+        return self
+
+    def clear(self) -> NearestNeighbourMemory:
+        """Empty the bank (a detector fitted zero-shot keeps no references)."""
+        self.bank = self.bank.new_empty(0, 0)
+        return self
+
     def fit(
         self,
         features: torch.Tensor,

@@ -349,32 +349,38 @@ class CLIPFusion(OffloadMixin, Detector):
                 self.diffusion.text_weights.park()
         return text
 
-    def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
-        check_shots("CLIPFusion", self.config.shots, reference_images)
-        self._encode_class_text()
-        self._few_shot.fill_(bool(reference_images))
-        for memory in [*self.clip_memories, *self.diffusion_memories.values()]:
-            memory.bank = memory.bank.new_empty(0, 0)
-        if not reference_images:
-            return
-        raw: list[list[torch.Tensor]] = [[] for _ in self.clip_layers]
-        blocks: dict[str, list[torch.Tensor]] = {block: [] for block in self.config.feature_blocks}
+    def _encode_references(self, reference_images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """Per reference: raw CLIP tokens ``(N, C)`` per layer (``clip{i}``) and SD features ``(h*w, C)`` per block."""
+        encoded: list[dict[str, torch.Tensor]] = [{} for _ in reference_images]
         for start in range(0, len(reference_images), self.config.batch_size):
             chunk = reference_images[start : start + self.config.batch_size]
             if "clip_vision" in self.config.components:
                 _, _, tokens = self._clip_features(chunk)
                 for layer, layer_tokens in enumerate(tokens):
-                    raw[layer].append(layer_tokens.flatten(0, 1))
+                    for index in range(len(chunk)):
+                        encoded[start + index][f"clip{layer}"] = layer_tokens[index]
             if "diffusion_vision" in self.config.components:
                 _, features = self._diffusion_pass(chunk, need_attention=False, need_features=True)
                 for block, feature in features.items():
-                    blocks[block].append(feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]))
+                    rows = feature.permute(0, 2, 3, 1).flatten(1, 2)  # (B, h*w, C)
+                    for index in range(len(chunk)):
+                        encoded[start + index][block] = rows[index]
+        return encoded
+
+    def _fit_encoded(self, encoded: list[dict[str, torch.Tensor]], class_name: str | None) -> None:
+        check_shots("CLIPFusion", self.config.shots, encoded)
+        self._encode_class_text()
+        self._few_shot.fill_(bool(encoded))
+        for memory in [*self.clip_memories, *self.diffusion_memories.values()]:
+            memory.clear()
+        if not encoded:
+            return
         if "clip_vision" in self.config.components:
-            for memory, tokens in zip(self.clip_memories, raw):
-                memory.fit(torch.cat(tokens))
+            for layer, memory in enumerate(self.clip_memories):
+                memory.fit(torch.cat([item[f"clip{layer}"] for item in encoded]))
         if "diffusion_vision" in self.config.components:
-            for block, features in blocks.items():
-                self.diffusion_memories[block.replace(".", "_")].fit(torch.cat(features))
+            for block in self.config.feature_blocks:
+                self.diffusion_memories[block.replace(".", "_")].fit(torch.cat([item[block] for item in encoded]))
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, joint, raw = self._clip_features(images)

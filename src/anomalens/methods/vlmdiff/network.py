@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.backbones.diffusion import require_diffusers, sd_noise_scheduler
+from anomalens.backbones.diffusion import per_image_noise, require_diffusers, sd_noise_scheduler
 from anomalens.backbones.text import TextEncoder
 from anomalens.methods.vlmdiff.architecture import GUIDANCE_EMBEDDING_CHANNELS, UNET_SIZES, VLMDiffArchitecture
 from anomalens.methods.vlmdiff.autoencoder import LatentAutoencoder
@@ -189,7 +189,7 @@ class VLMDiffNet(nn.Module):
         timed = timed or (lambda stage: nullcontext())
         with timed("vae"):
             latents = self.encode_latents(images)
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        noise = per_image_noise(latents, generator)  # the same for every image: scores independent of the batch
         timesteps = ddim_timesteps(noise_level, ddim_steps)
         alphas = self.alphas_cumprod.double().cpu()
         alpha = float(alphas[timesteps[0]])
