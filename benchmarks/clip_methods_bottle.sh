@@ -5,11 +5,11 @@
 set -euo pipefail
 SHARED=${ANOMALENS_SHARED:-../shared}
 COMMON=(--dataset mvtec --root "$SHARED/datasets/mvtec" --category bottle --seeds 0 --pretrained none)
-anomalens benchmark --method winclip --backbone ViT-B-16-plus-240 "${COMMON[@]}" --shots 0 \
+anomalens benchmark --overwrite --method winclip --backbone ViT-B-16-plus-240 "${COMMON[@]}" --shots 0 \
     --out benchmarks/results/winclip-vitb16plus-random-bottle-0shot
-anomalens benchmark --method winclip --backbone ViT-B-16-plus-240 "${COMMON[@]}" --shots 1 \
+anomalens benchmark --overwrite --method winclip --backbone ViT-B-16-plus-240 "${COMMON[@]}" --shots 1 \
     --out benchmarks/results/winclip-vitb16plus-random-bottle-1shot
-anomalens benchmark --method dual_image_clip --backbone ViT-L-14-336 "${COMMON[@]}" --shots 0 --set tta=true \
+anomalens benchmark --overwrite --method dual_image_clip --backbone ViT-L-14-336 "${COMMON[@]}" --shots 0 --set tta=true \
     --out benchmarks/results/dual-image-clip-vitl14-336-random-bottle-tta
-anomalens benchmark --method dual_image_clip --backbone ViT-L-14-336 "${COMMON[@]}" --shots 0 --set tta=false \
+anomalens benchmark --overwrite --method dual_image_clip --backbone ViT-L-14-336 "${COMMON[@]}" --shots 0 --set tta=false \
     --out benchmarks/results/dual-image-clip-vitl14-336-random-bottle-no-tta

@@ -8,5 +8,5 @@ set -euo pipefail
 SHARED=${ANOMALENS_SHARED:-../shared}
 COMMON=(--method clipfusion --pretrained none --set diffusion=none --dataset mvtec --root "$SHARED/datasets/mvtec"
         --category bottle --seeds 0 --max-images 16)
-anomalens benchmark "${COMMON[@]}" --shots 0 --out benchmarks/results/clipfusion-random-bottle-0shot
-anomalens benchmark "${COMMON[@]}" --shots 1 --out benchmarks/results/clipfusion-random-bottle-1shot
+anomalens benchmark --overwrite "${COMMON[@]}" --shots 0 --out benchmarks/results/clipfusion-random-bottle-0shot
+anomalens benchmark --overwrite "${COMMON[@]}" --shots 1 --out benchmarks/results/clipfusion-random-bottle-1shot

@@ -3,9 +3,9 @@
 # Run from the repository root; ANOMALENS_SHARED points at the shared data (default ../shared).
 set -euo pipefail
 SHARED=${ANOMALENS_SHARED:-../shared}
-anomalens benchmark --method patchcore --backbone taef2 --weights-dir "$SHARED/weights/taef2" \
+anomalens benchmark --overwrite --method patchcore --backbone taef2 --weights-dir "$SHARED/weights/taef2" \
     --dataset mvtec --root "$SHARED/datasets/mvtec" --category bottle --shots 1 --seeds 0 1 2 \
     --out benchmarks/results/patchcore-taef2-bottle-1shot
-anomalens benchmark --method patchcore --backbone taef2 --weights-dir "$SHARED/weights/taef2" \
+anomalens benchmark --overwrite --method patchcore --backbone taef2 --weights-dir "$SHARED/weights/taef2" \
     --dataset mvtec --root "$SHARED/datasets/mvtec" --category bottle --shots all --seeds 0 \
     --out benchmarks/results/patchcore-taef2-bottle-fullshot

@@ -20,7 +20,7 @@ cp "$RUN/losses.csv" "$RUN/loss.png" "$RUN/vlmdiff.json" "$RESULTS/"
 
 bench() {  # name, then --set options
     local name=$1; shift
-    anomalens benchmark --method vlmdiff --set checkpoint="$RUN" "$@" \
+    anomalens benchmark --overwrite --method vlmdiff --set checkpoint="$RUN" "$@" \
         --dataset mvtec --root "$SHARED/datasets/mvtec" --category bottle --shots 0 --out "$RESULTS/$name"
 }
 bench t999-taef2 --set feature_extractor=taef2

@@ -53,6 +53,17 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``heavy`` (a Ray cluster, a browser, fuzzing, 10,000 images) run with ANOMALENS_HEAVY=1, as in
+    CI (``.ci/run``); the default run stays fast."""
+    if os.environ.get("ANOMALENS_HEAVY") == "1":
+        return
+    skip = pytest.mark.skip(reason="heavy: set ANOMALENS_HEAVY=1 to run it (CI does)")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def tiny_clip_config():
     """Register the tiny open_clip config (open_clip's extension point for model configs)."""

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import write_noise_images
+
+pytestmark = pytest.mark.heavy  # 10,000 images
 
 SCRIPT = """
 import resource, sys

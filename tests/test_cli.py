@@ -119,6 +119,12 @@ def test_benchmark_writes_schema(capsys, mvtec_root, tmp_path):
     table = (out / "results.md").read_text()
     assert "| widget |" in table and "| **mean** |" in table and "AUPRO" in table and "±" in table
     assert "| widget |" in stdout
+    before = (out / "results.json").read_bytes()
+    code, _, stderr = _run(capsys, *args, "--out", str(out))  # the committed-results mistake: refused, untouched
+    assert code == 2 and "already holds benchmark results" in stderr and "--overwrite" in stderr
+    assert (out / "results.json").read_bytes() == before
+    code, _, stderr = _run(capsys, *args, "--eval-size", "32", "--out", str(out), "--overwrite")
+    assert code == 0 and json.loads((out / "results.json").read_text())["seeds"] == [0]
 
 
 def test_benchmark_shots_all_and_errors(capsys, mvtec_root, tmp_path):

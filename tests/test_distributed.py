@@ -39,6 +39,7 @@ def _records(out):
     return {json.loads(line)["path"]: json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()}
 
 
+@pytest.mark.heavy  # a Ray cluster
 def test_ray_engine_matches_local_engine_and_resumes(local_ray, mvtec_root, tmp_path):
     from anomalens.engines.ray import score
 
@@ -94,6 +95,7 @@ def test_ray_engine_matches_local_engine_and_resumes(local_ray, mvtec_root, tmp_
         score(detector, [folder], tmp_path / "ray")
 
 
+@pytest.mark.heavy  # a Ray cluster
 def test_interrupted_run_is_marked_and_resumes(local_ray, mvtec_root, tmp_path):
     from anomalens.engines.ray import score
 
@@ -137,6 +139,7 @@ def test_cli_interrupt_exits_130_without_traceback(monkeypatch, capsys, mvtec_ro
     assert code == 130 and "interrupted" in captured.err and "Traceback" not in captured.err
 
 
+@pytest.mark.heavy  # a Ray cluster
 def test_cli_engine_ray(local_ray, capsys, mvtec_root, tmp_path):
     tiny = ["--method", "patchcore", "--backbone", "taef2", "--pretrained", "none", "--set", "image_size=32"]
     references = str(mvtec_root / "widget" / "train" / "good")
@@ -181,6 +184,7 @@ def loopback_cluster():
         shutil.rmtree(worker_dir, ignore_errors=True)
 
 
+@pytest.mark.heavy  # a Ray cluster
 def test_two_node_cluster_on_loopback(loopback_cluster, mvtec_root, tmp_path):
     from anomalens.engines.ray import score
 

@@ -35,3 +35,30 @@ def test_out_dir_must_be_a_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="exists and is not a folder"):
         prepare_out_dir(tmp_path / "file", overwrite=False)
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_outputs_honour_the_umask(tmp_path, umask, file_mode, folder_mode):
+    """Run files (atomically written through 0600 temporary files) and saved detectors get the modes a plain
+    ``open`` would give them under the umask."""
+    import os
+    import stat
+
+    from anomalens.engines.local import run_predict
+
+    from conftest import BrightnessConfig, BrightnessDetector, write_noise_images
+
+    inputs = write_noise_images(tmp_path / "in", 2)
+    previous = os.umask(umask)
+    try:
+        detector = BrightnessDetector(BrightnessConfig()).fit()
+        run_predict(detector, [inputs], tmp_path / "out")
+        detector.save(tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    files = [tmp_path / "out" / name for name in ("run.json", "scores.jsonl", "scores.csv", "errors.jsonl")]
+    files += [*(tmp_path / "out" / "overlays").iterdir(), *(tmp_path / "out" / "maps").iterdir()]
+    files += [tmp_path / "saved" / "config.json", tmp_path / "saved" / "model.safetensors"]
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
+    assert stat.S_IMODE((tmp_path / "saved").stat().st_mode) == folder_mode

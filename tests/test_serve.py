@@ -147,6 +147,7 @@ def test_upload_names_are_never_paths():
     assert len(safe_name("x" * 500, 0)) == 120
 
 
+@pytest.mark.heavy
 def test_schema_driven_fuzz_finds_no_server_error(images):
     """Schemathesis generates requests from the OpenAPI spec; none may produce a 5xx (bounded run)."""
     import schemathesis

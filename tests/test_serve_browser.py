@@ -22,7 +22,10 @@ from conftest import tiny_detector  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # .ci/run installs Debian's chromium when it is missing, so in CI this never skips.
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = [
+    pytest.mark.heavy,  # a real browser
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)"),
+]
 BROWSER_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -149,3 +149,85 @@ def test_download_checks_digest_and_fills_cache(tmp_path, monkeypatch):
         resolve("taef2_encoder", method_hint="patchcore --backbone taef2")
     assert "anomalens weights download patchcore --backbone taef2" in str(caught.value)
     assert not list(path.parent.iterdir())  # no partial file left behind
+
+
+def _fake_hub_cache(cache, repo_id: str):
+    """A Hugging Face cache entry as ``huggingface-cli download`` leaves it (refs/main -> snapshots/<commit>)."""
+    entry = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = entry / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0123abcd")
+    return snapshot
+
+
+def test_weights_dir_serves_hub_repos_in_both_layouts(tmp_path):
+    plain = tmp_path / "plain" / "acme" / "tiny-sd"
+    plain.mkdir(parents=True)
+    (plain / "model_index.json").write_text("{}")
+    assert resolve("acme/tiny-sd", weights_dir=tmp_path / "plain") == plain
+    snapshot = _fake_hub_cache(tmp_path / "cached" / "hub", "acme/tiny-sd")
+    assert resolve("acme/tiny-sd", weights_dir=tmp_path / "cached") == snapshot
+    with pytest.raises(WeightsNotFoundError) as caught:
+        resolve("acme/absent", weights_dir=tmp_path / "plain", method_hint="clipfusion")
+    message = str(caught.value)
+    assert (
+        str(tmp_path / "plain") in message
+        and "DIR/acme/absent/" in message
+        and "weights download clipfusion" in message
+    )
+
+
+def test_weights_dir_serves_open_clip_checkpoints_in_both_layouts(tmp_path):
+    tagged = tmp_path / "a" / "open_clip" / "ViT-B-32" / "openai"
+    tagged.mkdir(parents=True)
+    (tagged / "model.safetensors").write_bytes(b"x")
+    assert resolve("open_clip:ViT-B-32/openai", weights_dir=tmp_path / "a") == tagged / "model.safetensors"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ViT-B-32-openai.pt").write_bytes(b"x")
+    assert resolve("open_clip:ViT-B-32/openai", weights_dir=tmp_path / "b") == tmp_path / "b" / "ViT-B-32-openai.pt"
+    with pytest.raises(WeightsNotFoundError, match="DIR/open_clip/ViT-B-32/openai/"):
+        resolve("open_clip:ViT-B-32/openai", weights_dir=tmp_path / "c")
+
+
+def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    """Online but the hub is unreachable: one quick probe, not a minute of retries."""
+    import time
+
+    import anomalens.backbones.weights as weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("ANOMALENS_OFFLINE")
+    monkeypatch.setattr(weights, "_reachable", {"huggingface.co": False})
+    started = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError, match="huggingface.co cannot be reached"):
+        resolve("acme/absent-repo", weights_dir=tmp_path)
+    assert time.perf_counter() - started < 5
+
+
+def test_clipfusion_loads_stable_diffusion_from_the_weights_dir(tmp_path):
+    """A diffusers repo folder under --weights-dir DIR/ORG/NAME is what CLIPFusion loads (weights compared)."""
+    from anomalens.backbones.diffusion import DiffusionBackbone
+
+    from conftest import tiny_detector
+
+    built = DiffusionBackbone(None, architecture="tiny", init_seed=5)
+    repo = tmp_path / "weights" / "acme" / "tiny-sd"
+    built.unet.save_pretrained(repo / "unet")
+    built.vae.save_pretrained(repo / "vae")
+    built.text_encoder.save_pretrained(repo / "text_encoder")
+    detector = tiny_detector("clipfusion", diffusion="acme/tiny-sd", weights_dir=tmp_path / "weights")
+    loaded = detector.diffusion.unet.state_dict()
+    for name, tensor in built.unet.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_pretrained_none_builds_every_network_at_random(capsys):
+    """No weights anywhere (offline, empty weights folders): `--pretrained none` still builds each method."""
+    import anomalens
+    from anomalens.cli import main
+
+    for method in anomalens.list_methods():
+        assert main(["weights", "download", method, "--pretrained", "none"]) == 0, method
+        assert "needs no pretrained weights" in capsys.readouterr().out

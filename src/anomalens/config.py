@@ -45,6 +45,12 @@ class DetectorConfig:
     """The fields every method's config has. Subclasses add theirs and may change these defaults."""
 
     method: ClassVar[str] = "detector"  # the registered method name, used in error messages
+    weight_fields: ClassVar[tuple[str, ...]] = ()  # fields naming pretrained weights; None in each = random weights
+
+    @classmethod
+    def random_weights(cls) -> dict[str, Any]:
+        """The options that build every network of the method with random weights (``--pretrained none``)."""
+        return {name: None for name in cls.weight_fields}
 
     batch_size: int = 8  # images per forward pass
     seed: int = 0  # seeds every random choice of the method and random initialisation of untrained weights

@@ -353,6 +353,7 @@ class Detector(nn.Module):
             (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
             save_file(_unshare(tensors), str(staging / TENSORS_FILE), metadata={"format": FORMAT_NAME})
+            honour_umask(staging / TENSORS_FILE)  # safetensors writes 0600 whatever the umask
             if target.exists():
                 backup = target.with_name(f".{target.name}.old")
                 shutil.rmtree(backup, ignore_errors=True)

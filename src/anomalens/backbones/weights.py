@@ -10,8 +10,20 @@ A weight reference can be:
   optionally ``"hf:ORG/NAME"``), resolved through the Hugging Face cache;
 - an open_clip model and pretrained tag (``"open_clip:ViT-B-16-plus-240/laion400m_e31"``).
 
+Every kind is looked up first in the weights folders (``--weights-dir``, then ``$ANOMALENS_WEIGHTS_DIR``, then the
+cache), laid out as::
+
+    DIR/taef2_encoder.pth                      a registered component: its file name, at the top or in any
+    DIR/taef2/taef2_encoder.pth                direct sub-folder
+    DIR/open_clip/ViT-B-16/laion400m_e32/      an open_clip model and tag: a folder holding one checkpoint
+    DIR/ViT-B-16-laion400m_e32.safetensors     ... or one file named MODEL-TAG (.safetensors, .bin, .pt, .pth)
+    DIR/stabilityai/stable-diffusion-2-1-base/ a Hugging Face repo: a folder holding the repo's files
+    DIR/hub/models--ORG--NAME/                 ... or a Hugging Face cache (``huggingface-cli download --cache-dir
+                                               DIR/hub``; DIR itself may be such a cache too)
+
 Offline (``HF_HUB_OFFLINE=1`` or ``ANOMALENS_OFFLINE=1``) nothing is downloaded, and a missing weight
-raises :class:`WeightsNotFoundError` naming the component and both ways to supply it.
+raises :class:`WeightsNotFoundError` naming the component, the folders searched and both ways to supply it.
+Online, a host that cannot be reached within a few seconds fails at once, instead of a minute of retries.
 """
 
 from __future__ import annotations
@@ -22,8 +34,10 @@ import os
 import re
 import shutil
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,33 +230,107 @@ def resolve(
     path = Path(text).expanduser()
     if path.exists():
         return path
+    folders = _search_folders(weights_dir)
     if text.startswith("open_clip:"):
-        return _resolve_open_clip(text.removeprefix("open_clip:"), online=online, method_hint=method_hint)
+        return _resolve_open_clip(text.removeprefix("open_clip:"), folders, online=online, method_hint=method_hint)
     if _REPO_ID.match(text):
-        return _resolve_hub_repo(text.removeprefix("hf:"), online=online, method_hint=method_hint)
+        return _resolve_hub_repo(text.removeprefix("hf:"), folders, online=online, method_hint=method_hint)
     raise WeightsNotFoundError(
         f"weights {text!r} are neither a registered component ({', '.join(sorted(WEIGHTS))}), an existing "
         "file or folder, a Hugging Face repo id (ORG/NAME), nor open_clip:MODEL/TAG"
     )
 
 
-def _resolve_hub_repo(repo_id: str, *, online: bool, method_hint: str | None) -> Path:
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_reachable: dict[str, bool] = {}  # host -> whether it answered, remembered for the process
+
+
+def host_reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host`` accepts a TCP connection on port 443 within ``timeout`` seconds (asked once per process),
+    so that an unreachable hub fails at once instead of after its client's retries."""
+    if host not in _reachable:
+        import socket
+
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _reachable[host] = True
+        except OSError:
+            _reachable[host] = False
+    return _reachable[host]
+
+
+def find_hub_repo(repo_id: str, folders: list[Path]) -> Path | None:
+    """A Hugging Face repo's files in one of ``folders``: ``DIR/ORG/NAME``, ``DIR/NAME``, or a hub cache at
+    ``DIR/hub`` or ``DIR``."""
+    name = repo_id.rsplit("/", 1)[-1]
+    for folder in folders:
+        for candidate in (folder / repo_id, folder / name):
+            if candidate.is_dir() and any(candidate.iterdir()):
+                return candidate
+        for cache in (folder / "hub", folder):
+            if (cache / f"models--{repo_id.replace('/', '--')}").is_dir():
+                from huggingface_hub import snapshot_download
+
+                try:
+                    return Path(snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True))
+                except Exception:  # noqa: BLE001 - an incomplete cache: keep looking
+                    continue
+    return None
+
+
+def find_open_clip(model_name: str, tag: str, config: Mapping, folders: list[Path]) -> Path | None:
+    """An open_clip checkpoint in one of ``folders``: ``DIR/[open_clip/]MODEL/TAG/`` holding one checkpoint file,
+    ``DIR/[open_clip/]MODEL-TAG.<suffix>``, or the file under its upstream name."""
+    upstream = {os.path.basename(config.get("url", "")), os.path.basename(config.get("hf_hub", "").rstrip("/"))}
+    for folder in folders:
+        for base in (folder / "open_clip", folder):
+            tagged = base / model_name / tag
+            if tagged.is_dir():
+                files = sorted(path for path in tagged.iterdir() if path.suffix in CHECKPOINT_SUFFIXES)
+                if files:
+                    return files[0]
+            for suffix in CHECKPOINT_SUFFIXES:
+                if (base / f"{model_name}-{tag}{suffix}").is_file():
+                    return base / f"{model_name}-{tag}{suffix}"
+            for filename in upstream - {""}:
+                if "." in filename and (base / filename).is_file():
+                    return base / filename
+    return None
+
+
+def _layout_advice(example: str) -> str:
+    return (
+        f"or (2) by placing them in a folder passed as --weights-dir DIR or {WEIGHTS_DIR_ENV}=DIR, as {example} "
+        "(folder layouts: anomalens.backbones.weights)"
+    )
+
+
+def _resolve_hub_repo(repo_id: str, folders: list[Path], *, online: bool, method_hint: str | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as error:  # pragma: no cover - huggingface_hub is a dependency of transformers
         raise ImportError("resolving hub repos needs huggingface_hub: pip install huggingface_hub") from error
+    found = find_hub_repo(repo_id, folders)
+    if found is not None:
+        return found
+    reason = "downloads are disabled (offline)"
+    if online and not host_reachable("huggingface.co"):
+        reason, online = "huggingface.co cannot be reached", False
     try:
-        return Path(snapshot_download(repo_id, local_files_only=not online))
+        with _quiet_hub():
+            return Path(snapshot_download(repo_id, local_files_only=not online, etag_timeout=10))
     except Exception as error:  # noqa: BLE001 - hub errors have many types; all mean "not available"
+        if online:
+            reason = f"the download failed ({type(error).__name__})"
         raise WeightsNotFoundError(
-            f"pretrained weights for component {repo_id!r} (Hugging Face repo) are not in the local Hugging Face "
-            f"cache and {'the download failed' if online else 'downloads are disabled (offline)'} ({error}). "
+            f"pretrained weights for component {repo_id!r} (Hugging Face repo) were not found in "
+            f"{', '.join(str(folder) for folder in folders)} or the Hugging Face cache, and {reason}. "
             f"Supply them either (1) on a connected machine with `{_download_command(method_hint)}`, "
-            f"or (2) by passing a local folder holding the repo's files (--weights-dir DIR or {WEIGHTS_DIR_ENV})."
+            + _layout_advice(f"DIR/{repo_id}/ holding the repo's files")
         ) from None
 
 
-def _resolve_open_clip(name_and_tag: str, *, online: bool, method_hint: str | None) -> Path:
+def _resolve_open_clip(name_and_tag: str, folders: list[Path], *, online: bool, method_hint: str | None) -> Path:
     if "/" not in name_and_tag:
         raise ValueError(f"open_clip weights must be given as open_clip:MODEL/TAG, got {name_and_tag!r}")
     model_name, tag = name_and_tag.split("/", 1)
@@ -252,22 +340,44 @@ def _resolve_open_clip(name_and_tag: str, *, online: bool, method_hint: str | No
     if not config:
         valid = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none (unknown model)"
         raise ValueError(f"unknown open_clip pretrained tag {tag!r} for {model_name!r}; valid tags: {valid}")
+    found = find_open_clip(model_name, tag, config, folders)
     open_clip_cache = cache_dir() / "open_clip"
-    cached = _open_clip_cached(config, open_clip_cache)
-    if cached is not None:
-        return cached
+    found = found or _open_clip_cached(config, open_clip_cache)
+    if found is not None:
+        return found
+    reason = "downloads are disabled (offline)"
+    host = "huggingface.co" if config.get("hf_hub") else urllib.parse.urlparse(config.get("url", "")).hostname or ""
+    if online and host and not host_reachable(host):
+        reason, online = f"{host} cannot be reached", False
     try:
         if not online:
-            raise OSError("not in the open_clip or Hugging Face cache")
-        return Path(open_clip.download_pretrained(config, cache_dir=str(open_clip_cache)))
+            raise OSError(reason)
+        with _quiet_hub():
+            return Path(open_clip.download_pretrained(config, cache_dir=str(open_clip_cache)))
     except Exception as error:  # noqa: BLE001
+        if online:
+            reason = f"the download failed ({type(error).__name__})"
         raise WeightsNotFoundError(
-            f"pretrained weights for component 'open_clip:{model_name}/{tag}' were not found locally and "
-            f"{'the download failed' if online else 'downloads are disabled (offline)'} ({error}). "
+            f"pretrained weights for component 'open_clip:{model_name}/{tag}' were not found in "
+            f"{', '.join(str(folder) for folder in folders)} or the open_clip cache, and {reason}. "
             f"Supply them either (1) on a connected machine with `{_download_command(method_hint)}`, "
-            f"or (2) by passing the checkpoint file as the model's `pretrained` option or placing it in "
-            f"--weights-dir DIR / {WEIGHTS_DIR_ENV}."
+            + _layout_advice(f"DIR/open_clip/{model_name}/{tag}/ holding the checkpoint file")
         ) from None
+
+
+@contextmanager
+def _quiet_hub():
+    """Keep the hub client's own retry warnings out of the output for the length of one download attempt (the
+    outcome is reported once, by us)."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "urllib3")]
+    levels = [item.level for item in loggers]
+    for item in loggers:
+        item.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for item, level in zip(loggers, levels):
+            item.setLevel(level)
 
 
 def _open_clip_cached(config: Mapping, open_clip_cache: Path) -> Path | None:

@@ -19,8 +19,12 @@ logger = logging.getLogger("anomalens")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def method_config(method: MethodOptions) -> dict[str, Any]:
-    """The method config options of ``--set NAME=VALUE``, ``--backbone``, ``--pretrained`` and ``--batch-size``."""
+def method_config(method: MethodOptions, method_name: str | None = None) -> dict[str, Any]:
+    """The method config options of ``--set NAME=VALUE``, ``--backbone``, ``--pretrained`` and ``--batch-size``.
+
+    ``--pretrained none`` builds every network of ``method_name`` (default ``--method``) with random weights; an
+    explicit ``--set`` still wins.
+    """
     options: dict[str, Any] = {}
     for item in method.set:
         if "=" not in item:
@@ -33,6 +37,11 @@ def method_config(method: MethodOptions) -> dict[str, Any]:
     if method.batch_size is not None:
         options["batch_size"] = method.batch_size
     options["device"] = method.device
+    if str(options.get("pretrained", "")).lower() == "none" and (method_name or method.method):
+        import anomalens
+
+        random = anomalens.get_method(method_name or method.method).config_class.random_weights()
+        options = {**random, **{key: value for key, value in options.items() if key != "pretrained"}}
     return options
 
 
@@ -219,7 +228,7 @@ def cmd_benchmark(options: Any, quiet: bool) -> int:
     results = run_benchmark(
         detector, bench.dataset, bench.root, categories=bench.category, shots=parse_shots(bench.shots),
         seeds=list(bench.seeds), out_dir=bench.out, batch_size=options.method.batch_size, eval_size=eval_size,
-        max_images=bench.max_images, command=command_line(),
+        max_images=bench.max_images, command=command_line(), overwrite=bench.overwrite,
         progress_factory=lambda total, desc: progress_bar(total, desc, quiet),
     )  # fmt: skip
     print(results_table(results))
@@ -271,14 +280,32 @@ def cmd_benchmark_speed(options: Any, quiet: bool) -> int:
 
 
 def cmd_weights_list(options: Any, quiet: bool) -> int:
+    import anomalens
     from anomalens.backbones.weights import WEIGHTS, resolve
+    from anomalens.config import build_config
 
-    for name, source in sorted(WEIGHTS.items()):
+    method = options.method
+    names = [options.method_name or method.method] if (options.method_name or method.method) else None
+    missing = 0
+    for name in names or anomalens.list_methods():
+        cls = anomalens.get_method(name)
+        config = build_config(cls.config_class, method_config(method, name) if names else {}, method=name)
+        references = cls.required_weights(config)
+        if not references:
+            print(f"{name:16s} (no pretrained weights with these options)")
+        for reference in references:
+            try:
+                where = str(resolve(reference, weights_dir=method.weights_dir, allow_download=False))
+            except FileNotFoundError:
+                where, missing = "NOT FOUND (anomalens weights download " + name + ", or --weights-dir)", missing + 1
+            print(f"{name:16s} {reference:52s} {where}")
+    print("\nregistered components:")
+    for component, source in sorted(WEIGHTS.items()):
         try:
-            where = str(resolve(name, weights_dir=options.weights.weights_dir, allow_download=False))
+            where = str(resolve(component, weights_dir=method.weights_dir, allow_download=False))
         except FileNotFoundError:
             where = "not found"
-        print(f"{name:20s} {source.size_mb:7.1f} MB  {source.licence:28s} {where}")
+        print(f"  {component:20s} {source.size_mb:7.1f} MB  {source.licence:28s} {where}")
     return 0
 
 
@@ -292,7 +319,7 @@ def cmd_weights_download(options: Any, quiet: bool) -> int:
     if not name:
         raise ValueError(f"give the method: anomalens weights download METHOD ({', '.join(anomalens.list_methods())})")
     cls = anomalens.get_method(name)
-    references = cls.required_weights(build_config(cls.config_class, method_config(method), method=name))
+    references = cls.required_weights(build_config(cls.config_class, method_config(method, name), method=name))
     if not references:
         print(f"{name} with this configuration needs no pretrained weights")
     for reference in references:

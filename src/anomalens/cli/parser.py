@@ -30,7 +30,7 @@ class MethodOptions:
 
     method: str = ""  # detector method (see `anomalens list`)
     backbone: str = ""  # backbone name (a method config field); empty: the method's default
-    pretrained: str = ""  # pretrained weights: a tag, a path, or none (random weights); empty: the method's default
+    pretrained: str = ""  # backbone weights: a tag or a path; none: every network random; empty: the method's default
     set: tuple[str, ...] = dataclasses.field(  # any method config field as NAME=VALUE, one per --set
         default=(), metadata={"one_value_per_option": True, "help": "any method config field as NAME=VALUE (repeat)"}
     )
@@ -103,6 +103,7 @@ class BenchmarkOptions:
     eval_size: str = "256"  # side maps and masks are resized to; none = each image's native size
     max_images: int | None = None  # score a fixed stratified subset of N test images per category
     out: str | None = None  # output folder for results.json and results.md
+    overwrite: bool = False  # replace results already in --out (refused otherwise)
 
     def __post_init__(self) -> None:
         check_options("benchmark", self, {
@@ -120,13 +121,6 @@ class TrainRunOptions:
 
     def __post_init__(self) -> None:
         check_options("train", self, {"out": (bool(self.out), "a run folder (--out DIR)")})
-
-
-@dataclass
-class WeightsOptions:
-    """Where ``weights list`` looks."""
-
-    weights_dir: str | None = None  # folder with pretrained weights, searched first
 
 
 @dataclass
@@ -173,8 +167,10 @@ COMMANDS: dict[str, Command] = {
         "fill the weights cache with what a method needs", _METHOD, "cmd_weights_download",
         [("method_name", {"nargs": "?", "help": "method name (or --method)"})],
     ),
-    "weights list": Command("list registered weights and where they are found", {"weights": WeightsOptions},
-                            "cmd_weights_list"),
+    "weights list": Command(
+        "every pretrained component each method needs, and where it is found", _METHOD, "cmd_weights_list",
+        [("method_name", {"nargs": "?", "help": "one method (default: all, with their default options)"})],
+    ),
     "list": Command("the available methods, backbones and datasets", {}, "cmd_list"),
 }  # fmt: skip
 

@@ -203,8 +203,19 @@ def run_benchmark(
     max_images: int | None = None,
     command: str | None = None,
     progress_factory: Callable[..., Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Benchmark ``detector`` on a dataset and (if ``out_dir``) write ``results.json`` and ``results.md``."""
+    """Benchmark ``detector`` on a dataset and (if ``out_dir``) write ``results.json`` and ``results.md``.
+
+    An ``out_dir`` that already holds results is refused (before any work) unless ``overwrite``.
+    """
+    if out_dir is not None:
+        existing = [name for name in ("results.json", "results.md") if (Path(out_dir) / name).exists()]
+        if existing and not overwrite:
+            raise ValueError(
+                f"output folder {out_dir} already holds benchmark results ({', '.join(existing)}); "
+                "choose another --out or pass --overwrite to replace them"
+            )
     dataset = open_dataset(dataset_name, root)
     chosen = _check_benchmark(detector, dataset, dataset_name, root, categories, shots)
     options = {"batch_size": batch_size, "eval_size": eval_size, "max_images": max_images,

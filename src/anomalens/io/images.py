@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -97,7 +98,7 @@ def check_image_size(source: str, width: int, height: int, mode: str = "RGB",
     if needed > limits.max_memory_bytes:
         raise ImageLoadError(
             source,
-            f"{width}x{height} {mode} would need about {needed / 2**20:.0f} MiB to score, over the limit "
+            f"{width}x{height} (mode {mode}) would need about {needed / 2**20:.0f} MiB to score, over the limit "
             f"of {limits.max_memory_bytes / 2**20:.0f} MiB",
         )
 
@@ -185,6 +186,8 @@ def load_image(image: ImageLike, limits: ImageLimits = DEFAULT_LIMITS) -> np.nda
         raise ImageLoadError(str(path), "no such file")
     if path.is_dir():
         raise ImageLoadError(str(path), "is a directory")
+    if not path.is_file():  # a device (/dev/zero), a FIFO: reading it could block or never end
+        raise ImageLoadError(str(path), "not a regular file")
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
@@ -214,8 +217,12 @@ def probe_image(data: bytes, source: str, limits: ImageLimits = DEFAULT_LIMITS) 
                 kind, (width, height), mode = probe.format, probe.size, probe.mode
     except UnidentifiedImageError:
         raise ImageLoadError(source, "not a recognised image format (PNG, JPEG, BMP or TIFF)", "format") from None
-    except Image.DecompressionBombError:
-        raise ImageLoadError(source, "image header declares too many pixels", "size") from None
+    except Image.DecompressionBombError as error:  # PIL's own hard cap, far above ours, hit while opening
+        declared = re.search(r"\((\d+) pixels\)", str(error))
+        count = declared.group(1) if declared else "too many"
+        raise ImageLoadError(
+            source, f"the header declares {count} pixels, which exceeds the limit of {limits.max_pixels}", "size"
+        ) from None
     except (OSError, ValueError, SyntaxError, struct.error, EOFError) as error:
         raise ImageLoadError(source, f"corrupt image header ({error})") from None
     if kind not in ACCEPTED_FORMATS:

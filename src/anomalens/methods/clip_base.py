@@ -4,7 +4,7 @@ one place, and small helpers for prompts, class name, weights and the ``shots`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from anomalens.backbones.clip import clip_weights_reference
 from anomalens.backbones.prompts import DEFAULT_CLASS_NAME, PromptSet, build_prompt_set
@@ -14,6 +14,8 @@ from anomalens.config import DetectorConfig, check_options
 @dataclass
 class CLIPConfig(DetectorConfig):
     """The fields every CLIP method's config has (on top of :class:`~anomalens.config.DetectorConfig`)."""
+
+    weight_fields: ClassVar[tuple[str, ...]] = ("pretrained",)
 
     backbone: str = "ViT-L-14-336"  # open_clip model name
     pretrained: str | None = "openai"  # open_clip pretrained tag, a checkpoint path, or None (random init)

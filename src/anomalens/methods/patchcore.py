@@ -32,6 +32,7 @@ class PatchCoreConfig(DetectorConfig):
     """Configuration of :class:`PatchCore` (batch size, seed, precision, smoothing: :class:`DetectorConfig`)."""
 
     method: ClassVar[str] = "patchcore"
+    weight_fields: ClassVar[tuple[str, ...]] = ("pretrained",)
 
     backbone: str = "wide_resnet50_2"  # feature backbone; see anomalens.backbones.list_backbones()
     pretrained: str | None = "default"  # "default": the backbone's registered weights; a path; None: random init

@@ -74,6 +74,7 @@ class CLIPFusionConfig(CLIPConfig):
     """
 
     method: ClassVar[str] = "clipfusion"
+    weight_fields: ClassVar[tuple[str, ...]] = ("pretrained", "diffusion")
 
     batch_size: int = 4  # images per forward pass
     clip_layers: tuple[int, ...] = (5, 11, 17, 23)  # 0-based blocks whose patch tokens are used (6/12/18/24 of 24)

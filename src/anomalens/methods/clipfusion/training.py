@@ -27,6 +27,7 @@ from anomalens.backbones.prompts import build_prompt_set
 from anomalens.config import check_options
 from anomalens.io.datasets import open_dataset
 from anomalens.io.images import ImageLoadError, load_image
+from anomalens.io.outputs import honour_umask
 from anomalens.nn.losses import dice_loss, focal_loss
 
 logger = logging.getLogger(__name__)
@@ -165,5 +166,6 @@ def _save_projections(projections: nn.Module, config: PatchCLIPTrainConfig, laye
     temporary = target.with_name(f".{target.name}.tmp")
     state = {key: value.detach().contiguous() for key, value in projections.state_dict().items()}
     save_file(state, str(temporary), metadata=metadata)
+    honour_umask(temporary)  # safetensors writes 0600 whatever the umask
     os.replace(temporary, target)
     return target

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,6 +51,12 @@ class VLMDiffConfig(DetectorConfig):
     """Configuration of :class:`VLMDiff` (batch size, seed, precision, smoothing: :class:`DetectorConfig`)."""
 
     method: ClassVar[str] = "vlmdiff"
+    weight_fields: ClassVar[tuple[str, ...]] = ("feature_weights",)
+
+    @classmethod
+    def random_weights(cls) -> dict[str, Any]:
+        """Random feature extractor, autoencoder and text encoder (the UNet is random without a checkpoint)."""
+        return {"feature_weights": None, "architecture": {"autoencoder_weights": None, "text_encoder_weights": None}}
 
     checkpoint: str | None = None  # run folder written by `anomalens train vlmdiff`; None: an untrained random model
     architecture: dict | None = None  # VLMDiffArchitecture fields; read from the checkpoint, or given for random models

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from anomalens.io.datasets import open_dataset
 from anomalens.io.images import images_to_tensor, readable_images
-from anomalens.io.outputs import atomic_write_bytes, png_bytes
+from anomalens.io.outputs import atomic_write_bytes, honour_umask, png_bytes
 from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
 from anomalens.methods.vlmdiff.captions import (
     DEFAULT_PROMPT,
@@ -260,6 +260,7 @@ def save_run_model(net: VLMDiffNet, out: Path, config: VLMDiffTrainConfig, meta:
     tensors["latent_scale"] = net.latent_scale.detach().cpu().clone()
     temporary = out / f".{RUN_WEIGHTS_FILE}.tmp"
     save_file(tensors, str(temporary), metadata={"format": "anomalens-vlmdiff-run"})
+    honour_umask(temporary)  # safetensors writes 0600 whatever the umask
     os.replace(temporary, out / RUN_WEIGHTS_FILE)
     record = {
         "format": "anomalens-vlmdiff-run",
