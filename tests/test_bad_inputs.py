@@ -188,3 +188,12 @@ def test_ray_engine_scores_the_good_and_reports_the_bad(corpus, tmp_path):
         ray.shutdown()
     assert (summary.scored, summary.skipped) == (len(GOOD), len(BAD))
     _check_run(tmp_path / "out", corpus)
+
+
+def test_predict_limits_are_options(corpus, tmp_path, capsys):
+    """`--max-pixels` tightens (or loosens) the header check: every 40 x 48 image is now over it, reported."""
+    out = tmp_path / "out"
+    args = ["-q", "predict", *TINY, str(corpus / "rgb.png"), str(corpus / "bitmap.bmp"), "--max-pixels", "1000"]
+    assert main([*args, "--reference", str(corpus / "rgb.png"), "--out", str(out)]) == 0
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 2 and all("1920 pixels exceeds the limit of 1000" in item["error"] for item in errors)

@@ -91,7 +91,7 @@ def test_bad_requests_get_json_4xx(client, images):
     mixed = client.post("/v1/predict", files=_files(("good.png", normal), ("../../etc/passwd", b"junk")))
     assert mixed.status_code == 200
     assert mixed.json()["rejected"] == [
-        {"name": "passwd", "status": 415, "error": mixed.json()["rejected"][0]["error"]}
+        {"name": "passwd", "index": 1, "status": 415, "error": mixed.json()["rejected"][0]["error"]}
     ]
     assert client.get("/healthz").json()["status"] == "ok"  # still alive after all of it
 

@@ -13,7 +13,7 @@ Quick start::
 from anomalens.backbones.weights import WeightsNotFoundError
 from anomalens.config import DetectorConfig
 from anomalens.detector import AnomalyResult, Detector
-from anomalens.io.images import ImageLoadError, load_image
+from anomalens.io.images import ImageLimits, ImageLoadError, load_image
 from anomalens.registry import create, get_method, list_methods, register_method
 
 load = Detector.load  # anomalens.load(path[, map_location]): any saved detector
@@ -24,6 +24,7 @@ __all__ = [
     "AnomalyResult",
     "Detector",
     "DetectorConfig",
+    "ImageLimits",
     "ImageLoadError",
     "WeightsNotFoundError",
     "__version__",

@@ -315,7 +315,7 @@ class Detector(nn.Module):
                 continue
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         return digest.hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:

@@ -114,6 +114,8 @@ def command_line() -> str:
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_predict(options: Any, quiet: bool) -> int:
+    from anomalens.io.images import ImageLimits
+
     run = options.run
     if not options.inputs:
         swallowed = f" (--reference took {list(options.references.reference)})" if options.references.reference else ""
@@ -143,7 +145,8 @@ def cmd_predict(options: Any, quiet: bool) -> int:
 
     common = {"threshold": options.references.threshold, "threshold_source": source, "raw_format": run.raw_format,
               "overwrite": run.overwrite, "write_overlays": run.overlays, "run_info": {"command": command_line()},
-              "progress": advance}  # fmt: skip
+              "progress": advance, "limits": ImageLimits(max_pixels=run.max_pixels,
+                                                         max_memory_bytes=run.max_image_memory_bytes)}  # fmt: skip
     try:
         summary = _score(detector, options, common)
     finally:

@@ -62,6 +62,8 @@ class PredictOptions:
     ray_address: str | None = None  # Ray cluster address (default: start a local one)
     num_workers: int = 1  # Ray actors scoring in parallel
     gpu_fraction: float | None = None  # GPUs per Ray actor (default: 1 if the cluster has any)
+    max_pixels: int = 40_000_000  # larger images (width * height, read from the header) are skipped
+    max_image_memory_bytes: int = 2 * 2**30  # images needing more memory to decode, score and draw are skipped
 
     def __post_init__(self) -> None:
         check_options("predict", self, {

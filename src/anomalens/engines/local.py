@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from anomalens.detector import Detector
@@ -24,7 +25,7 @@ from anomalens.engines.core import (
     score_batch,
     write_result,
 )
-from anomalens.io.images import readable_images
+from anomalens.io.images import DEFAULT_LIMITS, ImageLimits, load_image, readable_images
 
 
 def run_predict(
@@ -40,6 +41,7 @@ def run_predict(
     write_overlays: bool = True,
     run_info: dict[str, Any] | None = None,
     progress: Callable[[int], Any] | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> PredictSummary:
     """Score every image under ``inputs`` with a fitted ``detector`` and write results to ``out_dir``.
 
@@ -59,6 +61,7 @@ def run_predict(
         write_overlays: Write the heatmap overlay PNGs.
         run_info: Extra fields for ``run.json`` (e.g. the command line).
         progress: Called with the number of images finished after each batch.
+        limits: Size limits each image's header is checked against before decoding.
 
     Returns:
         A :class:`~anomalens.engines.core.PredictSummary`.
@@ -75,7 +78,8 @@ def run_predict(
     size = batch_size or detector.config.batch_size
     with RunWriter(out, run_manifest(detector.describe(), source, inputs, raw_format, run_info)) as writer:
         for start in range(0, len(paths), size):
-            loaded = list(readable_images(paths[start : start + size], on_error=writer.error))
+            load = partial(load_image, limits=limits)
+            loaded = list(readable_images(paths[start : start + size], on_error=writer.error, load=load))
             batch_paths = [path for path, _ in loaded]
             arrays = [array for _, array in loaded]
             batch_names = [names[path] for path in batch_paths]

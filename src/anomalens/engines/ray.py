@@ -51,7 +51,15 @@ from anomalens.engines.core import (
     score_batch,
     write_result,
 )
-from anomalens.io.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_bytes, readable_images
+from anomalens.io.images import (
+    DEFAULT_LIMITS,
+    IMAGE_EXTENSIONS,
+    ImageLimits,
+    ImageLoadError,
+    load_image,
+    load_image_bytes,
+    readable_images,
+)
 from anomalens.io.outputs import honour_umask
 
 logger = logging.getLogger(__name__)
@@ -104,9 +112,9 @@ def list_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _read(path: str) -> np.ndarray:
+def _read(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     if not _is_uri(path):
-        return load_image(path)
+        return load_image(path, limits)
     import pyarrow.fs as pafs
 
     try:
@@ -115,14 +123,14 @@ def _read(path: str) -> np.ndarray:
             data = stream.read()
     except OSError as error:
         raise ImageLoadError(path, f"cannot read ({error})") from None
-    return load_image_bytes(data, path)
+    return load_image_bytes(data, path, limits)
 
 
 class _Scorer:
     """A Ray Data actor: loads the detector once, then scores batches of ``{"path", "name"}`` rows."""
 
     def __init__(self, detector: Any, out_dir: str, raw_format: str, write_overlays: bool, threads: int,
-                 threshold: float | None):  # fmt: skip
+                 threshold: float | None, limits: ImageLimits = DEFAULT_LIMITS):  # fmt: skip
         import ray
         import torch
 
@@ -138,6 +146,7 @@ class _Scorer:
         if threshold is not None:
             self.detector.threshold = threshold
         self.out = Path(out_dir)
+        self.limits = limits
         self.raw_format = raw_format
         self.write_overlays = write_overlays
 
@@ -147,7 +156,7 @@ class _Scorer:
         rows: list[dict[str, Any]] = []
         failed = lambda path, reason: rows.append({"path": str(path), "error": reason})  # noqa: E731
         names_of = dict(zip(batch["path"], batch["name"]))
-        loaded = list(readable_images(batch["path"], on_error=failed, load=_read))
+        loaded = list(readable_images(batch["path"], on_error=failed, load=lambda path: _read(path, self.limits)))
         paths, arrays = [path for path, _ in loaded], [array for _, array in loaded]
         names = [names_of[path] for path in paths]
         for path, name, array, result in score_batch(self.detector, paths, names, arrays, failed):
@@ -240,6 +249,7 @@ def score(
     overwrite: bool = False,
     run_info: dict[str, Any] | None = None,
     progress: Callable[[int], Any] | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> PredictSummary:
     """Score images on a Ray cluster; writes every engine's layout plus ``scores.parquet``.
 
@@ -255,7 +265,8 @@ def score(
         gpu_fraction: GPUs per actor; ``None`` requests 1 when the cluster has GPUs, else 0.
         threshold: Overrides the detector's threshold.
         threshold_source: How the threshold was chosen, recorded in ``run.json``.
-        raw_format / write_overlays / overwrite / run_info / progress: As in the local engine's ``run_predict``.
+        raw_format / write_overlays / overwrite / run_info / progress / limits: As in the local engine's
+            ``run_predict``.
 
     Returns:
         A :class:`~anomalens.engines.core.PredictSummary` over all images of the folder (earlier runs included).
@@ -277,7 +288,7 @@ def score(
         if todo:
             results = _scoring_dataset(ray, detector_or_path, todo, out, num_workers, batch_size, gpu_fraction,
                                        {"raw_format": raw_format, "write_overlays": write_overlays,
-                                        "threshold": threshold})  # fmt: skip
+                                        "threshold": threshold, "limits": limits})  # fmt: skip
             _collect(results, writer, progress)
         summary = writer.finish(time.time() - started, resumed_from=len(done))
     _write_parquet(out)

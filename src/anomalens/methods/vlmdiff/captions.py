@@ -22,6 +22,8 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from anomalens.io.images import load_image
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = (
@@ -175,8 +177,7 @@ class VLMCaptioner:
 
         if self._pipeline is None:
             self._load()
-        with Image.open(image_path) as opened:
-            image = opened.convert("RGB")
+        image = Image.fromarray(load_image(image_path))  # the header checks every input gets
         if self._task == "image-text-to-text":
             content = [{"type": "image", "image": image}, {"type": "text", "text": self.prompt}]
             try:
