@@ -163,6 +163,16 @@ def _gated(detector, gate: threading.Event, calls: list):
     return detector
 
 
+def _finished(client, job_id: str) -> dict:
+    """Poll a refit job until it ends (at most 10 s); its last status."""
+    for _ in range(200):
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        if status["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.05)
+    return status
+
+
 def test_refit_is_a_job_beside_scoring_and_swaps_only_on_success(pngs):
     gate, calls = threading.Event(), []
     detector = _fitted_patchcore(pngs)
@@ -181,11 +191,7 @@ def test_refit_is_a_job_beside_scoring_and_swaps_only_on_success(pngs):
         assert scored.json()["results"][0]["threshold"] == 0.75
         assert client.post("/v1/references", files=refs).status_code == 409
         gate.set()
-        for _ in range(200):
-            status = client.get(f"/v1/jobs/{job['id']}").json()
-            if status["status"] not in ("queued", "running"):
-                break
-            time.sleep(0.05)
+        status = _finished(client, job["id"])
         assert status["status"] == "succeeded" and status["done"] == status["total"] == 10  # 5 encoded + 5 held out
         assert status["threshold_source"] == "leave-one-out" and status["generation"] == 1
         described = client.get("/v1/detector").json()
@@ -204,11 +210,7 @@ def test_cancelled_or_timed_out_refit_changes_nothing(pngs):
         job = client.post("/v1/references", files=refs).json()["job"]
         cancelled = client.delete(f"/v1/jobs/{job['id']}")
         gate.set()
-        for _ in range(200):
-            status = client.get(f"/v1/jobs/{job['id']}").json()
-            if status["status"] not in ("queued", "running"):
-                break
-            time.sleep(0.05)
+        status = _finished(client, job["id"])
         assert cancelled.status_code == 200
         assert status["status"] == "cancelled" and "by request" in status["error"]
         described = client.get("/v1/detector").json()
@@ -218,11 +220,7 @@ def test_cancelled_or_timed_out_refit_changes_nothing(pngs):
         job = client.post("/v1/references", files=refs).json()["job"]
         time.sleep(0.7)
         gate.set()
-        for _ in range(200):
-            status = client.get(f"/v1/jobs/{job['id']}").json()
-            if status["status"] not in ("queued", "running"):
-                break
-            time.sleep(0.05)
+        status = _finished(client, job["id"])
         assert status["status"] == "cancelled" and "fit timeout" in status["error"]
         assert client.get("/v1/detector").json()["generation"] == 0
         assert client.get("/v1/jobs/nope").status_code == 404
