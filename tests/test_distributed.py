@@ -118,10 +118,10 @@ def test_interrupted_run_is_marked_and_resumes(local_ray, mvtec_root, tmp_path):
 def test_sigterm_becomes_an_interrupt():
     import signal
 
-    from anomalens.engines.ray import _terminate_as_interrupt
+    from anomalens.engines.core import terminate_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), _terminate_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), terminate_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before

@@ -62,3 +62,19 @@ def test_outputs_honour_the_umask(tmp_path, umask, file_mode, folder_mode):
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
     assert stat.S_IMODE((tmp_path / "saved").stat().st_mode) == folder_mode
+
+
+def test_interrupted_local_run_is_marked_and_keeps_its_records(tmp_path):
+    from conftest import write_noise_images
+
+    inputs = write_noise_images(tmp_path / "in", 6)
+    detector = BrightnessDetector(BrightnessConfig(batch_size=2)).fit()
+
+    def stop(done):
+        if done >= 4:
+            raise KeyboardInterrupt  # what Ctrl+C, or SIGTERM through terminate_as_interrupt, raises
+
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(detector, [inputs], tmp_path / "out", progress=stop)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "interrupted"
+    assert len((tmp_path / "out" / "scores.jsonl").read_text().splitlines()) == 4

@@ -77,7 +77,13 @@ def test_binding_beyond_loopback_needs_a_key(monkeypatch):
     check_exposure("127.0.0.1", AccessSettings())
     check_exposure("0.0.0.0", AccessSettings(api_key=KEY))
     monkeypatch.setenv("ANOMALENS_API_KEY", KEY)
-    assert AccessSettings().api_key == KEY
+    assert AccessSettings().key == KEY and AccessSettings().api_key is None  # never copied into the options
+    check_exposure("0.0.0.0", AccessSettings())
+    monkeypatch.delenv("ANOMALENS_API_KEY")
+    from anomalens.cli import main
+
+    tiny = ["--method", "patchcore", "--backbone", "taef2", "--pretrained", "none", "--set", "image_size=32"]
+    assert main(["serve", *tiny, "--host", "0.0.0.0"]) == 2  # refused before anything is built or bound
     with pytest.raises(ValueError, match="at least 16"):
         AccessSettings(api_key="short")
 

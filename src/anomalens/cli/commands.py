@@ -205,18 +205,18 @@ def cmd_serve(options: Any, quiet: bool) -> int:
     import uvicorn
 
     serve = options.serve
+    check_exposure(serve.host, options.access)  # before any model is built
     detector = detector_from(options.method, serve.detector)
     references = options.references
     if references.reference or (detector.zero_shot and not detector.is_fitted):
         fit_detector(detector, references)
     elif references.threshold is not None:
         detector.threshold = references.threshold
-    check_exposure(serve.host, options.access)
     app = create_app(detector, options.settings, class_name=options.references.class_name, access=options.access,
                      bound_host=serve.host)  # fmt: skip
     if not is_loopback(serve.host):
         logger.warning("serving on %s: reachable from other machines (API key required)", serve.host)
-    key_note = " (API key required)" if options.access.api_key else ""
+    key_note = " (API key required)" if options.access.key else ""
     print(f"anomalens serving {detector.method_name} on http://{serve.host}:{serve.port}/{key_note} (Ctrl+C to stop)")
     uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning")
     return 0

@@ -40,13 +40,17 @@ class AccessSettings:
     allowed_origins: tuple[str, ...] = ()  # extra origins whose pages may call the API (e.g. https://app.example.com)
 
     def __post_init__(self) -> None:
-        if self.api_key is None:
-            self.api_key = os.environ.get(API_KEY_ENV) or None
-        if self.api_key is not None and len(self.api_key) < 16:
-            raise ValueError(f"the API key must be at least 16 characters long, got {len(self.api_key)}")
+        if self.key is not None and len(self.key) < 16:
+            raise ValueError(f"the API key must be at least 16 characters long, got {len(self.key)}")
         for origin in self.allowed_origins:
             if origin == "*" or "://" not in origin:
                 raise ValueError(f"allowed origin {origin!r} must be a full origin such as https://app.example.com")
+
+    @property
+    def key(self) -> str | None:
+        """The key in force: ``api_key``, else ``$ANOMALENS_API_KEY`` (read here, so it is never printed with the
+        options or stored in a config file)."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def is_loopback(host: str) -> bool:
@@ -61,7 +65,7 @@ def is_loopback(host: str) -> bool:
 
 def check_exposure(host: str, access: AccessSettings) -> None:
     """Refuse to listen beyond loopback without an API key."""
-    if not is_loopback(host) and not access.api_key:
+    if not is_loopback(host) and not access.key:
         raise ValueError(
             f"serving on {host} makes the server reachable from other machines: set an API key with --api-key KEY "
             f"or the {API_KEY_ENV} environment variable (clients send it as X-API-Key), or bind to 127.0.0.1"
@@ -106,7 +110,8 @@ class AccessGuard:
             self.hosts = None  # any Host: the key protects it
         elif not wildcard:
             self.hosts.add(_host_name(bound_host))
-        self.token = session_token(access.api_key) if access.api_key else None
+        self.key = access.key
+        self.token = session_token(self.key) if self.key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -163,11 +168,11 @@ class AccessGuard:
                 return 403, f"cross-origin request from {origin!r} refused"
         elif headers.get("sec-fetch-site") == "cross-site":
             return 403, "cross-site request refused"
-        if self.access.api_key is None or scope["path"] in OPEN_PATHS:
+        if self.key is None or scope["path"] in OPEN_PATHS:
             return None
         bearer = headers.get("authorization", "")
         presented = headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None)
-        if key_matches(presented, self.access.api_key):
+        if key_matches(presented, self.key):
             return None
         if key_matches(_cookie(headers.get("cookie", ""), SESSION_COOKIE), self.token or ""):
             return None

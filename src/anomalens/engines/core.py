@@ -23,7 +23,10 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +245,23 @@ def run_manifest(describe: dict[str, Any], source: str, inputs: Sequence[Any], r
         "status": "running",
         **(run_info or {}),
     }
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) ends a run like Ctrl+C: ``run.json`` says "interrupted", records kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signal, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RunWriter:

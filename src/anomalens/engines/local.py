@@ -23,6 +23,7 @@ from anomalens.engines.core import (
     resolve_threshold_source,
     run_manifest,
     score_batch,
+    terminate_as_interrupt,
     write_result,
 )
 from anomalens.io.images import DEFAULT_LIMITS, ImageLimits, load_image, readable_images
@@ -76,7 +77,10 @@ def run_predict(
     paths, roots = collect_inputs(inputs)
     names = dict(zip(paths, output_names(paths, roots)))
     size = batch_size or detector.config.batch_size
-    with RunWriter(out, run_manifest(detector.describe(), source, inputs, raw_format, run_info)) as writer:
+    with (
+        terminate_as_interrupt(),
+        RunWriter(out, run_manifest(detector.describe(), source, inputs, raw_format, run_info)) as writer,
+    ):
         for start in range(0, len(paths), size):
             load = partial(load_image, limits=limits)
             loaded = list(readable_images(paths[start : start + size], on_error=writer.error, load=load))

@@ -25,12 +25,9 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +46,7 @@ from anomalens.engines.core import (
     resolve_threshold_source,
     run_manifest,
     score_batch,
+    terminate_as_interrupt,
     write_result,
 )
 from anomalens.io.images import (
@@ -216,23 +214,6 @@ def _done_paths(out: Path, manifest: dict[str, Any], overwrite: bool) -> set[str
     return done
 
 
-@contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (a cluster scheduler stopping the job) ends the run like Ctrl+C: ``run.json`` says "interrupted"."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(_signal, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def score(
     detector_or_path: Detector | str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -284,7 +265,7 @@ def score(
     todo = [{"path": path, "name": name} for path, name in list_inputs(inputs) if path not in done]
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    with _terminate_as_interrupt(), RunWriter(out, manifest, append=True) as writer:
+    with terminate_as_interrupt(), RunWriter(out, manifest, append=True) as writer:
         if todo:
             results = _scoring_dataset(ray, detector_or_path, todo, out, num_workers, batch_size, gpu_fraction,
                                        {"raw_format": raw_format, "write_overlays": write_overlays,

@@ -149,8 +149,8 @@ class RefitJob:
 
     def public(self) -> dict[str, Any]:
         keys = ("id", "status", "references", "done", "total", "error", "threshold_source", "generation")
-        return {key: getattr(self, key) for key in keys} | {"seconds": round((self.finished or time.time())
-                                                                            - self.created, 3)}  # fmt: skip
+        seconds = (self.finished or time.time()) - self.created
+        return {**{key: getattr(self, key) for key in keys}, "seconds": round(seconds, 3)}
 
 
 def refit_copy(detector: Detector) -> Detector:
@@ -577,15 +577,17 @@ def _add_page(app, access: AccessSettings) -> None:
     async def login_form() -> HTMLResponse:
         return HTMLResponse(LOGIN_PAGE.format(message=""))
 
+    api_key = access.key
+
     @app.post("/login", include_in_schema=False)
     async def login(key: Annotated[str, Form(max_length=1024)]):
-        if access.api_key is None:
+        if api_key is None:
             return RedirectResponse("/", status_code=303)
-        if not key_matches(key, access.api_key):
+        if not key_matches(key, api_key):
             await asyncio.sleep(1.0)  # slows guessing
             return HTMLResponse(LOGIN_PAGE.format(message="<p role='alert'>Wrong key.</p>"), status_code=401)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(SESSION_COOKIE, session_token(access.api_key), httponly=True, samesite="strict")
+        response.set_cookie(SESSION_COOKIE, session_token(api_key), httponly=True, samesite="strict")
         return response
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
