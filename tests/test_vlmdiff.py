@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import anomalens
 from anomalens.backbones.diffusion import sd_noise_scheduler
@@ -16,6 +17,7 @@ from anomalens.backbones.text import TextEncoder
 from anomalens.cli import main
 from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
 from anomalens.methods.vlmdiff.captions import CaptionCache, caption_images, read_caption_file, template_caption
+from anomalens.methods.vlmdiff.detector import VLMDiffConfig
 from anomalens.methods.vlmdiff.network import VLMDiffNet, ddim_step, ddim_timesteps
 from anomalens.methods.vlmdiff.training import VLMDiffTrainConfig, smooth, train_vlmdiff
 
@@ -398,3 +400,170 @@ def test_mixed_precision_applies_on_a_gpu_only(caplog):
     with caplog.at_level("WARNING"):
         assert _autocast_dtype("bf16", torch.device("cpu")) is None
     assert "applies on a GPU only" in caplog.text
+
+
+# ---------------------------------------------------------------------------- the authors' design
+def _tiny_net(**architecture):
+    return VLMDiffNet(VLMDiffArchitecture(**{**TINY_VLMDIFF, **architecture}), load_pretrained=False, init_seed=3)
+
+
+def _inputs(net, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, net.autoencoder.latent_channels, 4, 4, generator=generator)
+    images = torch.rand(2, 3, 32, 32, generator=generator)
+    return latents, torch.tensor([500, 20]), net.condition(["a widget", ""]), images
+
+
+def _wake_up_guidance(net):
+    """Give the zero-initialised convolutions (guidance outputs, SFF) weights, as training would."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        modules = [*net.guidance.controlnet_down_blocks, net.guidance.controlnet_mid_block]
+        modules += [path[0] for path in net.fusion.paths] if net.fusion is not None else []
+        for module in modules:
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.1)
+
+
+def test_a_fresh_model_equals_the_unguided_unet():
+    """Zero-initialised guidance and SFF: before training, the guided UNet is exactly the plain UNet."""
+    net = _tiny_net()
+    latents, steps, condition, images = _inputs(net)
+    with torch.no_grad():
+        guided = net.predict_noise(latents, steps, condition, images)
+        plain = net.unet(latents, steps, encoder_hidden_states=condition).sample
+        fused = net.fusion(list(net.guidance(latents, steps, encoder_hidden_states=condition,
+                                             controlnet_cond=images, return_dict=False)[0]))  # fmt: skip
+    assert torch.equal(guided, plain)
+    assert all(float(residual.abs().max()) == 0.0 for residual in fused)
+
+
+def _spy(forward, received: dict):
+    """``forward`` that first records its keyword arguments in ``received``."""
+
+    def spied(*args, **kwargs):
+        received.update(kwargs)
+        return forward(*args, **kwargs)
+
+    return spied
+
+
+def test_guidance_reaches_only_the_middle_and_the_deepest_level():
+    """What the UNet receives: zero at every skip but the deepest level's ("deepest", the authors'), non-zero
+    everywhere with "all" (the former design)."""
+    for levels, expect_shallow in [("deepest", False), ("all", True)]:
+        net = _tiny_net(guidance_levels=levels)
+        _wake_up_guidance(net)
+        received = {}
+        net.unet.forward = _spy(net.unet.forward, received)
+        latents, steps, condition, images = _inputs(net)
+        with torch.no_grad():
+            net.predict_noise(latents, steps, condition, images)
+        residuals = received["down_block_additional_residuals"]
+        smallest = min(residual.shape[-1] for residual in residuals)
+        for residual in residuals:
+            deepest = residual.shape[-1] == smallest
+            assert (float(residual.abs().max()) > 0) == (deepest or expect_shallow), (levels, residual.shape)
+        assert float(received["mid_block_additional_residual"].abs().max()) > 0
+
+
+def test_sff_fuses_the_next_finer_level_into_the_deepest():
+    """Against the formula written out by hand: fused_j = silu(r_j + sum_i silu(instance_norm(conv_ij(r_i))))."""
+    from anomalens.methods.vlmdiff.network import SpatialFeatureFusion, residual_levels
+
+    levels = residual_levels((8, 16), 1)  # conv_in, block 0 resnet, its downsampler, block 1 resnet
+    assert levels == [(8, 0), (8, 0), (8, 1), (16, 1)]
+    fusion = SpatialFeatureFusion(levels)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for path in fusion.paths:
+            path[0].weight.copy_(torch.randn(path[0].weight.shape, generator=generator))
+    shapes = [(2, 8, 8, 8), (2, 8, 8, 8), (2, 8, 4, 4), (2, 16, 4, 4)]
+    residuals = [torch.randn(shape, generator=generator) for shape in shapes]
+    fused = fusion(residuals)
+    paths = iter(fusion.paths)
+    for target in (2, 3):
+        expected = residuals[target].clone()
+        for source in (0, 1):
+            conv = next(paths)[0]
+            convolved = F.conv2d(residuals[source], conv.weight, stride=2, padding=1)
+            mean = convolved.mean(dim=(2, 3), keepdim=True)
+            variance = convolved.var(dim=(2, 3), unbiased=False, keepdim=True)
+            expected = expected + F.silu((convolved - mean) / torch.sqrt(variance + 1e-5))
+        torch.testing.assert_close(fused[target], F.silu(expected), rtol=1e-5, atol=1e-5)
+    assert fused[0] is residuals[0] and fused[1] is residuals[1]
+
+
+def test_the_frozen_encoder_gets_no_gradient(tmp_path):
+    """Training changes the guidance network and the UNet's decoder, never its encoder (frozen_encoder=True, the
+    authors'); with frozen_encoder=False the encoder trains too."""
+    from safetensors.torch import load_file
+
+    root = write_mvtec(tmp_path / "mvtec", n_train=3, size=(32, 32))
+    initial = VLMDiffNet(VLMDiffArchitecture(**TINY_VLMDIFF), load_pretrained=False, init_seed=0)
+    for frozen in (True, False):
+        run = train_vlmdiff(_train_config(root, steps=3, frozen_encoder=frozen), tmp_path / f"run-{frozen}")
+        trained = load_file(run / "model.safetensors")
+        for name, tensor in initial.unet.state_dict().items():
+            encoder = name.startswith(("conv_in.", "time_embedding.", "down_blocks.", "mid_block."))
+            changed = not torch.equal(trained[f"unet.{name}"], tensor)
+            if encoder and frozen:
+                assert not changed, name
+        decoder = [name for name in initial.unet.state_dict() if name.startswith("up_blocks.")]
+        assert any(not torch.equal(trained[f"unet.{name}"], initial.unet.state_dict()[name]) for name in decoder)
+        encoder_changed = any(
+            not torch.equal(trained[f"unet.{name}"], tensor)
+            for name, tensor in initial.unet.state_dict().items()
+            if name.startswith("down_blocks.")
+        )
+        assert encoder_changed == (not frozen)
+
+
+def test_runs_written_before_the_authors_design_keep_theirs(tmp_path):
+    root = write_mvtec(tmp_path / "mvtec", n_train=3, size=(32, 32))
+    run = train_vlmdiff(_train_config(root, steps=1, architecture=VLMDiffArchitecture(**TINY_VLMDIFF,
+                                                                                     guidance_levels="all",
+                                                                                     fusion=False)),
+                        tmp_path / "run")  # fmt: skip
+    record = json.loads((run / "vlmdiff.json").read_text())
+    for name in ("guidance_levels", "fusion"):
+        del record["architecture"][name]  # as an older anomalens wrote it
+    (run / "vlmdiff.json").write_text(json.dumps(record))
+    detector = anomalens.create("vlmdiff", checkpoint=str(run), feature_extractor="taef2", feature_weights=None)
+    assert detector.config.architecture["guidance_levels"] == "all" and detector.net.fusion is None
+
+
+def test_pooled_max_image_score_matches_repeated_box_filters():
+    """The authors' image score (eight 8x8 stride-1 average pools, then the max), against scipy's valid-mode
+    convolution with a box kernel."""
+    from scipy.signal import convolve2d
+
+    from anomalens.methods.vlmdiff.detector import pooled_max
+
+    maps = torch.rand(2, 80, 72, generator=torch.Generator().manual_seed(0))
+    expected = []
+    for anomaly_map in maps.double().numpy():
+        for _ in range(8):
+            anomaly_map = convolve2d(anomaly_map, np.full((8, 8), 1 / 64), mode="valid")
+        expected.append(anomaly_map.max())
+    assert anomaly_map.shape == (80 - 56, 72 - 56)
+    torch.testing.assert_close(pooled_max(maps).double(), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert pooled_max(torch.rand(1, 10, 10)).shape == (1,)  # small maps: pools that would leave nothing are skipped
+
+
+def test_dino_features_include_the_final_norm():
+    """The authors' features: DINO's last block after the model's final LayerNorm (timm's forward_features, an
+    independent path), not the raw block output."""
+    from anomalens.backbones import FeatureBackbone
+
+    backbone = FeatureBackbone("dino_vits8", ("norm",), pretrained=None, init_seed=0)
+    raw = FeatureBackbone("dino_vits8", ("block11",), pretrained=None, init_seed=0)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (features,) = backbone(images)
+        (unnormed,) = raw(images)
+        normalised = (images - backbone.mean) / backbone.std
+        tokens = backbone.model.model.forward_features(normalised)[:, 1:]  # without the class token
+    expected = tokens.reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unnormed, expected, atol=1e-3)
+    assert VLMDiffConfig().feature_layers == ("norm",) and VLMDiffConfig().smoothing_sigma == 5.0

@@ -89,7 +89,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "dino_vits8": BackboneSpec(
         name="dino_vits8",
         build=partial(TimmViTFeatures, "vit_small_patch8_224.dino"),
-        strides={f"block{index}": 8 for index in range(12)},
+        strides={**{f"block{index}": 8 for index in range(12)}, "norm": 8},  # norm: block11 + final LayerNorm
         default_layers=("block11",),
         weights="dino_vits8",
         mean=IMAGENET_MEAN,

@@ -97,11 +97,16 @@ class TimmViTFeatures(nn.Module):
         self.architecture = architecture
         self.layers = layers
         self.model = timm.create_model(architecture, pretrained=False, dynamic_img_size=True, num_classes=0)
-        self.block_indices = [int(name.removeprefix("block")) for name in layers]
+        # "norm": the last block's tokens after the model's final LayerNorm (DINO's get_intermediate_layers).
+        self.final_norm = "norm" in layers
+        if self.final_norm and len(layers) > 1:
+            raise ValueError(f"layer 'norm' of {architecture} stands alone, got layers {list(layers)}")
+        last = len(self.model.blocks) - 1
+        self.block_indices = [last if name == "norm" else int(name.removeprefix("block")) for name in layers]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(
-            images, indices=self.block_indices, output_fmt="NCHW", intermediates_only=True
+            images, indices=self.block_indices, norm=self.final_norm, output_fmt="NCHW", intermediates_only=True
         )
 
 

@@ -41,6 +41,7 @@ UNET_SIZES: dict[str, dict[str, Any]] = {
 # Channels of the guidance network's image encoder (3 stride-2 convolutions: pixels to the 1/8 latent grid).
 GUIDANCE_EMBEDDING_CHANNELS = {"sd-1-5": (16, 32, 96, 256), "small": (16, 32, 64, 128), "tiny": (4, 4, 8, 8)}
 AUTOENCODERS = ("taef2", "sd", "tiny")
+GUIDANCE_LEVELS = ("deepest", "all")
 
 
 @dataclass
@@ -59,6 +60,12 @@ class VLMDiffArchitecture:
     sd_model: str = SD15_REPO  # repo id / diffusers folder of the "sd" autoencoder and text encoder
     image_size: int = 256  # training and inference resolution (a multiple of 8)
     max_caption_tokens: int = 77  # captions are padded / truncated to this many tokens
+    # Where the guidance network's residuals enter the UNet. "deepest" (the authors' only_mid_control=True): the
+    # middle block and the skips of the deepest level only. "all": every skip, a diffusers ControlNet's default,
+    # which lets the guidance hand the decoder a full-resolution copy of the input (anomalies included).
+    guidance_levels: str = "deepest"
+    fusion: bool = True  # the authors' SFF block: zero-initialised stride-2 convs fuse the next-finer level's
+    # guidance residuals into the deepest level's
 
     def __post_init__(self) -> None:
         if self.unet not in UNET_SIZES:
@@ -69,6 +76,10 @@ class VLMDiffArchitecture:
             raise ValueError(f"VLMDiff image_size must be a multiple of 8 and >= 16, got {self.image_size}")
         if self.max_caption_tokens < 2:
             raise ValueError(f"VLMDiff max_caption_tokens must be >= 2, got {self.max_caption_tokens}")
+        if self.guidance_levels not in GUIDANCE_LEVELS:
+            raise ValueError(
+                f"unknown VLMDiff guidance_levels {self.guidance_levels!r}; valid: {', '.join(GUIDANCE_LEVELS)}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> VLMDiffArchitecture:

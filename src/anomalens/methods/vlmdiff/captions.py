@@ -26,9 +26,10 @@ from anomalens.io.images import load_image
 
 logger = logging.getLogger(__name__)
 
+# The authors' captioning prompt for MVTec AD / VisA / Real-IAD ("pd" in their captioner), verbatim.
 DEFAULT_PROMPT = (
-    "Describe the main object in this image by its visual features: shape, colour, material, texture and "
-    "any markings. Answer in about 60 words, in 4 to 5 sentences."
+    "Describe the visual features of image in detail with a focus on the main object, with around 60 words and "
+    "maybe 4 or 5 sentences."
 )
 DEFAULT_TEMPLATE = "a photo of a {class_name}"
 

@@ -45,6 +45,8 @@ from anomalens.methods.vlmdiff.network import VLMDiffNet
 from anomalens.methods.vlmdiff.run_files import load_run_weights, read_run
 from anomalens.nn.maps import gaussian_blur
 
+IMAGE_SCORES = ("pooled_max", "max")
+
 
 @dataclass
 class VLMDiffConfig(DetectorConfig):
@@ -65,7 +67,11 @@ class VLMDiffConfig(DetectorConfig):
     caption: str = ""  # text condition at test time; "" = none (the paper, for MVTec AD / VisA / Real-IAD)
     feature_extractor: str = "dino_vits8"  # backbone comparing input and reconstruction (see anomalens.backbones)
     feature_weights: str | None = "default"  # its weights: "default" registered ones, a path, or None (random)
-    feature_layers: tuple[str, ...] | None = None  # its layers; None = the backbone's defaults
+    feature_layers: tuple[str, ...] | None = None  # its layers; None: DINO's last block with its final norm (the
+    # authors'), or the backbone's defaults
+    image_score: str = "pooled_max"  # "pooled_max": max after eight 8x8 stride-1 average pools (the authors');
+    # "max": the map's plain maximum
+    smoothing_sigma: float = 5.0  # Gaussian sigma of the map at image_size (the authors': 5)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +79,8 @@ class VLMDiffConfig(DetectorConfig):
             if isinstance(self.architecture, str):
                 self.architecture = json.loads(self.architecture)
             self.architecture = asdict(VLMDiffArchitecture.from_dict(dict(self.architecture)))
+        if self.feature_layers is None and self.feature_extractor.startswith("dino_"):
+            self.feature_layers = ("norm",)
         self.feature_layers = check_layers(self.feature_extractor, self.feature_layers, "feature_layers")
         check_options(
             self.method,
@@ -80,6 +88,7 @@ class VLMDiffConfig(DetectorConfig):
             {
                 "noise_level": (0 < self.noise_level < 1000, "in 1..999"),
                 "ddim_steps": (self.ddim_steps >= 1, ">= 1"),
+                "image_score": (self.image_score in IMAGE_SCORES, f"one of {', '.join(IMAGE_SCORES)}"),
             },
         )
 
@@ -180,5 +189,19 @@ class VLMDiff(Detector):
             anomaly_maps = self.feature_difference(pixels, reconstructions)
         with self.timed("post_processing"):
             anomaly_maps = gaussian_blur(anomaly_maps, self.config.smoothing_sigma)
-            scores = anomaly_maps.flatten(1).amax(1)
+            if self.config.image_score == "pooled_max":
+                scores = pooled_max(anomaly_maps)
+            else:
+                scores = anomaly_maps.flatten(1).amax(1)
         return scores, anomaly_maps
+
+
+def pooled_max(maps: torch.Tensor, kernel: int = 8, repeats: int = 8) -> torch.Tensor:
+    """The authors' image score: ``(B, H, W)`` maps average-pooled ``repeats`` times (``kernel`` x ``kernel``,
+    stride 1, no padding), then the maximum: ``(B,)``. A pool that would leave less than one pixel is skipped."""
+    pooled = maps[:, None]
+    for _ in range(repeats):
+        if min(pooled.shape[-2:]) < kernel:
+            break
+        pooled = F.avg_pool2d(pooled, kernel, stride=1)
+    return pooled.flatten(1).amax(1)

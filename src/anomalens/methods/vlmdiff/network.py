@@ -41,6 +41,51 @@ def ddim_step(sample: torch.Tensor, predicted_noise: torch.Tensor, alpha: float,
     return alpha_previous**0.5 * predicted_clean + (1.0 - alpha_previous) ** 0.5 * predicted_noise
 
 
+def residual_levels(block_out_channels: tuple[int, ...], layers_per_block: int) -> list[tuple[int, int]]:
+    """``(channels, level)`` of each down residual a diffusers UNet / ControlNet passes to its decoder, in order:
+    the input convolution, then per block its resnets and (except the last block) its downsampler, whose output
+    belongs to the next, coarser level. Level 0 is the latent's own resolution."""
+    levels = [(block_out_channels[0], 0)]
+    for block, channels in enumerate(block_out_channels):
+        levels += [(channels, block)] * layers_per_block
+        if block < len(block_out_channels) - 1:
+            levels.append((channels, block + 1))
+    return levels
+
+
+class SpatialFeatureFusion(nn.Module):
+    """The authors' SFF block: each residual of the deepest level gets, from every residual of the next-finer
+    level, a zero-initialised 3x3 stride-2 convolution, instance norm and SiLU, all summed with it through a SiLU:
+    ``fused_j = silu(r_j + sum_i silu(norm(conv_ij(r_i))))``. Zero at initialisation, like the residuals it fuses.
+
+    Args:
+        levels: ``(channels, level)`` per down residual (:func:`residual_levels`).
+    """
+
+    def __init__(self, levels: list[tuple[int, int]]):
+        super().__init__()
+        deepest = max(level for _, level in levels)
+        self.targets = [index for index, (_, level) in enumerate(levels) if level == deepest]
+        self.sources = [index for index, (_, level) in enumerate(levels) if level == deepest - 1]
+        self.paths = nn.ModuleList()
+        for target in self.targets:
+            for source in self.sources:
+                conv = nn.Conv2d(levels[source][0], levels[target][0], 3, stride=2, padding=1, bias=False)
+                nn.init.zeros_(conv.weight)
+                self.paths.append(nn.Sequential(conv, nn.InstanceNorm2d(levels[target][0]), nn.SiLU()))
+
+    def forward(self, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``residuals``: the down residuals ``(B, C_i, h_i, w_i)``; returns them with the deepest level fused."""
+        fused = list(residuals)
+        paths = iter(self.paths)
+        for target in self.targets:
+            total = residuals[target]
+            for source in self.sources:
+                total = total + next(paths)(residuals[source])
+            fused[target] = F.silu(total)
+        return fused
+
+
 class VLMDiffNet(nn.Module):
     """Autoencoder + caption encoder (frozen) and UNet + guidance network + caption projection (trained).
 
@@ -88,6 +133,15 @@ class VLMDiffNet(nn.Module):
                 self.unet, conditioning_embedding_out_channels=GUIDANCE_EMBEDDING_CHANNELS[architecture.unet]
             )
             self.caption_projection = nn.Linear(self.text_encoder.width, size["cross_attention_dim"])
+            levels = residual_levels(size["block_out_channels"], size["layers_per_block"])
+            self.fusion = SpatialFeatureFusion(levels) if architecture.fusion else None
+        deepest = len(size["block_out_channels"]) - 1
+        # Which of the guidance network's down residuals reach the UNet (all, or the deepest level's).
+        self.register_buffer(
+            "residual_mask",
+            torch.tensor([architecture.guidance_levels == "all" or level == deepest for _, level in levels]),
+            persistent=False,
+        )
         self.autoencoder.eval().requires_grad_(False)
         self.register_buffer("latent_shift", torch.zeros(()))
         self.register_buffer("latent_scale", torch.ones(()))
@@ -96,7 +150,15 @@ class VLMDiffNet(nn.Module):
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The parts training updates (and a run's ``model.safetensors`` stores)."""
-        return {"unet": self.unet, "guidance": self.guidance, "caption_projection": self.caption_projection}
+        modules = {"unet": self.unet, "guidance": self.guidance, "caption_projection": self.caption_projection}
+        if self.fusion is not None:
+            modules["fusion"] = self.fusion
+        return modules
+
+    def unet_encoder(self) -> list[nn.Module]:
+        """The UNet's encoder: input convolution, time embedding, down blocks and middle block. The authors train
+        it frozen (under ``no_grad``): only the guidance network and the decoder learn."""
+        return [self.unet.conv_in, self.unet.time_embedding, *self.unet.down_blocks, self.unet.mid_block]
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to normalised latents (about zero mean, unit variance on the training set)."""
@@ -131,6 +193,13 @@ class VLMDiffNet(nn.Module):
             controlnet_cond=guidance_images,
             return_dict=False,
         )
+        down_residuals = list(down_residuals)
+        if self.fusion is not None:
+            down_residuals = self.fusion(down_residuals)
+        down_residuals = [
+            residual if keep else torch.zeros_like(residual)
+            for residual, keep in zip(down_residuals, self.residual_mask.tolist())
+        ]
         return self.unet(
             noisy_latents,
             timesteps,

@@ -23,7 +23,11 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
             f"{folder} is not a VLMDiff training run (expected {RUN_CONFIG_FILE} and {RUN_WEIGHTS_FILE}; "
             "write one with `anomalens train vlmdiff --out DIR`)"
         )
-    return json.loads(path.read_text())
+    run = json.loads(path.read_text())
+    if "architecture" in run and "guidance_levels" not in run["architecture"]:
+        # Written before the authors' design was followed: trained with guidance at every level and no fusion.
+        run["architecture"] = {**run["architecture"], "guidance_levels": "all", "fusion": False}
+    return run
 
 
 def load_run_weights(net: VLMDiffNet, run_dir: str | os.PathLike) -> None:

@@ -81,6 +81,8 @@ class VLMDiffTrainConfig:
     caption_template: str = DEFAULT_TEMPLATE  # fallback caption for images without one
     caption_dropout: float = 0.1  # share of training captions replaced by "" (the test-time condition)
     mixed_precision: str = "auto"  # "auto" (bf16 on a GPU that has it, else none), "no", "bf16", "fp16"
+    frozen_encoder: bool = True  # train only the guidance network and the UNet's decoder (the authors'); False:
+    # the whole UNet
     autoencoder_finetune_steps: int = 0  # steps of reconstruction fine-tuning of the autoencoder before training
     autoencoder_learning_rate: float = 1e-4  # its learning rate
     device: str = "auto"  # "auto": the first GPU if present, else the CPU
@@ -403,7 +405,15 @@ class _Trainer:
     def _prepare_optimiser(self) -> None:
         """AdamW over the trainable parts, the data sampler, and the resumed state where there is one."""
         config, net = self.config, self.net
-        parameters = [parameter for module in net.trainable_modules().values() for parameter in module.parameters()]
+        if config.frozen_encoder:
+            for module in net.unet_encoder():
+                module.requires_grad_(False)
+        parameters = [
+            parameter
+            for module in net.trainable_modules().values()
+            for parameter in module.parameters()
+            if parameter.requires_grad
+        ]
         self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.step, self.history = 0, []
