@@ -404,7 +404,8 @@ def test_mixed_precision_applies_on_a_gpu_only(caplog):
 
 # ---------------------------------------------------------------------------- the authors' design
 def _tiny_net(**architecture):
-    return VLMDiffNet(VLMDiffArchitecture(**{**TINY_VLMDIFF, **architecture}), load_pretrained=False, init_seed=3)
+    """A tiny net; its autoencoder and text encoder are random in TINY_VLMDIFF, so only `unet_weights` loads."""
+    return VLMDiffNet(VLMDiffArchitecture(**{**TINY_VLMDIFF, **architecture}), load_pretrained=True, init_seed=3)
 
 
 def _inputs(net, seed=0):
@@ -567,3 +568,20 @@ def test_dino_features_include_the_final_norm():
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(unnormed, expected, atol=1e-3)
     assert VLMDiffConfig().feature_layers == ("norm",) and VLMDiffConfig().smoothing_sigma == 5.0
+
+
+def test_unet_and_guidance_start_from_given_unet_weights(tmp_path):
+    """`unet_weights` (the authors start from SD 1.5): the UNet is the saved one, the guidance network's encoder
+    a copy of it; a UNet of another size is refused with both descriptions."""
+    source = _tiny_net()
+    with torch.no_grad():
+        for tensor in source.unet.parameters():
+            tensor.add_(0.25)
+    source.unet.save_pretrained(tmp_path / "sd" / "unet")
+    net = _tiny_net(unet_weights=str(tmp_path / "sd"))
+    for name, tensor in source.unet.state_dict().items():
+        assert torch.equal(net.unet.state_dict()[name], tensor), name
+    for name, tensor in net.unet.down_blocks.state_dict().items():
+        assert torch.equal(net.guidance.down_blocks.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="does not match VLMDiff unet='small'"):
+        _tiny_net(unet="small", unet_weights=str(tmp_path / "sd"))

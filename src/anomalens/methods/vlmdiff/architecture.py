@@ -58,6 +58,8 @@ class VLMDiffArchitecture:
         "default"  # "default": the kind's real weights; None: random; or a path / repo id
     )
     sd_model: str = SD15_REPO  # repo id / diffusers folder of the "sd" autoencoder and text encoder
+    unet_weights: str | None = None  # initialise the UNet (and the guidance network, copied from its encoder) from
+    # a diffusers repo / folder's unet/: "default" = sd_model (the authors' SD 1.5); None: random (from scratch)
     image_size: int = 256  # training and inference resolution (a multiple of 8)
     max_caption_tokens: int = 77  # captions are padded / truncated to this many tokens
     # Where the guidance network's residuals enter the UNet. "deepest" (the authors' only_mid_control=True): the

@@ -149,6 +149,9 @@ class VLMDiff(Detector):
                 if architecture.text_encoder_weights == "default"
                 else architecture.text_encoder_weights
             )
+        if architecture.unet_weights is not None:
+            default = architecture.unet_weights == "default"
+            needed.append(architecture.sd_model if default else architecture.unet_weights)
         if config.feature_weights is not None:
             spec = get_backbone_spec(config.feature_extractor)
             needed.append(spec.weights if config.feature_weights == "default" else config.feature_weights)

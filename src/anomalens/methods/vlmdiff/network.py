@@ -41,6 +41,27 @@ def ddim_step(sample: torch.Tensor, predicted_noise: torch.Tensor, alpha: float,
     return alpha_previous**0.5 * predicted_clean + (1.0 - alpha_previous) ** 0.5 * predicted_noise
 
 
+def pretrained_unet(architecture: VLMDiffArchitecture, size: dict, channels: int, weights_dir) -> nn.Module:
+    """The UNet of a diffusers repo or folder (``unet/``), checked against the architecture's size and latent
+    channels, so that a mismatch is an error naming both, not a shape error deep in a forward pass."""
+    from anomalens.backbones.weights import resolve
+
+    diffusers = require_diffusers()
+    reference = architecture.sd_model if architecture.unet_weights == "default" else architecture.unet_weights
+    folder = resolve(reference, weights_dir=weights_dir, method_hint="vlmdiff")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    expected = {"in_channels": channels, "out_channels": channels, **size}
+    found = {key: unet.config[key] for key in expected}
+    if {key: tuple(value) if isinstance(value, list) else value for key, value in found.items()} != {
+        key: tuple(value) if isinstance(value, list) else value for key, value in expected.items()
+    }:
+        raise ValueError(
+            f"the UNet in {folder} does not match VLMDiff unet={architecture.unet!r} with {channels} latent channels: "
+            f"it has {found}, expected {expected}"
+        )
+    return unet
+
+
 def residual_levels(block_out_channels: tuple[int, ...], layers_per_block: int) -> list[tuple[int, int]]:
     """``(channels, level)`` of each down residual a diffusers UNet / ControlNet passes to its decoder, in order:
     the input convolution, then per block its resnets and (except the last block) its downsampler, whose output
@@ -126,9 +147,12 @@ class VLMDiffNet(nn.Module):
             )
             size = dict(UNET_SIZES[architecture.unet])
             channels = self.autoencoder.latent_channels
-            self.unet = diffusers.UNet2DConditionModel(
-                sample_size=architecture.image_size // 8, in_channels=channels, out_channels=channels, **size
-            )
+            if architecture.unet_weights is not None and load_pretrained:
+                self.unet = pretrained_unet(architecture, size, channels, weights_dir)
+            else:
+                self.unet = diffusers.UNet2DConditionModel(
+                    sample_size=architecture.image_size // 8, in_channels=channels, out_channels=channels, **size
+                )
             self.guidance = diffusers.ControlNetModel.from_unet(
                 self.unet, conditioning_embedding_out_channels=GUIDANCE_EMBEDDING_CHANNELS[architecture.unet]
             )
