@@ -585,3 +585,14 @@ def test_unet_and_guidance_start_from_given_unet_weights(tmp_path):
         assert torch.equal(net.guidance.down_blocks.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match="does not match VLMDiff unet='small'"):
         _tiny_net(unet="small", unet_weights=str(tmp_path / "sd"))
+
+
+def test_training_length_in_epochs(tmp_path):
+    """`epochs` passes over the images: 5 images, batch 2 x accumulation 2 -> 4 images a step -> 2 epochs = 3
+    steps (rounded up)."""
+    root = write_mvtec(tmp_path / "mvtec", n_train=5, size=(32, 32))
+    run = train_vlmdiff(_train_config(root, steps=100, epochs=2, batch_size=2, gradient_accumulation=2),
+                        tmp_path / "run")  # fmt: skip
+    assert len(_losses(run)) == 3
+    with pytest.raises(ValueError, match="epochs=0 must be >= 1"):
+        _train_config(root, epochs=0)

@@ -79,6 +79,8 @@ def loss_bar(total: int | None, desc: str, quiet: bool, unit: str):
     bar = progress_bar(total, desc, quiet, unit=unit)
 
     def advance(done: int, *rest: float) -> None:  # (images done, loss) or (step, total steps, loss)
+        if len(rest) == 2 and bar.total != rest[0]:  # the run's own total (epochs decide it once data is read)
+            bar.total = rest[0]
         bar.n = done
         bar.set_postfix(loss=f"{rest[-1]:.4f}", refresh=False)
         bar.refresh()
