@@ -596,3 +596,19 @@ def test_training_length_in_epochs(tmp_path):
     assert len(_losses(run)) == 3
     with pytest.raises(ValueError, match="epochs=0 must be >= 1"):
         _train_config(root, epochs=0)
+
+
+def test_checkpoints_of_earlier_versions_resume_with_the_design_they_trained(tmp_path):
+    """A checkpoint written before a field existed resumes when that field has the value the run trained with
+    (its default; for guidance_levels, "all" with no fusion), and is refused otherwise."""
+    root = write_mvtec(tmp_path / "mvtec", n_train=3, size=(32, 32))
+    former = {**TINY_VLMDIFF, "guidance_levels": "all", "fusion": False}
+    train_vlmdiff(_train_config(root, steps=1, architecture=VLMDiffArchitecture(**former)), tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for name in ("guidance_levels", "fusion", "unet_weights"):
+        del state["config"]["architecture"][name]  # as an older anomalens wrote it
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"other settings \(architecture\)"):
+        train_vlmdiff(_train_config(root, steps=2), tmp_path / "run")  # the new design: not what it trained
+    run = train_vlmdiff(_train_config(root, steps=2, architecture=VLMDiffArchitecture(**former)), tmp_path / "run")
+    assert len(_losses(run)) == 2

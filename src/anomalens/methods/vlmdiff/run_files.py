@@ -24,10 +24,21 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
             "write one with `anomalens train vlmdiff --out DIR`)"
         )
     run = json.loads(path.read_text())
-    if "architecture" in run and "guidance_levels" not in run["architecture"]:
-        # Written before the authors' design was followed: trained with guidance at every level and no fusion.
-        run["architecture"] = {**run["architecture"], "guidance_levels": "all", "fusion": False}
+    if "architecture" in run:
+        run["architecture"] = upgrade_architecture(run["architecture"])
     return run
+
+
+def upgrade_architecture(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded architecture with the fields added since it was written, at the values it was trained
+    with: guidance at every level and no fusion before the authors' design was followed; the defaults otherwise."""
+    from dataclasses import asdict
+
+    from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
+
+    if "guidance_levels" not in recorded:
+        recorded = {**recorded, "guidance_levels": "all", "fusion": False}
+    return asdict(VLMDiffArchitecture.from_dict(recorded))
 
 
 def load_run_weights(net: VLMDiffNet, run_dir: str | os.PathLike) -> None:

@@ -48,7 +48,7 @@ from anomalens.methods.vlmdiff.captions import (
     caption_images,
 )
 from anomalens.methods.vlmdiff.network import VLMDiffNet
-from anomalens.methods.vlmdiff.run_files import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE
+from anomalens.methods.vlmdiff.run_files import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, upgrade_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +347,8 @@ def _read_resume(config: VLMDiffTrainConfig, out: Path, overwrite: bool) -> dict
     if checkpoint_path.exists() and not overwrite:
         resume = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         saved = resume["config"]
+        if "architecture" in saved:  # written by an earlier version: its new fields at the values it trained with
+            saved = {**saved, "architecture": upgrade_architecture(saved["architecture"])}
         current = config.resumable_fields()
         different = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
         if different:
