@@ -612,3 +612,18 @@ def test_checkpoints_of_earlier_versions_resume_with_the_design_they_trained(tmp
         train_vlmdiff(_train_config(root, steps=2), tmp_path / "run")  # the new design: not what it trained
     run = train_vlmdiff(_train_config(root, steps=2, architecture=VLMDiffArchitecture(**former)), tmp_path / "run")
     assert len(_losses(run)) == 2
+
+
+def test_the_guidance_network_sees_imagenet_normalised_hints():
+    """The authors normalise the hint with ImageNet's mean and std; "none" (the former design) passes [0, 1]."""
+    for normalisation in ("imagenet", "none"):
+        net = _tiny_net(hint_normalisation=normalisation)
+        received = {}
+        net.guidance.forward = _spy(net.guidance.forward, received)
+        latents, steps, condition, images = _inputs(net)
+        with torch.no_grad():
+            net.predict_noise(latents, steps, condition, images)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        expected = (images - mean) / std if normalisation == "imagenet" else images
+        torch.testing.assert_close(received["controlnet_cond"], expected)

@@ -42,6 +42,14 @@ UNET_SIZES: dict[str, dict[str, Any]] = {
 GUIDANCE_EMBEDDING_CHANNELS = {"sd-1-5": (16, 32, 96, 256), "small": (16, 32, 64, 128), "tiny": (4, 4, 8, 8)}
 AUTOENCODERS = ("taef2", "sd", "tiny")
 GUIDANCE_LEVELS = ("deepest", "all")
+HINT_NORMALISATIONS = ("imagenet", "none")
+# What a run trained before a field existed was trained with (a missing field in its vlmdiff.json gets this value).
+TRAINED_BEFORE_THE_FIELD = {
+    "guidance_levels": "all",
+    "fusion": False,
+    "unet_weights": None,
+    "hint_normalisation": "none",
+}
 
 
 @dataclass
@@ -68,6 +76,8 @@ class VLMDiffArchitecture:
     guidance_levels: str = "deepest"
     fusion: bool = True  # the authors' SFF block: zero-initialised stride-2 convs fuse the next-finer level's
     # guidance residuals into the deepest level's
+    hint_normalisation: str = "imagenet"  # the guidance network's input: "imagenet" mean/std (the authors'), or
+    # "none" ([0, 1] pixels)
 
     def __post_init__(self) -> None:
         if self.unet not in UNET_SIZES:
@@ -78,6 +88,9 @@ class VLMDiffArchitecture:
             raise ValueError(f"VLMDiff image_size must be a multiple of 8 and >= 16, got {self.image_size}")
         if self.max_caption_tokens < 2:
             raise ValueError(f"VLMDiff max_caption_tokens must be >= 2, got {self.max_caption_tokens}")
+        if self.hint_normalisation not in HINT_NORMALISATIONS:
+            valid = ", ".join(HINT_NORMALISATIONS)
+            raise ValueError(f"unknown VLMDiff hint_normalisation {self.hint_normalisation!r}; valid: {valid}")
         if self.guidance_levels not in GUIDANCE_LEVELS:
             raise ValueError(
                 f"unknown VLMDiff guidance_levels {self.guidance_levels!r}; valid: {', '.join(GUIDANCE_LEVELS)}"

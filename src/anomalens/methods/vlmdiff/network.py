@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalens.backbones import IMAGENET_MEAN, IMAGENET_STD
 from anomalens.backbones.diffusion import per_image_noise, require_diffusers, sd_noise_scheduler
 from anomalens.backbones.text import TextEncoder
 from anomalens.methods.vlmdiff.architecture import GUIDANCE_EMBEDDING_CHANNELS, UNET_SIZES, VLMDiffArchitecture
@@ -167,6 +168,8 @@ class VLMDiffNet(nn.Module):
             persistent=False,
         )
         self.autoencoder.eval().requires_grad_(False)
+        self.register_buffer("hint_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("hint_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("latent_shift", torch.zeros(()))
         self.register_buffer("latent_scale", torch.ones(()))
         self.noise_scheduler = sd_noise_scheduler()
@@ -210,6 +213,8 @@ class VLMDiffNet(nn.Module):
         guidance_images: torch.Tensor,
     ) -> torch.Tensor:
         """The UNet's noise estimate with the guidance network's residuals added. Returns ``noisy_latents``' shape."""
+        if self.architecture.hint_normalisation == "imagenet":
+            guidance_images = (guidance_images - self.hint_mean) / self.hint_std
         down_residuals, mid_residual = self.guidance(
             noisy_latents,
             timesteps,

@@ -31,14 +31,12 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def upgrade_architecture(recorded: dict[str, Any]) -> dict[str, Any]:
     """A run's recorded architecture with the fields added since it was written, at the values it was trained
-    with: guidance at every level and no fusion before the authors' design was followed; the defaults otherwise."""
+    with (``TRAINED_BEFORE_THE_FIELD``: e.g. guidance at every level, before the authors' design was followed)."""
     from dataclasses import asdict
 
-    from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
+    from anomalens.methods.vlmdiff.architecture import TRAINED_BEFORE_THE_FIELD, VLMDiffArchitecture
 
-    if "guidance_levels" not in recorded:
-        recorded = {**recorded, "guidance_levels": "all", "fusion": False}
-    return asdict(VLMDiffArchitecture.from_dict(recorded))
+    return asdict(VLMDiffArchitecture.from_dict({**TRAINED_BEFORE_THE_FIELD, **recorded}))
 
 
 def load_run_weights(net: VLMDiffNet, run_dir: str | os.PathLike) -> None:
