@@ -627,3 +627,17 @@ def test_the_guidance_network_sees_imagenet_normalised_hints():
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         expected = (images - mean) / std if normalisation == "imagenet" else images
         torch.testing.assert_close(received["controlnet_cond"], expected)
+
+
+UNET_CROSS_ATTENTION_TINY = 16  # UNET_SIZES["tiny"]["cross_attention_dim"]
+
+
+def test_caption_states_reach_the_unet_unprojected_when_widths_match():
+    """The authors feed SD's 77 x 768 text states straight to the UNet; "linear" keeps a learned map."""
+    direct = _tiny_net()
+    states, _ = direct.text_encoder(["a widget"])
+    assert direct.text_encoder.width == UNET_CROSS_ATTENTION_TINY
+    assert isinstance(direct.caption_projection, torch.nn.Identity)
+    torch.testing.assert_close(direct.condition(["a widget"]), states)
+    projected = _tiny_net(caption_projection="linear")
+    assert isinstance(projected.caption_projection, torch.nn.Linear)

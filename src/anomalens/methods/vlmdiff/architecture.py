@@ -43,6 +43,7 @@ GUIDANCE_EMBEDDING_CHANNELS = {"sd-1-5": (16, 32, 96, 256), "small": (16, 32, 64
 AUTOENCODERS = ("taef2", "sd", "tiny")
 GUIDANCE_LEVELS = ("deepest", "all")
 HINT_NORMALISATIONS = ("imagenet", "none")
+CAPTION_PROJECTIONS = ("auto", "linear")
 # What a run trained before a field existed was trained with (a missing field in its vlmdiff.json gets this value).
 TRAINED_BEFORE_THE_FIELD = {
     "guidance_levels": "all",
@@ -78,6 +79,8 @@ class VLMDiffArchitecture:
     # guidance residuals into the deepest level's
     hint_normalisation: str = "imagenet"  # the guidance network's input: "imagenet" mean/std (the authors'), or
     # "none" ([0, 1] pixels)
+    caption_projection: str = "auto"  # "auto": the text states go to the UNet as they are when their width is its
+    # cross-attention width (the authors', SD 1.5's 77 x 768), else through a learned linear map; "linear": always
 
     def __post_init__(self) -> None:
         if self.unet not in UNET_SIZES:
@@ -91,6 +94,9 @@ class VLMDiffArchitecture:
         if self.hint_normalisation not in HINT_NORMALISATIONS:
             valid = ", ".join(HINT_NORMALISATIONS)
             raise ValueError(f"unknown VLMDiff hint_normalisation {self.hint_normalisation!r}; valid: {valid}")
+        if self.caption_projection not in CAPTION_PROJECTIONS:
+            valid = ", ".join(CAPTION_PROJECTIONS)
+            raise ValueError(f"unknown VLMDiff caption_projection {self.caption_projection!r}; valid: {valid}")
         if self.guidance_levels not in GUIDANCE_LEVELS:
             raise ValueError(
                 f"unknown VLMDiff guidance_levels {self.guidance_levels!r}; valid: {', '.join(GUIDANCE_LEVELS)}"

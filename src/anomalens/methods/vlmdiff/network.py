@@ -157,7 +157,11 @@ class VLMDiffNet(nn.Module):
             self.guidance = diffusers.ControlNetModel.from_unet(
                 self.unet, conditioning_embedding_out_channels=GUIDANCE_EMBEDDING_CHANNELS[architecture.unet]
             )
-            self.caption_projection = nn.Linear(self.text_encoder.width, size["cross_attention_dim"])
+            same_width = self.text_encoder.width == size["cross_attention_dim"]
+            if architecture.caption_projection == "auto" and same_width:
+                self.caption_projection: nn.Module = nn.Identity()
+            else:
+                self.caption_projection = nn.Linear(self.text_encoder.width, size["cross_attention_dim"])
             levels = residual_levels(size["block_out_channels"], size["layers_per_block"])
             self.fusion = SpatialFeatureFusion(levels) if architecture.fusion else None
         deepest = len(size["block_out_channels"]) - 1
