@@ -291,7 +291,6 @@ def cmd_weights_list(options: Any, quiet: bool) -> int:
 
     method = options.method
     names = [options.method_name or method.method] if (options.method_name or method.method) else None
-    missing = 0
     for name in names or anomalens.list_methods():
         cls = anomalens.get_method(name)
         config = build_config(cls.config_class, method_config(method, name) if names else {}, method=name)
@@ -302,7 +301,7 @@ def cmd_weights_list(options: Any, quiet: bool) -> int:
             try:
                 where = str(resolve(reference, weights_dir=method.weights_dir, allow_download=False))
             except FileNotFoundError:
-                where, missing = "NOT FOUND (anomalens weights download " + name + ", or --weights-dir)", missing + 1
+                where = f"NOT FOUND (anomalens weights download {name}, or --weights-dir)"
             print(f"{name:16s} {reference:52s} {where}")
     print("\nregistered components:")
     for component, source in sorted(WEIGHTS.items()):

@@ -341,10 +341,15 @@ def iter_scores(out_dir: str | os.PathLike) -> Iterable[dict[str, Any]]:
     with open(path) as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path} line {number} is not a JSON record ({error.msg})") from None
+                yield _record(line, path, number)
+
+
+def _record(line: str | bytes, path: Path, number: int) -> dict[str, Any]:
+    """One line of ``scores.jsonl`` as a record; a damaged one is a ``ValueError`` naming the file and line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} line {number} is not a JSON record ({error.msg})") from None
 
 
 def repair_scores(out_dir: str | os.PathLike) -> int:
@@ -364,10 +369,7 @@ def repair_scores(out_dir: str | os.PathLike) -> int:
                 last = line
                 break
             if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path} line {number} is not a JSON record ({error.msg})") from None
+                _record(line, path, number)
             complete += len(line)
     if not last:
         return 0

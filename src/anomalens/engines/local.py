@@ -77,12 +77,12 @@ def run_predict(
     paths, roots = collect_inputs(inputs)
     names = dict(zip(paths, output_names(paths, roots)))
     size = batch_size or detector.config.batch_size
+    load = partial(load_image, limits=limits)
     with (
         terminate_as_interrupt(),
         RunWriter(out, run_manifest(detector.describe(), source, inputs, raw_format, run_info)) as writer,
     ):
         for start in range(0, len(paths), size):
-            load = partial(load_image, limits=limits)
             loaded = list(readable_images(paths[start : start + size], on_error=writer.error, load=load))
             batch_paths = [path for path, _ in loaded]
             arrays = [array for _, array in loaded]

@@ -21,7 +21,6 @@ Ray is optional: ``pip install 'anomalens[ray]'``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalens.backbones.weights import sha256_of
 from anomalens.detector import TENSORS_FILE, Detector, config_from_saved
 from anomalens.engines.core import (
     RECORD_COLUMNS,
@@ -283,21 +283,13 @@ def _describe(detector_or_path: Detector | str | os.PathLike, threshold: float |
     else:
         saved = config_from_saved(detector_or_path)
         describe = {key: value for key, value in saved.items() if key not in ("format", "fingerprint")}
-        describe["detector_fingerprint"] = saved.get("fingerprint") or _file_digest(
-            Path(detector_or_path) / TENSORS_FILE
+        # A detector saved by an older version carries no fingerprint: its tensors file stands in.
+        describe["detector_fingerprint"] = (
+            saved.get("fingerprint") or sha256_of(Path(detector_or_path) / TENSORS_FILE)[:16]
         )
     if threshold is not None:
         describe["threshold"] = float(threshold)
     return describe
-
-
-def _file_digest(path: Path) -> str:
-    """SHA-256 (16 hex) of a file, read in blocks (a saved detector of an older version has no fingerprint)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _scoring_dataset(ray, detector_or_path, todo, out: Path, num_workers: int, batch_size: int,
