@@ -221,3 +221,15 @@ def test_uri_inputs_are_listed_and_read(mvtec_root):
     assert _read(pairs[0][0]).shape == (40, 48, 3)
     with pytest.raises(ValueError, match="does not exist"):
         list_inputs([(folder / "nowhere").as_uri()])
+
+
+def test_uri_reads_are_bounded(tmp_path, monkeypatch):
+    """A remote file is read at most MAX_FILE_BYTES + 1 bytes, like a local one: larger is refused, named."""
+    import anomalens.engines.ray as engine
+
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + bytes(5000))
+    monkeypatch.setattr(engine, "MAX_FILE_BYTES", 1000)
+    from anomalens.io.images import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match="big.png: file exceeds the limit of 1000 bytes"):
+        engine._read((tmp_path / "big.png").as_uri())

@@ -52,6 +52,7 @@ from anomalens.engines.core import (
 from anomalens.io.images import (
     DEFAULT_LIMITS,
     IMAGE_EXTENSIONS,
+    MAX_FILE_BYTES,
     ImageLimits,
     ImageLoadError,
     load_image,
@@ -118,9 +119,11 @@ def _read(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     try:
         filesystem, inner = pafs.FileSystem.from_uri(path)
         with filesystem.open_input_stream(inner) as stream:
-            data = stream.read()
+            data = stream.read(MAX_FILE_BYTES + 1)  # bounded, as for local files
     except OSError as error:
         raise ImageLoadError(path, f"cannot read ({error})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageLoadError(path, f"file exceeds the limit of {MAX_FILE_BYTES} bytes", "size")
     return load_image_bytes(data, path, limits)
 
 
