@@ -30,6 +30,7 @@ fi
 
 anomalens train vlmdiff --dataset mvtec --root "$SHARED/datasets/mvtec" --categories bottle --out "$RUN" \
     --unet small --autoencoder taef2 --text-encoder minilm --image-size 256 --steps 2200 --batch-size 12 \
+    --gradient-accumulation 1 \
     --lr 2e-4 --warmup-steps 100 --checkpoint-every 100 --seed 0 "${DESIGN_OPTIONS[@]}"
 
 mkdir -p "$RESULTS"

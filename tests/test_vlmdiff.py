@@ -15,6 +15,7 @@ import anomalens
 from anomalens.backbones.diffusion import sd_noise_scheduler
 from anomalens.backbones.text import TextEncoder
 from anomalens.cli import main
+from anomalens.io.images import load_image
 from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
 from anomalens.methods.vlmdiff.captions import CaptionCache, caption_images, read_caption_file, template_caption
 from anomalens.methods.vlmdiff.detector import VLMDiffConfig
@@ -188,6 +189,7 @@ def _train_config(root, **overrides):
         "architecture": VLMDiffArchitecture(**TINY_VLMDIFF),
         "steps": 6,
         "batch_size": 3,
+        "gradient_accumulation": 1,
         "learning_rate": 3e-3,
         "checkpoint_every": 100,
         "caption_dropout": 0.3,
@@ -377,13 +379,19 @@ def test_a_transformers_captioner_runs_and_is_cached(tmp_path):
     again = VLMCaptioner(str(folder), max_new_tokens=4)
     assert caption_images(paths, captioner=again, cache=CaptionCache(tmp_path / "captions.jsonl")) == captions
     assert again._pipeline is None  # answered from the cache: the model was never loaded
+    image = load_image(paths[0])
+    assert captioner(image) == captioner(paths[0])  # arrays (test images) are captioned as their files
 
 
 def test_autoencoder_fine_tuning_is_saved_with_the_run(tmp_path):
     from safetensors.torch import load_file
 
     root = write_mvtec(tmp_path / "mvtec", n_train=3, size=(32, 32))
-    run = train_vlmdiff(_train_config(root, steps=1, autoencoder_finetune_steps=3), tmp_path / "run")
+    config = _train_config(root, steps=1, autoencoder_finetune_steps=3, autoencoder_learning_rate=1e-3,
+                           autoencoder_perceptual_weights=None)  # fmt: skip
+    run = train_vlmdiff(config, tmp_path / "run")
+    with open(run / "autoencoder_losses.csv") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3]
     state = load_file(run / "model.safetensors")
     untouched = VLMDiffNet(VLMDiffArchitecture(**TINY_VLMDIFF), load_pretrained=False).autoencoder.state_dict()
     changed = [key for key, value in untouched.items() if not torch.equal(value, state[f"autoencoder.{key}"])]
@@ -591,11 +599,21 @@ def test_training_length_in_epochs(tmp_path):
     """`epochs` passes over the images: 5 images, batch 2 x accumulation 2 -> 4 images a step -> 2 epochs = 3
     steps (rounded up)."""
     root = write_mvtec(tmp_path / "mvtec", n_train=5, size=(32, 32))
-    run = train_vlmdiff(_train_config(root, steps=100, epochs=2, batch_size=2, gradient_accumulation=2),
+    run = train_vlmdiff(_train_config(root, steps=None, epochs=2, batch_size=2, gradient_accumulation=2),
                         tmp_path / "run")  # fmt: skip
     assert len(_losses(run)) == 3
     with pytest.raises(ValueError, match="epochs=0 must be >= 1"):
-        _train_config(root, epochs=0)
+        _train_config(root, steps=None, epochs=0)
+    with pytest.raises(ValueError, match=r"give steps \(100\) or epochs \(2\), not both"):
+        _train_config(root, steps=100, epochs=2)
+    # the authors' length by default: 300 epochs (5 images, 1 per step: 1500 steps)
+    totals = []
+    train_vlmdiff(_train_config(root, steps=None, batch_size=1), tmp_path / "default-length",
+                  progress=lambda step, total, loss: totals.append(total), stop_after=1)  # fmt: skip
+    assert totals == [1500]
+    defaults = VLMDiffTrainConfig(dataset="mvtec", root=str(root))
+    assert (defaults.steps, defaults.epochs, defaults.batch_size, defaults.gradient_accumulation) == (None, None, 12, 4)
+    assert defaults.learning_rate == 1e-5
 
 
 def test_checkpoints_of_earlier_versions_resume_with_the_design_they_trained(tmp_path):
@@ -641,3 +659,176 @@ def test_caption_states_reach_the_unet_unprojected_when_widths_match():
     torch.testing.assert_close(direct.condition(["a widget"]), states)
     projected = _tiny_net(caption_projection="linear")
     assert isinstance(projected.caption_projection, torch.nn.Linear)
+
+
+# ---------------------------------------------------------------------------- autoencoder fine-tuning (issue 19)
+def test_perceptual_distance_matches_a_per_position_loop():
+    """LPIPS without learned weights, written out position by position in NumPy."""
+    from anomalens.methods.vlmdiff.autoencoder import perceptual_distance
+
+    generator = torch.Generator().manual_seed(0)
+    first = [torch.randn(2, 3, 4, 5, generator=generator), torch.randn(2, 6, 2, 2, generator=generator)]
+    second = [torch.randn(2, 3, 4, 5, generator=generator), torch.randn(2, 6, 2, 2, generator=generator)]
+    expected = np.zeros(2)
+    for a, b in zip(first, second):
+        a, b = a.double().numpy(), b.double().numpy()
+        for image in range(2):
+            values = []
+            for row in range(a.shape[2]):
+                for column in range(a.shape[3]):
+                    u, v = a[image, :, row, column], b[image, :, row, column]
+                    values.append(np.sum((u / np.linalg.norm(u) - v / np.linalg.norm(v)) ** 2))
+            expected[image] += np.mean(values)
+    torch.testing.assert_close(perceptual_distance(first, second).double(), torch.tensor(expected), rtol=1e-5, atol=0)
+    assert torch.all(perceptual_distance(first, first) < 1e-6)
+
+
+def test_autoencoder_loss_is_l1_plus_perceptual_plus_weighted_kl():
+    from anomalens.methods.vlmdiff.autoencoder import perceptual_distance
+    from anomalens.methods.vlmdiff.training import autoencoder_loss
+
+    net = VLMDiffNet(VLMDiffArchitecture.from_dict(TINY_VLMDIFF), load_pretrained=False)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reconstruction, kl = net.autoencoder.training_reconstruction(images, torch.Generator().manual_seed(5))
+        posterior = net.autoencoder.vae.encode(images * 2 - 1).latent_dist
+        mean, variance = posterior.mean.double(), posterior.var.double()
+        # KL(N(mean, variance) || N(0, 1)) summed over latent elements, by hand
+        expected_kl = 0.5 * (mean**2 + variance - 1 - variance.log()).sum((1, 2, 3))
+        torch.testing.assert_close(kl.double(), expected_kl, rtol=1e-4, atol=1e-4)
+        perceptual = torch.nn.Conv2d(3, 4, 3)  # any feature network
+        loss = autoencoder_loss(net, images, lambda x: [perceptual(x)], 0.25, torch.Generator().manual_seed(5))
+        l1 = (reconstruction - images).abs().mean((1, 2, 3))
+        distance = perceptual_distance([perceptual(images)], [perceptual(reconstruction)])
+        torch.testing.assert_close(loss, (l1 + distance + 0.25 * kl).mean())
+
+
+def test_autoencoder_fine_tuning_resumes_bit_identically(tmp_path, monkeypatch):
+    """Interrupted in the middle of the autoencoder's fine-tuning, a run resumes there and ends as a straight run."""
+    from safetensors.torch import load_file
+
+    import anomalens.methods.vlmdiff.training as training
+
+    root = write_mvtec(tmp_path / "mvtec", n_train=4, size=(32, 32))
+    settings = {"steps": 2, "autoencoder_finetune_steps": 4, "autoencoder_gradient_accumulation": 2,
+                "autoencoder_perceptual_weights": None, "checkpoint_every": 2}  # fmt: skip
+    straight = train_vlmdiff(_train_config(root, **settings), tmp_path / "straight")
+    real_loss, calls = training.autoencoder_loss, []
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # the third step's second micro-batch: after the checkpoint at step 2
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "autoencoder_loss", interrupted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train_vlmdiff(_train_config(root, **settings), tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["autoencoder_step"] == 2
+    monkeypatch.setattr(training, "autoencoder_loss", real_loss)
+    resumed = train_vlmdiff(_train_config(root, **settings), tmp_path / "resumed")
+    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert any(key.startswith("autoencoder.") for key in expected)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert _losses(straight) == _losses(resumed)
+    assert (straight / "autoencoder_losses.csv").read_text().splitlines()[1].split(",")[:2] == (
+        (resumed / "autoencoder_losses.csv").read_text().splitlines()[1].split(",")[:2]
+    )
+
+
+def test_autoencoder_fine_tuning_defaults_follow_the_authors():
+    """SD's VAE: 1000 epochs at batch 1 x 8; TAEF2 and the tiny test VAE: none unless asked."""
+    sd = VLMDiffTrainConfig(dataset="mvtec", root=".", architecture=VLMDiffArchitecture(autoencoder="sd"))
+    assert sd.autoencoder_steps(209) == math.ceil(1000 * 209 / 8)
+    assert (sd.autoencoder_learning_rate, sd.autoencoder_kl_weight) == (4.5e-5, 1e-6)
+    taef2 = VLMDiffTrainConfig(dataset="mvtec", root=".", architecture=VLMDiffArchitecture(autoencoder="taef2"))
+    assert taef2.autoencoder_steps(209) == 0
+    assert VLMDiffTrainConfig(dataset="mvtec", root=".", autoencoder_finetune_steps=7).autoencoder_steps(3) == 7
+
+
+def test_perceptual_loss_uses_lpips_layers_of_a_craft_vgg(tmp_path):
+    from anomalens.methods.vlmdiff.training import perceptual_network
+
+    torch.manual_seed(0)
+    from anomalens.backbones.cnn import torchvision_classifier
+
+    vgg = torchvision_classifier("vgg16_bn")
+    craft = {f"basenet.slice1.{key}": value for key, value in vgg.features.state_dict().items()
+             if int(key.split(".")[0]) < 39}  # fmt: skip
+    torch.save(craft, tmp_path / "craft.pth")
+    network = perceptual_network(
+        VLMDiffTrainConfig(dataset="mvtec", root=".", autoencoder_perceptual_weights=str(tmp_path / "craft.pth"))
+    )
+    images = torch.rand(1, 3, 32, 32)
+    features = network(images)
+    assert [feature.shape[1] for feature in features] == [64, 128, 256, 512]  # relu1_2, relu2_2, relu3_3, relu4_3
+    vgg.eval()
+    torch.testing.assert_close(features[0], vgg.features[:6]((images - network.mean) / network.std))
+
+
+def test_multi_root_training_takes_categories_from_every_root(tmp_path):
+    from anomalens.methods.vlmdiff.training import load_training_images
+
+    first = write_mvtec(tmp_path / "a", "widget", n_train=2, size=(32, 32))
+    second = write_mvtec(tmp_path / "b", "gadget", n_train=3, size=(32, 32))
+    config = VLMDiffTrainConfig(dataset="mvtec", root=str(first), extra_roots=(str(second),))
+    images, paths, categories = load_training_images(config)
+    assert images.shape[0] == 5 and sorted(categories) == ["gadget"] * 3 + ["widget"] * 2
+    with pytest.raises(ValueError, match=r"\['nothing'\] not found .* available: .*widget.*gadget"):
+        load_training_images(VLMDiffTrainConfig(dataset="mvtec", root=str(first), extra_roots=(str(second),),
+                                                categories=("widget", "nothing")))  # fmt: skip
+    with pytest.raises(ValueError, match="category 'widget' is in more than one root"):
+        load_training_images(VLMDiffTrainConfig(dataset="mvtec", root=str(first), extra_roots=(str(first),)))
+
+
+# ---------------------------------------------------------------------------- test captions and CFG (issue 19)
+def _random_detector(**options):
+    return anomalens.create("vlmdiff", architecture=TINY_VLMDIFF, feature_extractor="taef2", feature_weights=None,
+                            ddim_steps=1, noise_level=600, **options)  # fmt: skip
+
+
+def test_classifier_free_guidance_extrapolates_from_the_empty_caption(monkeypatch):
+    """With one DDIM step (linear in the noise estimate) and the decoder replaced by identity, the CFG result is
+    ``uncond + s * (cond - uncond)`` of the two single-caption results; s = 0 and s = 1 give them exactly."""
+    net = _random_detector().net
+    with torch.no_grad():  # a fresh model's guidance is zero: give the caption a visible effect
+        for parameter in net.unet.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)))
+    monkeypatch.setattr(net, "decode_latents", lambda latents: latents)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run(caption, scale):
+        return net.reconstruct(images, caption=caption, guidance_scale=scale, noise_level=600, ddim_steps=1,
+                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+
+    captions = ["a scratched widget", "a clean widget"]
+    with_caption, without = run(captions, 1.0), run("", 1.0)
+    assert not torch.allclose(with_caption, without)
+    torch.testing.assert_close(run(captions, 0.0), without)
+    torch.testing.assert_close(run(captions, 3.0), without + 3.0 * (with_caption - without), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="got 1 captions for 2 images"):
+        run(["one"], 2.0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        _random_detector(guidance_scale=float("nan"))
+
+
+def test_per_image_test_captions_from_a_file_or_a_captioner(tmp_path):
+    """A caption file gives each test image its caption: its score equals a detector whose global caption is that
+    caption; images the file lacks fall back to `caption`. A test captioner is asked per image."""
+    paths = _write_images(tmp_path / "images", 2)
+    (tmp_path / "captions.json").write_text(json.dumps({paths[0].name: "a scratched widget"}))
+    detector = _random_detector(test_caption_file=str(tmp_path / "captions.json"), guidance_scale=9.0)
+    with torch.no_grad():
+        for parameter in detector.net.unet.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)))
+    state = detector.net.state_dict()
+    scores = [result.score for result in detector.fit().predict([str(path) for path in paths])]
+    for path, caption, score in zip(paths, ["a scratched widget", ""], scores):
+        single = _random_detector(caption=caption, guidance_scale=9.0)
+        single.net.load_state_dict(state)
+        assert single.fit().predict([str(path)])[0].score == pytest.approx(score, rel=1e-5)
+    asked = []
+    detector._test_captions, detector._captioner = None, lambda array: asked.append(array.shape) or "a widget"
+    assert detector.captions_for([np.zeros((5, 6, 3), np.uint8)] * 2) == ["a widget", "a widget"]
+    assert asked == [(5, 6, 3)] * 2

@@ -59,6 +59,7 @@ STAGES = (  # stage names of Detector.timed(); the speed tables group them into 
     "vae",  # a latent autoencoder
     "unet",  # a diffusion UNet (and its guidance network)
     "text_encoder",  # prompt / caption encoding
+    "captioner",  # a VLM captioning test images (VLMDiff with a test captioner)
     "memory_search",  # nearest-neighbour search in a memory bank
     "tta",  # test-time adaptation
     "post_processing",  # map fusion, resizing, smoothing

@@ -79,7 +79,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "vgg16_bn": BackboneSpec(
         name="vgg16_bn",
         build=partial(TorchvisionFeatures, "vgg16_bn"),
-        strides={"features.12": 2, "features.22": 4, "features.32": 8, "features.42": 16},
+        strides={"features.5": 1, "features.12": 2, "features.22": 4, "features.32": 8, "features.42": 16},
         default_layers=("features.22", "features.32"),
         weights="vgg16_bn",
         mean=IMAGENET_MEAN,

@@ -120,7 +120,7 @@ def evaluate_category(
             samples = {sample.image_path: sample for sample in chunk}
             if batch:
                 began = time.perf_counter()
-                results = detector.predict_arrays([array for _, array in batch])
+                results = detector.predict_arrays([array for _, array in batch], [str(path) for path, _ in batch])
                 scored.seconds += time.perf_counter() - began
                 for (path, array), result in zip(batch, results):
                     scored.add(samples[path], array, result)

@@ -49,6 +49,7 @@ _WINCLIP = {"backbone": "ViT-B-16-plus-240", "pretrained": None}
 _VLMDIFF = {
     "architecture": {
         "unet": "sd-1-5",
+        "unet_weights": None,
         "autoencoder": "sd",
         "autoencoder_weights": None,
         "text_encoder": "sd",
@@ -77,7 +78,7 @@ STAGE_GROUPS = {  # the table's stage columns -> the detectors' stage names
     "image encoder": ("clip", "image_encoder", "features"),
     "vae": ("vae",),
     "unet": ("unet",),
-    "text encoder": ("text_encoder",),
+    "text encoder": ("text_encoder", "captioner"),
     "memory search": ("memory_search",),
     "tta": ("tta",),
     "post-processing": ("post_processing",),

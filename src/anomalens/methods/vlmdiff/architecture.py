@@ -67,8 +67,9 @@ class VLMDiffArchitecture:
         "default"  # "default": the kind's real weights; None: random; or a path / repo id
     )
     sd_model: str = SD15_REPO  # repo id / diffusers folder of the "sd" autoencoder and text encoder
-    unet_weights: str | None = None  # initialise the UNet (and the guidance network, copied from its encoder) from
-    # a diffusers repo / folder's unet/: "default" = sd_model (the authors' SD 1.5); None: random (from scratch)
+    unet_weights: str | None = "auto"  # initialise the UNet (and the guidance network, copied from its encoder)
+    # from a diffusers repo / folder's unet/: "default" = sd_model (the authors' SD 1.5); "auto": "default" for the
+    # sd-1-5 UNet, None (random: trained from scratch) for the others; resolved when the architecture is built
     image_size: int = 256  # training and inference resolution (a multiple of 8)
     max_caption_tokens: int = 77  # captions are padded / truncated to this many tokens
     # Where the guidance network's residuals enter the UNet. "deepest" (the authors' only_mid_control=True): the
@@ -101,6 +102,8 @@ class VLMDiffArchitecture:
             raise ValueError(
                 f"unknown VLMDiff guidance_levels {self.guidance_levels!r}; valid: {', '.join(GUIDANCE_LEVELS)}"
             )
+        if self.unet_weights == "auto":
+            self.unet_weights = "default" if self.unet == "sd-1-5" else None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> VLMDiffArchitecture:

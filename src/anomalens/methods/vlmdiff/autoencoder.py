@@ -84,5 +84,34 @@ class LatentAutoencoder(nn.Module):
         return ((torch.cat(images).contiguous() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``decode(encode(images))`` (what fine-tuning optimises)."""
+        """Reconstruction ``decode(encode(images))``, clamped to [0, 1]."""
         return self.decode(self.encode(images))
+
+    def training_reconstruction(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What fine-tuning optimises: the reconstruction ``(B, 3, S, S)`` (about [0, 1], unclamped so gradients
+        flow) and, for a KL VAE, each image's KL divergence from the unit Gaussian ``(B,)`` (else ``None``).
+
+        A KL VAE decodes a latent sampled from its posterior (drawn from ``generator``), as Stable Diffusion's
+        autoencoder was trained; TAEF2 is deterministic and has no KL term.
+        """
+        if self.kind == "taef2":
+            return self.decoder(self.encoder(images)), None
+        posterior = self.vae.encode(images * 2.0 - 1.0).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+        latents = posterior.mean + posterior.std * noise
+        return (self.vae.decode(latents).sample + 1.0) / 2.0, posterior.kl()
+
+
+def perceptual_distance(features: list[torch.Tensor], other_features: list[torch.Tensor]) -> torch.Tensor:
+    """LPIPS's distance with uniform channel weights (its ``lpips=False`` variant): per layer, each position's
+    feature vector is divided by its L2 norm, the squared differences are summed over channels and averaged over
+    positions; the layers are summed. Features ``[(B, C_l, H_l, W_l)]`` of two image batches; returns ``(B,)``.
+    """
+    total = 0.0
+    for first, second in zip(features, other_features, strict=True):
+        first = first.float() / (first.float().norm(dim=1, keepdim=True) + 1e-10)
+        second = second.float() / (second.float().norm(dim=1, keepdim=True) + 1e-10)
+        total = total + (first - second).pow(2).sum(1).mean((1, 2))
+    return total

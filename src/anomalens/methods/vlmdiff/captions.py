@@ -22,6 +22,8 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from anomalens.io.images import load_image
 
 logger = logging.getLogger(__name__)
@@ -173,12 +175,13 @@ class VLMCaptioner:
             f"cannot load captioner {self.model!r} as an image-text-to-text or image-to-text model: {errors}"
         )
 
-    def __call__(self, image_path: str | os.PathLike) -> str:
+    def __call__(self, image: str | os.PathLike | np.ndarray) -> str:
+        """The caption of an image file or an ``(H, W, 3)`` uint8 array."""
         from PIL import Image
 
         if self._pipeline is None:
             self._load()
-        image = Image.fromarray(load_image(image_path))  # the header checks every input gets
+        image = Image.fromarray(image if isinstance(image, np.ndarray) else load_image(image))  # header checks
         if self._task == "image-text-to-text":
             content = [{"type": "image", "image": image}, {"type": "text", "text": self.prompt}]
             try:

@@ -7,7 +7,7 @@ Shapes: images ``(B, 3, S, S)`` in [0, 1] with ``S = image_size``; latents ``(B,
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -265,7 +265,8 @@ class VLMDiffNet(nn.Module):
         self,
         images: torch.Tensor,
         *,
-        caption: str = "",
+        caption: str | Sequence[str] = "",
+        guidance_scale: float = 1.0,
         noise_level: int = 999,
         ddim_steps: int = 10,
         generator: torch.Generator | None = None,
@@ -275,7 +276,9 @@ class VLMDiffNet(nn.Module):
 
         Args:
             images: ``(B, 3, S, S)`` in [0, 1].
-            caption: Text condition for every image ("" = none).
+            caption: Text condition: one for every image, or one per image ("" = none).
+            guidance_scale: Classifier-free guidance: the noise estimate is ``e("") + scale * (e(caption) -
+                e(""))``, both with the image guidance (as ControlNet samples); 1 uses the caption alone.
             noise_level: Starting timestep (0 < t < 1000).
             ddim_steps: Denoising steps.
             generator: CPU generator of the starting noise.
@@ -288,6 +291,11 @@ class VLMDiffNet(nn.Module):
         last = self.alphas_cumprod.numel() - 1
         if not 0 < noise_level <= last:
             raise ValueError(f"noise_level must be in 1..{last}, got {noise_level}")
+        count = images.shape[0]
+        captions = [caption] * count if isinstance(caption, str) else list(caption)
+        if len(captions) != count:
+            raise ValueError(f"got {len(captions)} captions for {count} images")
+        guided = guidance_scale != 1.0
         timed = timed or (lambda stage: nullcontext())
         with timed("vae"):
             latents = self.encode_latents(images)
@@ -297,13 +305,18 @@ class VLMDiffNet(nn.Module):
         alpha = float(alphas[timesteps[0]])
         sample = alpha**0.5 * latents + (1.0 - alpha) ** 0.5 * noise
         with timed("text_encoder"):
-            condition = self.condition([caption] * images.shape[0])
+            condition = self.condition(captions + [""] * count if guided else captions)
+        hints = torch.cat([images, images]) if guided else images
         with timed("unet"):
             for index, timestep in enumerate(timesteps):
                 alpha = float(alphas[timestep])
                 alpha_previous = float(alphas[timesteps[index + 1]]) if index + 1 < len(timesteps) else 1.0
-                step = torch.full((images.shape[0],), timestep, device=images.device, dtype=torch.long)
-                predicted = self.predict_noise(sample, step, condition, images)
+                inputs = torch.cat([sample, sample]) if guided else sample
+                step = torch.full((inputs.shape[0],), timestep, device=images.device, dtype=torch.long)
+                predicted = self.predict_noise(inputs, step, condition, hints)
+                if guided:
+                    with_caption, without = predicted.chunk(2)
+                    predicted = without + guidance_scale * (with_caption - without)
                 sample = ddim_step(sample, predicted.to(sample.dtype), alpha, alpha_previous)
         with timed("vae"):
             return self.decode_latents(sample)

@@ -10,8 +10,9 @@ The run folder holds everything, written atomically:
 - ``losses.csv`` and ``loss.png``: the loss per optimiser step (raw and smoothed);
 - ``captions.jsonl``: the captioner's answers, keyed by image content hash (only when a captioner is used).
 
-Steps: images are resized to ``image_size``; the autoencoder is optionally fine-tuned on them
-(``autoencoder_finetune_steps``), then frozen; their latents are computed once and normalised with the
+Steps: images are resized to ``image_size``; the autoencoder is fine-tuned on them as the authors do (L1 +
+perceptual + KL; by default for SD's VAE only, see ``autoencoder_finetune_steps``; losses in
+``autoencoder_losses.csv``), then frozen; their latents are computed once and normalised with the
 training set's mean and standard deviation; each step draws a batch (a fresh permutation every epoch), a
 timestep and noise per image, and minimises the noise-prediction error of UNet + guidance network, with the
 image's caption (replaced by the empty caption with probability ``caption_dropout``, so the model also
@@ -34,12 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from anomalens.io.datasets import open_dataset
 from anomalens.io.images import images_to_tensor, readable_images
 from anomalens.io.outputs import atomic_write_bytes, honour_umask, png_bytes
 from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
+from anomalens.methods.vlmdiff.autoencoder import perceptual_distance
 from anomalens.methods.vlmdiff.captions import (
     DEFAULT_PROMPT,
     DEFAULT_TEMPLATE,
@@ -56,7 +57,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOSS_CSV = "losses.csv"
 LOSS_PLOT = "loss.png"
 CAPTION_CACHE = "captions.jsonl"
+AUTOENCODER_LOSS_CSV = "autoencoder_losses.csv"
+DEFAULT_EPOCHS = 300  # the authors' training length on MVTec AD and VisA
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+# LPIPS's VGG layers (relu1_2 .. relu4_3; its relu5_3 lies beyond what CRAFT's VGG16-BN holds) in vgg16_bn's numbering
+PERCEPTUAL_LAYERS = {"vgg16_bn": ("features.5", "features.12", "features.22", "features.32")}
 
 
 @dataclass
@@ -65,13 +70,15 @@ class VLMDiffTrainConfig:
 
     dataset: str  # dataset layout (see anomalens.io.datasets.list_datasets())
     root: str  # its root folder
-    categories: tuple[str, ...] | None = None  # categories trained together; None = all
+    categories: tuple[str, ...] | None = None  # categories trained together, from any of the roots; None = all
+    extra_roots: tuple[str, ...] = ()  # further roots of the same layout (e.g. MVTec AD and MPDD): one model
+    # learns the chosen categories of every root together (a category name may appear in one root only)
     architecture: VLMDiffArchitecture = field(default_factory=VLMDiffArchitecture)  # the model to build
-    steps: int = 10000  # optimiser steps in total (a resumed run continues up to this number)
-    epochs: int | None = None  # length in passes over the images instead (the authors: 300 for MVTec AD / VisA,
-    # 100 for Real-IAD); one step takes batch_size x gradient_accumulation images; overrides steps
-    batch_size: int = 12  # images per micro-batch (the paper: 12)
-    gradient_accumulation: int = 1  # micro-batches per optimiser step
+    steps: int | None = None  # optimiser steps in total (a resumed run continues up to this number); None: epochs
+    epochs: int | None = None  # length in passes over the images instead, one step taking batch_size x
+    # gradient_accumulation images; None with steps None: 300 (the authors' for MVTec AD / VisA; 100 for Real-IAD)
+    batch_size: int = 12  # images per micro-batch (the authors: 12)
+    gradient_accumulation: int = 4  # micro-batches per optimiser step (the authors: 4)
     learning_rate: float = 1e-5  # AdamW learning rate (the paper: 1e-5, fine-tuning SD; from scratch needs more)
     warmup_steps: int = 0  # linear learning-rate warm-up
     weight_decay: float = 0.0  # AdamW weight decay
@@ -85,8 +92,19 @@ class VLMDiffTrainConfig:
     mixed_precision: str = "auto"  # "auto" (bf16 on a GPU that has it, else none), "no", "bf16", "fp16"
     frozen_encoder: bool = True  # train only the guidance network and the UNet's decoder (the authors'); False:
     # the whole UNet
-    autoencoder_finetune_steps: int = 0  # steps of reconstruction fine-tuning of the autoencoder before training
-    autoencoder_learning_rate: float = 1e-4  # its learning rate
+    # Fine-tuning of the autoencoder on the training images before the diffusion model trains (the authors always
+    # fine-tune SD's KL-f8 VAE per dataset: L1 + LPIPS + KL, batch 1 x 8 accumulated, lr 4.5e-5)
+    autoencoder_finetune_steps: int | None = None  # optimiser steps; None: 1000 epochs for SD's VAE (their trainer
+    # sets no length: PyTorch Lightning's default max_epochs), none for TAEF2 / tiny (the authors never used them)
+    autoencoder_learning_rate: float = 4.5e-5  # AdamW learning rate (the authors')
+    autoencoder_batch_size: int = 1  # images per micro-batch (the authors')
+    autoencoder_gradient_accumulation: int = 8  # micro-batches per step (the authors')
+    autoencoder_perceptual: str | None = "vgg16_bn"  # backbone of the LPIPS-style term (weight 1, as LDM's kl-f8
+    # loss); its relu1_2..relu4_3 layers with uniform channel weights (LPIPS's learned ones are not shipped); None:
+    # L1 (+KL) only
+    autoencoder_perceptual_weights: str | None = "default"  # its weights: "default" (torchvision's ImageNet
+    # vgg16_bn), a file (e.g. CRAFT's craft_mlt_25k.pth, whose VGG16-BN layers load), or None (random: a guess)
+    autoencoder_kl_weight: float = 1e-6  # weight of the KL term of a KL VAE (LDM's kl-f8 config)
     device: str = "auto"  # "auto": the first GPU if present, else the CPU
     weights_dir: str | None = None  # folder searched first for pretrained weights
 
@@ -95,20 +113,40 @@ class VLMDiffTrainConfig:
             self.architecture = VLMDiffArchitecture.from_dict(self.architecture)
         if self.categories is not None:
             self.categories = tuple(self.categories)
-        for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every"):
+        self.extra_roots = tuple(str(root) for root in self.extra_roots)
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"train vlmdiff: give steps ({self.steps}) or epochs ({self.epochs}), not both")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"train vlmdiff option steps={self.steps!r} must be >= 1")
+        for name in (
+            "batch_size",
+            "gradient_accumulation",
+            "checkpoint_every",
+            "autoencoder_batch_size",
+            "autoencoder_gradient_accumulation",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train vlmdiff option {name}={getattr(self, name)!r} must be >= 1")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"train vlmdiff option epochs={self.epochs!r} must be >= 1")
-        for name in ("warmup_steps", "autoencoder_finetune_steps"):
-            if getattr(self, name) < 0:
+        for name in ("warmup_steps", "autoencoder_finetune_steps", "autoencoder_kl_weight"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"train vlmdiff option {name}={getattr(self, name)!r} must be >= 0")
-        if not self.learning_rate > 0:
-            raise ValueError(f"train vlmdiff option learning_rate={self.learning_rate!r} must be > 0")
+        for name in ("learning_rate", "autoencoder_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"train vlmdiff option {name}={getattr(self, name)!r} must be > 0")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"train vlmdiff option caption_dropout={self.caption_dropout!r} must be in [0, 1]")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+
+    def autoencoder_steps(self, image_count: int) -> int:
+        """Optimiser steps of autoencoder fine-tuning for ``image_count`` training images (see the field)."""
+        if self.autoencoder_finetune_steps is not None:
+            return self.autoencoder_finetune_steps
+        if self.architecture.autoencoder != "sd":
+            return 0
+        return math.ceil(1000 * image_count / (self.autoencoder_batch_size * self.autoencoder_gradient_accumulation))
 
     def resumable_fields(self) -> dict[str, Any]:
         """Settings that must match for a resume (everything but the step budget, interval and device)."""
@@ -116,6 +154,14 @@ class VLMDiffTrainConfig:
         for name in ("steps", "epochs", "checkpoint_every", "device", "weights_dir"):
             values.pop(name)
         return json.loads(json.dumps(values))
+
+
+def _settings_that_matter(values: dict[str, Any]) -> dict[str, Any]:
+    """Resumable settings without the autoencoder fine-tuning's when the run fine-tunes no autoencoder."""
+    steps = values.get("autoencoder_finetune_steps")
+    if steps == 0 or (steps is None and values.get("architecture", {}).get("autoencoder") != "sd"):
+        return {name: value for name, value in values.items() if not name.startswith("autoencoder_")}
+    return values
 
 
 def _device(choice: str) -> torch.device:
@@ -134,49 +180,83 @@ def _autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+def training_categories(config: VLMDiffTrainConfig) -> list[tuple[str, Any]]:
+    """``(category, dataset)`` pairs to train on, looked up in ``root`` and every extra root.
+
+    Raises:
+        ValueError: A chosen category is in no root (the message lists each root's categories), or a category
+            name is in two roots (the model could not tell them apart by name).
+    """
+    datasets = [open_dataset(config.dataset, root) for root in (config.root, *config.extra_roots)]
+    found: dict[str, list[Any]] = {}
+    for data in datasets:
+        for category in data.categories():
+            found.setdefault(category, []).append(data)
+    chosen = list(config.categories) if config.categories else sorted(found)
+    listing = "; ".join(f"{data.root}: {', '.join(data.categories()) or 'none'}" for data in datasets)
+    missing = [category for category in chosen if category not in found]
+    if missing:
+        raise ValueError(f"train vlmdiff: categor{'y' if len(missing) == 1 else 'ies'} {missing} not found in the "
+                         f"{config.dataset} root(s); available: {listing}")  # fmt: skip
+    twice = [category for category in chosen if len(found[category]) > 1]
+    if twice:
+        raise ValueError(f"train vlmdiff: category {twice[0]!r} is in more than one root ({listing}); "
+                         "train them apart or rename one")  # fmt: skip
+    return [(category, found[category][0]) for category in chosen]
+
+
 def load_training_images(config: VLMDiffTrainConfig) -> tuple[torch.Tensor, list[str], list[str]]:
     """The normal training images of the chosen categories, resized: uint8 ``(N, 3, S, S)``, paths, categories.
 
     Unreadable images are reported and skipped.
     """
-    data = open_dataset(config.dataset, config.root)
-    chosen = list(config.categories) if config.categories else data.categories()
+    chosen = training_categories(config)
     size = config.architecture.image_size
     pixels, paths, categories = [], [], []
-    for category in chosen:
+    for category, data in chosen:
         for path, image in readable_images([sample.image_path for sample in data.train_samples(category)]):
             pixels.append((images_to_tensor([image], size)[0] * 255.0).round().to(torch.uint8))
             paths.append(str(path))
             categories.append(category)
     if not pixels:
-        raise ValueError(f"no readable normal training image in {config.dataset} at {config.root} for {chosen}")
+        raise ValueError(f"no readable normal training image in {config.dataset} at {config.root} for "
+                         f"{[category for category, _ in chosen]}")  # fmt: skip
     return torch.stack(pixels), paths, categories
 
 
-def finetune_autoencoder(
+def perceptual_network(config: VLMDiffTrainConfig) -> torch.nn.Module | None:
+    """The frozen backbone of the autoencoder's perceptual loss, or ``None`` when it has none."""
+    if config.autoencoder_perceptual is None:
+        return None
+    from anomalens.backbones import FeatureBackbone
+
+    layers = PERCEPTUAL_LAYERS.get(config.autoencoder_perceptual)
+    return FeatureBackbone(
+        config.autoencoder_perceptual,
+        layers,
+        pretrained=config.autoencoder_perceptual_weights,
+        weights_dir=config.weights_dir,
+        method_hint="train vlmdiff --autoencoder-perceptual-weights",
+        init_seed=config.seed,
+    )
+
+
+def autoencoder_loss(
     net: VLMDiffNet,
     images: torch.Tensor,
-    steps: int,
-    learning_rate: float,
-    batch_size: int,
+    perceptual: torch.nn.Module | None,
+    kl_weight: float,
     generator: torch.Generator,
-    device: torch.device,
-) -> list[float]:
-    """Fine-tune the autoencoder to reconstruct the normal images (L1 loss); returns the losses."""
-    autoencoder = net.autoencoder
-    autoencoder.train().requires_grad_(True)
-    optimiser = torch.optim.AdamW(autoencoder.parameters(), lr=learning_rate)
-    losses = []
-    for _ in range(steps):
-        indices = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
-        batch = images[indices].to(device).float() / 255.0
-        loss = F.l1_loss(autoencoder(batch), batch)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
-    autoencoder.eval().requires_grad_(False)
-    return losses
+) -> torch.Tensor:
+    """The authors' autoencoder loss on ``(B, 3, S, S)`` images in [0, 1]: mean L1 + perceptual distance (weight 1)
+    + ``kl_weight`` x KL (KL VAEs only), averaged over the batch; a scalar."""
+    reconstruction, kl = net.autoencoder.training_reconstruction(images, generator)
+    loss = (reconstruction.float() - images.float()).abs().mean((1, 2, 3))
+    if perceptual is not None:
+        loss = loss + perceptual_distance(perceptual(images), perceptual(reconstruction))
+    if kl is not None:
+        loss = loss + kl_weight * kl.float()
+    return loss.mean()
 
 
 @torch.no_grad()
@@ -250,12 +330,15 @@ def plot_losses(path: Path, steps: list[int], losses: list[float], title: str = 
     atomic_write_bytes(path, png_bytes(np.asarray(image)))
 
 
-def save_run_model(net: VLMDiffNet, out: Path, config: VLMDiffTrainConfig, meta: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` (trained tensors) and ``vlmdiff.json`` atomically."""
+def save_run_model(
+    net: VLMDiffNet, out: Path, config: VLMDiffTrainConfig, meta: dict[str, Any], *, with_autoencoder: bool = False
+) -> None:
+    """Write ``model.safetensors`` (trained tensors, the fine-tuned autoencoder's with ``with_autoencoder``) and
+    ``vlmdiff.json`` atomically."""
     from safetensors.torch import save_file
 
     parts = dict(net.trainable_modules())
-    if config.autoencoder_finetune_steps > 0:
+    if with_autoencoder:
         parts["autoencoder"] = net.autoencoder
     tensors = {
         f"{name}.{key}": value.detach().cpu().contiguous()
@@ -349,17 +432,24 @@ def _read_resume(config: VLMDiffTrainConfig, out: Path, overwrite: bool) -> dict
         saved = resume["config"]
         if "architecture" in saved:  # written by an earlier version: its new fields at the values it trained with
             saved = {**saved, "architecture": upgrade_architecture(saved["architecture"])}
-        current = config.resumable_fields()
-        different = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        saved, current = _settings_that_matter(saved), _settings_that_matter(config.resumable_fields())
+        # a field added since the checkpoint was written counts as equal when it has its default now
+        defaults = VLMDiffTrainConfig(dataset="", root="").resumable_fields()
+        different = sorted(
+            key for key in set(saved) | set(current) if saved.get(key, defaults.get(key)) != current.get(key)
+        )
         if different:
             raise ValueError(
                 f"{out} holds a checkpoint of a run with other settings ({', '.join(different)}); "
                 "use another --out, the same settings, or --overwrite"
             )
-        logger.info("resuming %s from step %d", out, resume["step"])
+        if resume.get("phase") == "autoencoder":
+            logger.info("resuming %s: autoencoder fine-tuning from step %d", out, resume["autoencoder_step"])
+        else:
+            logger.info("resuming %s from step %d", out, resume["step"])
         return resume
     if overwrite:
-        for name in (CHECKPOINT_FILE, LOSS_CSV, LOSS_PLOT, RUN_WEIGHTS_FILE, RUN_CONFIG_FILE):
+        for name in (CHECKPOINT_FILE, LOSS_CSV, LOSS_PLOT, RUN_WEIGHTS_FILE, RUN_CONFIG_FILE, AUTOENCODER_LOSS_CSV):
             (out / name).unlink(missing_ok=True)
     return None
 
@@ -395,18 +485,67 @@ class _Trainer:
 
     def _prepare_latents(self) -> torch.Tensor:
         """Fine-tune (or restore) the autoencoder, then encode the images and fit the latent statistics."""
-        config, net = self.config, self.net
-        if self.resume is not None:
-            if config.autoencoder_finetune_steps > 0:
+        net = self.net
+        self.autoencoder_steps = self.config.autoencoder_steps(len(self.paths))
+        if self.autoencoder_steps > 0:
+            if self.resume is not None and self.resume.get("phase", "diffusion") == "diffusion":
                 net.autoencoder.load_state_dict(self.resume["autoencoder"])
-        elif config.autoencoder_finetune_steps > 0:
-            logger.info("fine-tuning the autoencoder for %d steps", config.autoencoder_finetune_steps)
-            finetune_autoencoder(net, self.images, config.autoencoder_finetune_steps, config.autoencoder_learning_rate,
-                                 config.batch_size, self.generator, self.device)  # fmt: skip
+            else:
+                self._finetune_autoencoder()
         raw_latents = encode_dataset(net, self.images, self.device)
         net.latent_shift.fill_(float(raw_latents.mean()))
         net.latent_scale.fill_(float(raw_latents.std()))
         return (raw_latents - net.latent_shift.cpu()) / net.latent_scale.cpu()
+
+    def _finetune_autoencoder(self) -> None:
+        """Fine-tune the autoencoder on the training images (:func:`autoencoder_loss`), checkpointed every
+        ``checkpoint_every`` steps so an interrupted fine-tuning resumes bit for bit; then freeze it."""
+        config, net, total = self.config, self.net, self.autoencoder_steps
+        autoencoder = net.autoencoder
+        autoencoder.train().requires_grad_(True)
+        perceptual = perceptual_network(config)
+        if perceptual is not None:
+            perceptual.to(self.device)
+        optimiser = torch.optim.AdamW(autoencoder.parameters(), lr=config.autoencoder_learning_rate)
+        step, history = 0, []
+        if self.resume is not None:  # interrupted while fine-tuning the autoencoder
+            autoencoder.load_state_dict(self.resume["autoencoder"])
+            optimiser.load_state_dict(self.resume["autoencoder_optimiser"])
+            self.generator.set_state(self.resume["generator"])
+            step, history = self.resume["autoencoder_step"], self.resume["autoencoder_history"]
+            self.resume = None  # the diffusion model starts afresh
+        logger.info("fine-tuning the autoencoder: step %d of %d", step, total)
+        began = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+        while step < total:
+            optimiser.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for _ in range(config.autoencoder_gradient_accumulation):
+                count = min(config.autoencoder_batch_size, len(self.paths))
+                indices = torch.randint(0, len(self.paths), (count,), generator=self.generator)
+                batch = self.images[indices].to(self.device).float() / 255.0
+                loss = autoencoder_loss(net, batch, perceptual, config.autoencoder_kl_weight, self.generator)
+                (loss / config.autoencoder_gradient_accumulation).backward()
+                loss_sum += float(loss.detach()) / config.autoencoder_gradient_accumulation
+            optimiser.step()
+            step += 1
+            history.append({"step": step, "loss": loss_sum, "learning_rate": config.autoencoder_learning_rate,
+                            "seconds": time.perf_counter() - began})  # fmt: skip
+            if step % config.checkpoint_every == 0 or step == total:
+                state = {
+                    "config": config.resumable_fields(),
+                    "phase": "autoencoder",
+                    "autoencoder": autoencoder.state_dict(),
+                    "autoencoder_optimiser": optimiser.state_dict(),
+                    "generator": self.generator.get_state(),
+                    "autoencoder_step": step,
+                    "autoencoder_history": history,
+                }
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                atomic_write_bytes(self.out / CHECKPOINT_FILE, buffer.getvalue())
+                write_loss_csv(self.out / AUTOENCODER_LOSS_CSV, history)
+                logger.info("autoencoder step %d/%d: loss %.4f", step, total, loss_sum)
+        autoencoder.eval().requires_grad_(False)
 
     def _prepare_optimiser(self) -> None:
         """AdamW over the trainable parts, the data sampler, and the resumed state where there is one."""
@@ -445,14 +584,14 @@ class _Trainer:
             "order": self.sampler.order,
             "position": self.sampler.position,
         }
-        if config.autoencoder_finetune_steps > 0:
+        if self.autoencoder_steps > 0:
             state["autoencoder"] = net.autoencoder.state_dict()
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(self.out / CHECKPOINT_FILE, buffer.getvalue())
         meta = {"steps_done": self.step, "images": len(self.paths), "categories": sorted(set(self.categories)),
                 "captions": sorted(set(self.captions))[:20]}  # fmt: skip
-        save_run_model(net, self.out, config, meta)
+        save_run_model(net, self.out, config, meta, with_autoencoder=self.autoencoder_steps > 0)
         write_loss_csv(self.out / LOSS_CSV, self.history)
         steps = [row["step"] for row in self.history]
         plot_losses(self.out / LOSS_PLOT, steps, [row["loss"] for row in self.history])
@@ -511,9 +650,10 @@ class _Trainer:
     def total_steps(self) -> int:
         """Optimiser steps of the whole run: ``steps``, or ``epochs`` passes over the training images."""
         config = self.config
-        if config.epochs is None:
+        if config.steps is not None:
             return config.steps
-        return math.ceil(config.epochs * len(self.paths) / (config.batch_size * config.gradient_accumulation))
+        epochs = DEFAULT_EPOCHS if config.epochs is None else config.epochs
+        return math.ceil(epochs * len(self.paths) / (config.batch_size * config.gradient_accumulation))
 
     def _log_progress(self, seconds_per_step: float) -> None:
         recent = [row["loss"] for row in self.history[-self.config.checkpoint_every :]]
