@@ -9,6 +9,10 @@
 #                         former way, to separate the model's effect from the scoring's.
 #   VLMDIFF_DESIGN=former the design before issue 19: guidance at every level, no SFF, the whole UNet trained,
 #                         plain-max scoring with sigma 4 (plus noise-level and feature-extractor ablations).
+#   VLMDIFF_DESIGN=guidance-all   the authors' design but one factor: guidance residuals at every level
+#   VLMDIFF_DESIGN=unfrozen       the authors' design but one factor: the whole UNet trains
+#                         (both scored at t = 500 the authors' way; compare with "paper" in one table by
+#                         benchmarks/vlmdiff_compare.py, as the last lines do once all four have run)
 #
 # Run from the repository root; ANOMALENS_SHARED points at the shared data (default ../shared). Training takes
 # about an hour on 2 cores; re-running resumes from the run's checkpoint.
@@ -21,6 +25,11 @@ if [ "$DESIGN" = former ]; then
     RESULTS=benchmarks/results/vlmdiff-small-taef2-minilm-bottle
     DESIGN_OPTIONS=(--guidance-levels all --no-fusion --no-frozen-encoder)
     SCORING=(--set image_score=max --set smoothing_sigma=4)
+elif [ "$DESIGN" = guidance-all ] || [ "$DESIGN" = unfrozen ]; then
+    RUN=${VLMDIFF_RUN:-runs/vlmdiff-bottle-small-paper-$DESIGN}
+    RESULTS=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-ablations/$DESIGN
+    if [ "$DESIGN" = guidance-all ]; then DESIGN_OPTIONS=(--guidance-levels all); else DESIGN_OPTIONS=(--no-frozen-encoder); fi
+    SCORING=()
 else
     RUN=${VLMDIFF_RUN:-runs/vlmdiff-bottle-small-paper}
     RESULTS=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-paper
@@ -42,6 +51,19 @@ bench() {  # name, then --set options
         --dataset mvtec --root "$SHARED/datasets/mvtec" --category bottle --shots 0 --out "$RESULTS/$name"
 }
 bench t500-taef2 --set feature_extractor=taef2 --set noise_level=500 "${SCORING[@]}"
+if [ "$DESIGN" = guidance-all ] || [ "$DESIGN" = unfrozen ]; then
+    python3 benchmarks/vlmdiff_grid.py --run "$RUN" --set feature_extractor=taef2 --set noise_level=500 \
+        --root "$SHARED/datasets/mvtec/bottle/test" --out "$RESULTS/grid-t500.png"
+    ABLATIONS=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-ablations
+    if [ -f "$ABLATIONS/guidance-all/t500-taef2/results.json" ] && [ -f "$ABLATIONS/unfrozen/t500-taef2/results.json" ]; then
+        python3 benchmarks/vlmdiff_compare.py --out "$ABLATIONS" --title "VLMDiff small on bottle, one factor at a time" \
+            --row "former design=benchmarks/results/vlmdiff-small-taef2-minilm-bottle/t500-taef2" \
+            --row "authors' design=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-paper/t500-taef2" \
+            --row "authors' but guidance at every level=$ABLATIONS/guidance-all/t500-taef2" \
+            --row "authors' but the whole UNet trains=$ABLATIONS/unfrozen/t500-taef2"
+    fi
+    exit 0
+fi
 bench t999-taef2 --set feature_extractor=taef2 "${SCORING[@]}"
 if [ "$DESIGN" = former ]; then
     bench t250-taef2 --set feature_extractor=taef2 --set noise_level=250 "${SCORING[@]}"

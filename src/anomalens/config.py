@@ -46,6 +46,9 @@ class DetectorConfig:
 
     method: ClassVar[str] = "detector"  # the registered method name, used in error messages
     weight_fields: ClassVar[tuple[str, ...]] = ()  # fields naming pretrained weights; None in each = random weights
+    # fields added after detectors of the method were first saved, with the behaviour those detectors had: a saved
+    # config that lacks one loads with this value, so a saved detector scores as it did when it was fitted
+    saved_before_the_field: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def random_weights(cls) -> dict[str, Any]:

@@ -384,6 +384,8 @@ class Detector(nn.Module):
         if cls is not Detector and not issubclass(method, cls):
             raise ValueError(f"{path} holds a {meta['method']!r} detector, not {cls.method_name!r}")
         options = {key: value for key, value in meta["config"].items() if key != "device"}
+        for key, value in method.config_class.saved_before_the_field.items():
+            options.setdefault(key, value)
         detector = method(build_config(method.config_class, options, method=meta["method"]), load_pretrained=False)
         state = load_file(str(Path(path) / TENSORS_FILE), device="cpu")
         load_state_dict_checked(detector, state, source=str(path))

@@ -1,19 +1,42 @@
 """PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
 
 1. Features: two mid-level stages of a frozen CNN; each is averaged over a ``neighbourhood`` x
-   ``neighbourhood`` window (local aggregation), the deeper one is upsampled to the shallower one's
-   grid, the two are concatenated and averaged down to ``feature_dim`` channels.
+   ``neighbourhood`` window (local aggregation; the zero padding at the border counts, as in the authors' code
+   and anomalib), the deeper one is upsampled (bilinearly) to the shallower one's grid, the two are concatenated
+   and averaged down to ``feature_dim`` channels.
 2. Memory: every patch feature of the reference images, reduced to a greedy k-center coreset
    (computed on a random projection) of ``coreset_ratio`` of them.
 3. Scoring: a patch's score is its Euclidean distance to the nearest memory entry; the patch map is
-   upsampled to ``image_size``, Gaussian-smoothed (``smoothing_sigma``), and the image score is its maximum.
+   upsampled to ``image_size``, Gaussian-smoothed (``smoothing_sigma``). The image score is the paper's
+   Eq. 7: the largest patch score ``s*``, re-weighted by ``1 - softmax`` of the distances from that patch to
+   the ``num_neighbours`` memory entries nearest its own nearest entry ``m*`` (the first being ``m*``), so a
+   patch whose neighbourhood in memory is sparse counts more.
+
+``compat`` chooses every scoring detail at once: "paper" (the paper, and its authors' code where the paper is
+silent) or "anomalib" (anomalib 2.x's ``PatchcoreModel`` output for output). Each detail is also a field of
+its own, which overrides the preset:
+
+=====================  ===========================  ======================  =============================
+field                  "paper"                      "anomalib"              former anomalens
+=====================  ===========================  ======================  =============================
+neighbourhood_padding  zeros (authors' code)        zeros                   exclude
+feature_dim            1024 (authors' code)         0 (all 1536 channels)   1024
+map_upsampling         bilinear (authors' code)     nearest                 bilinear
+smoothing_border       reflect (scipy's default,    mirror (kornia's        nearest
+                       the authors' code)           "reflect")
+image_score            reweighted (Eq. 7)           reweighted              max (of the smoothed map)
+=====================  ===========================  ======================  =============================
+
+The authors' code reduces channels per layer before concatenating; ours averages the concatenation (the same
+width, not the same values). Their released code takes the plain maximum as the image score; the paper's
+Eq. 7 is what "paper" follows.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,8 +46,15 @@ from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
 from anomalens.config import DetectorConfig, check_options
 from anomalens.detector import Detector
 from anomalens.io.images import images_to_tensor
-from anomalens.nn.maps import gaussian_blur
+from anomalens.nn.maps import BLUR_BORDERS, gaussian_blur
 from anomalens.nn.memory import NearestNeighbourMemory
+
+PATCHCORE_COMPAT = {  # the scoring details each compat preset sets (fields left None)
+    "paper": {"neighbourhood_padding": "zeros", "feature_dim": 1024, "map_upsampling": "bilinear",
+              "smoothing_border": "reflect", "image_score": "reweighted"},
+    "anomalib": {"neighbourhood_padding": "zeros", "feature_dim": 0, "map_upsampling": "nearest",
+                 "smoothing_border": "mirror", "image_score": "reweighted"},
+}  # fmt: skip
 
 
 @dataclass
@@ -33,18 +63,37 @@ class PatchCoreConfig(DetectorConfig):
 
     method: ClassVar[str] = "patchcore"
     weight_fields: ClassVar[tuple[str, ...]] = ("pretrained",)
+    saved_before_the_field: ClassVar[dict[str, Any]] = {
+        "neighbourhood_padding": "exclude", "map_upsampling": "bilinear", "smoothing_border": "nearest",
+        "image_score": "max",
+    }  # fmt: skip
 
     backbone: str = "wide_resnet50_2"  # feature backbone; see anomalens.backbones.list_backbones()
     pretrained: str | None = "default"  # "default": the backbone's registered weights; a path; None: random init
     layers: tuple[str, ...] | None = None  # backbone stages to use; None = the backbone's two default stages
     image_size: int = 256  # images are resized to image_size x image_size before feature extraction
     neighbourhood: int = 3  # side of the local aggregation window (the paper's patch size p)
-    feature_dim: int = 1024  # channels the concatenated features are averaged down to (never up)
     coreset_ratio: float = 0.1  # share of reference patch features kept in the memory bank (1.0 keeps all)
     coreset_projection_dim: int = 128  # random projection width used by the greedy coreset search
+    num_neighbours: int = 9  # memory entries around m* in the Eq. 7 re-weighting (the paper's b; anomalib's 9)
+    compat: str = "paper"  # every scoring detail below at once: "paper" or "anomalib" (see the module docstring)
+    neighbourhood_padding: str | None = None  # "zeros": the window's zero padding counts; "exclude": only real
+    # cells are averaged; None: compat's
+    feature_dim: int | None = None  # channels the concatenation is averaged down to (never up); 0: all; None:
+    # compat's (paper 1024, anomalib all)
+    map_upsampling: str | None = None  # patch map to image_size: "bilinear" or "nearest"; None: compat's
+    smoothing_border: str | None = None  # Gaussian smoothing's border, scipy's names: "reflect", "mirror" or
+    # "nearest"; None: compat's
+    image_score: str | None = None  # "reweighted" (Eq. 7, on the raw patch scores) or "max" (of the smoothed
+    # map); None: compat's
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.compat not in PATCHCORE_COMPAT:
+            raise ValueError(f"unknown patchcore compat {self.compat!r}; valid: {', '.join(PATCHCORE_COMPAT)}")
+        for name, value in PATCHCORE_COMPAT[self.compat].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.layers = check_layers(self.backbone, self.layers)
         check_options(
             self.method,
@@ -52,9 +101,14 @@ class PatchCoreConfig(DetectorConfig):
             {
                 "image_size": (self.image_size >= 16, ">= 16"),
                 "neighbourhood": (self.neighbourhood >= 1 and self.neighbourhood % 2 == 1, "an odd integer >= 1"),
-                "feature_dim": (self.feature_dim >= 1, ">= 1"),
+                "feature_dim": (self.feature_dim >= 0, ">= 0 (0 keeps all channels)"),
                 "coreset_ratio": (0.0 < self.coreset_ratio <= 1.0, "in (0, 1]"),
                 "coreset_projection_dim": (self.coreset_projection_dim >= 1, ">= 1"),
+                "num_neighbours": (self.num_neighbours >= 1, ">= 1"),
+                "neighbourhood_padding": (self.neighbourhood_padding in ("zeros", "exclude"), "zeros or exclude"),
+                "map_upsampling": (self.map_upsampling in ("bilinear", "nearest"), "bilinear or nearest"),
+                "smoothing_border": (self.smoothing_border in BLUR_BORDERS, f"one of {', '.join(BLUR_BORDERS)}"),
+                "image_score": (self.image_score in ("reweighted", "max"), "reweighted or max"),
             },
         )
 
@@ -103,8 +157,9 @@ class PatchCore(Detector):
         """
         maps = self.backbone(images.to(self.device))
         size = self.config.neighbourhood
+        with_padding = self.config.neighbourhood_padding == "zeros"
         aggregated = [
-            F.avg_pool2d(feature, size, stride=1, padding=size // 2, count_include_pad=False) for feature in maps
+            F.avg_pool2d(feature, size, stride=1, padding=size // 2, count_include_pad=with_padding) for feature in maps
         ]
         grid = aggregated[0].shape[-2:]
         aligned = [
@@ -114,7 +169,7 @@ class PatchCore(Detector):
             for feature in aggregated
         ]
         features = torch.cat(aligned, dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
-        if features.shape[-1] > self.config.feature_dim:
+        if 0 < self.config.feature_dim < features.shape[-1]:
             batch, height, width, channels = features.shape
             flat = features.reshape(-1, 1, channels)
             features = F.adaptive_avg_pool1d(flat, self.config.feature_dim).reshape(batch, height, width, -1)
@@ -146,11 +201,55 @@ class PatchCore(Detector):
             features = self._embed_arrays(images)
         batch, height, width, channels = features.shape
         with self.timed("memory_search"):
-            distances, _ = self.memory.search(features.reshape(-1, channels), k=1)
+            distances, indices = self.memory.search(features.reshape(-1, channels), k=1)
         with self.timed("post_processing"):
             patch_scores = distances[:, 0].reshape(batch, 1, height, width)
-            size = self.config.image_size
-            maps = F.interpolate(patch_scores, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-            maps = gaussian_blur(maps, self.config.smoothing_sigma)
-            scores = maps.flatten(1).amax(1)
+            size, mode = self.config.image_size, self.config.map_upsampling
+            corners = {"align_corners": False} if mode == "bilinear" else {}
+            maps = F.interpolate(patch_scores, size=(size, size), mode=mode, **corners)[:, 0]
+            maps = gaussian_blur(maps, self.config.smoothing_sigma, border=self.config.smoothing_border)
+        if self.config.image_score == "max":
+            return maps.flatten(1).amax(1), maps
+        with self.timed("memory_search"):
+            scores = reweighted_scores(
+                patch_scores.reshape(batch, -1),
+                indices[:, 0].reshape(batch, -1),
+                features.reshape(batch, height * width, channels),
+                self.memory,
+                self.config.num_neighbours,
+            )
         return scores, maps
+
+
+def reweighted_scores(
+    patch_scores: torch.Tensor,
+    nearest: torch.Tensor,
+    features: torch.Tensor,
+    memory: NearestNeighbourMemory,
+    num_neighbours: int,
+) -> torch.Tensor:
+    """PatchCore's image score (the paper's Eq. 7).
+
+    For each image, the patch with the largest score ``s*`` (its feature ``m_test*``, its nearest memory entry
+    ``m*``) gives ``s = (1 - softmax(d)[0]) * s*``, where ``d`` are the distances from ``m_test*`` to the
+    ``num_neighbours`` memory entries nearest ``m*`` (``m*`` itself first, so ``d[0] = s*``).
+
+    Args:
+        patch_scores: ``(B, P)`` nearest-neighbour distances of each image's patches.
+        nearest: ``(B, P)`` index of each patch's nearest memory entry.
+        features: ``(B, P, D)`` the patches' features.
+        memory: The fitted memory bank.
+        num_neighbours: ``b``, at most the memory's size.
+
+    Returns:
+        ``(B,)`` image scores.
+    """
+    batch = torch.arange(patch_scores.shape[0], device=patch_scores.device)
+    worst = patch_scores.argmax(1)
+    worst_score = patch_scores[batch, worst]
+    worst_feature = features[batch, worst].float()  # m_test*
+    anchor = memory.bank[nearest[batch, worst].to(memory.bank.device)]  # m*
+    _, support = memory.search(anchor, k=min(num_neighbours, len(memory)))  # (B, b), m* first
+    distances = (worst_feature[:, None, :].to(memory.bank.device) - memory.bank[support]).norm(dim=-1)
+    weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+    return weights.to(worst_score.device) * worst_score

@@ -16,21 +16,50 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return (kernel / kernel.sum()).float()
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(B, H, W)`` maps with edge replication.
+BLUR_BORDERS = ("nearest", "reflect", "mirror")  # scipy.ndimage's names for the border modes
 
-    Matches ``scipy.ndimage.gaussian_filter(map, sigma, mode="nearest", truncate=truncate)`` per map.
-    ``sigma == 0`` returns the maps unchanged.
+
+def _border_indices(length: int, radius: int, mode: str, device: torch.device) -> torch.Tensor:
+    """Source index of each of ``length + 2 * radius`` padded positions, for a scipy.ndimage border ``mode``."""
+    positions = torch.arange(-radius, length + radius, device=device)
+    if mode == "nearest":  # a a a | a b c d | d d d
+        return positions.clamp(0, length - 1)
+    if length == 1:
+        return torch.zeros_like(positions)
+    if mode == "reflect":  # b a | a b c d | d c: the edge is repeated (scipy's default, half-sample symmetric)
+        period = 2 * length
+        folded = positions % period
+        return torch.where(folded < length, folded, period - 1 - folded)
+    period = 2 * (length - 1)  # mirror: c b | a b c d | c b, the edge is not repeated (torch's "reflect")
+    folded = positions % period
+    return torch.where(folded < length, folded, period - folded)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0, border: str = "nearest") -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(B, H, W)`` maps.
+
+    Matches ``scipy.ndimage.gaussian_filter(map, sigma, mode=border, truncate=truncate)`` per map. ``border``:
+    "nearest" (edge values repeated), "reflect" (scipy's default: mirrored with the edge repeated) or "mirror"
+    (mirrored about the edge, which is torch's and kornia's "reflect"). ``sigma == 0`` returns the maps unchanged.
     """
     if sigma == 0:
         return maps
     if maps.ndim != 3:
         raise ValueError(f"maps must be (B, H, W), got shape {tuple(maps.shape)}")
+    if border not in BLUR_BORDERS:
+        raise ValueError(f"unknown blur border {border!r}; valid: {', '.join(BLUR_BORDERS)}")
     kernel = gaussian_kernel1d(sigma, truncate).to(maps.device, maps.dtype)
     radius = (kernel.numel() - 1) // 2
     smoothed = maps[:, None]
-    smoothed = F.conv2d(F.pad(smoothed, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    smoothed = F.conv2d(F.pad(smoothed, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    if border == "nearest":
+        smoothed = F.conv2d(F.pad(smoothed, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+        smoothed = F.conv2d(F.pad(smoothed, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+        return smoothed[:, 0]
+    height, width = maps.shape[-2:]
+    columns = _border_indices(width, radius, border, maps.device)
+    smoothed = F.conv2d(smoothed.index_select(3, columns), kernel.view(1, 1, 1, -1))
+    rows = _border_indices(height, radius, border, maps.device)
+    smoothed = F.conv2d(smoothed.index_select(2, rows), kernel.view(1, 1, -1, 1))
     return smoothed[:, 0]
 
 

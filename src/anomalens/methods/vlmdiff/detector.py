@@ -156,7 +156,7 @@ class VLMDiff(Detector):
         self._captioner = (
             VLMCaptioner(config.test_captioner, config.caption_prompt, device=None) if config.test_captioner else None
         )
-        self._batch = threading.local()  # the captions of the batch being scored, per thread
+        self._batch_captions: dict[int, list[str]] = {}  # the captions of the batch each thread is scoring
 
     @classmethod
     def required_weights(cls, config: VLMDiffConfig) -> list[str]:
@@ -209,12 +209,14 @@ class VLMDiff(Detector):
 
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list:
         """Score ``(H, W, 3)`` uint8 arrays, each reconstructed with its own caption (see :meth:`captions_for`)."""
-        per_image = self._test_captions is not None or self._captioner is not None
-        self._batch.captions = self.captions_for(arrays, sources) if per_image and len(arrays) else None
+        if (self._test_captions is None and self._captioner is None) or not len(arrays):
+            return super().predict_arrays(arrays, sources)
+        thread = threading.get_ident()
+        self._batch_captions[thread] = self.captions_for(arrays, sources)
         try:
             return super().predict_arrays(arrays, sources)
         finally:
-            self._batch.captions = None
+            self._batch_captions.pop(thread, None)
 
     def reconstruct(
         self, images: list[np.ndarray], captions: Sequence[str] | None = None
@@ -247,7 +249,7 @@ class VLMDiff(Detector):
         return torch.stack(maps).mean(0)
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, reconstructions = self.reconstruct(images, getattr(self._batch, "captions", None))
+        pixels, reconstructions = self.reconstruct(images, self._batch_captions.get(threading.get_ident()))
         with self.timed("features"):
             anomaly_maps = self.feature_difference(pixels, reconstructions)
         with self.timed("post_processing"):
