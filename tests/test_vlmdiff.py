@@ -243,6 +243,8 @@ def test_training_settings_are_checked():
         VLMDiffTrainConfig(dataset="mvtec", root=".", caption_dropout=1.5)
     with pytest.raises(ValueError, match="unknown mixed_precision 'fp8'; valid: auto, no, bf16, fp16"):
         VLMDiffTrainConfig(dataset="mvtec", root=".", mixed_precision="fp8")
+    with pytest.raises(ValueError, match="autoencoder_kl_weight=nan must be >= 0"):
+        VLMDiffTrainConfig(dataset="mvtec", root=".", autoencoder_kl_weight=float("nan"))
 
 
 def test_smooth():

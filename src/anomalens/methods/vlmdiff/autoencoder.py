@@ -111,7 +111,8 @@ def perceptual_distance(features: list[torch.Tensor], other_features: list[torch
     """
     total = 0.0
     for first, second in zip(features, other_features, strict=True):
-        first = first.float() / (first.float().norm(dim=1, keepdim=True) + 1e-10)
-        second = second.float() / (second.float().norm(dim=1, keepdim=True) + 1e-10)
+        first, second = first.float(), second.float()
+        first = first / (first.norm(dim=1, keepdim=True) + 1e-10)
+        second = second / (second.norm(dim=1, keepdim=True) + 1e-10)
         total = total + (first - second).pow(2).sum(1).mean((1, 2))
     return total

@@ -130,7 +130,7 @@ class VLMDiffTrainConfig:
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"train vlmdiff option epochs={self.epochs!r} must be >= 1")
         for name in ("warmup_steps", "autoencoder_finetune_steps", "autoencoder_kl_weight"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:  # NaN is refused too
                 raise ValueError(f"train vlmdiff option {name}={getattr(self, name)!r} must be >= 0")
         for name in ("learning_rate", "autoencoder_learning_rate"):
             if not getattr(self, name) > 0:
@@ -219,8 +219,8 @@ def load_training_images(config: VLMDiffTrainConfig) -> tuple[torch.Tensor, list
             paths.append(str(path))
             categories.append(category)
     if not pixels:
-        raise ValueError(f"no readable normal training image in {config.dataset} at {config.root} for "
-                         f"{[category for category, _ in chosen]}")  # fmt: skip
+        roots, names = [config.root, *config.extra_roots], [category for category, _ in chosen]
+        raise ValueError(f"no readable normal training image in {config.dataset} at {roots} for {names}")
     return torch.stack(pixels), paths, categories
 
 
@@ -424,6 +424,13 @@ def train_vlmdiff(
     return out
 
 
+def _write_checkpoint(out: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to the run's ``checkpoint.pt`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(out / CHECKPOINT_FILE, buffer.getvalue())
+
+
 def _read_resume(config: VLMDiffTrainConfig, out: Path, overwrite: bool) -> dict[str, Any] | None:
     """The checkpoint to resume from (checked against ``config``), or ``None``; ``overwrite`` clears the run."""
     checkpoint_path = out / CHECKPOINT_FILE
@@ -540,9 +547,7 @@ class _Trainer:
                     "autoencoder_step": step,
                     "autoencoder_history": history,
                 }
-                buffer = io.BytesIO()
-                torch.save(state, buffer)
-                atomic_write_bytes(self.out / CHECKPOINT_FILE, buffer.getvalue())
+                _write_checkpoint(self.out, state)
                 write_loss_csv(self.out / AUTOENCODER_LOSS_CSV, history)
                 logger.info("autoencoder step %d/%d: loss %.4f", step, total, loss_sum)
         autoencoder.eval().requires_grad_(False)
@@ -586,9 +591,7 @@ class _Trainer:
         }
         if self.autoencoder_steps > 0:
             state["autoencoder"] = net.autoencoder.state_dict()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(self.out / CHECKPOINT_FILE, buffer.getvalue())
+        _write_checkpoint(self.out, state)
         meta = {"steps_done": self.step, "images": len(self.paths), "categories": sorted(set(self.categories)),
                 "captions": sorted(set(self.captions))[:20]}  # fmt: skip
         save_run_model(net, self.out, config, meta, with_autoencoder=self.autoencoder_steps > 0)
