@@ -29,6 +29,25 @@ def test_search_matches_brute_force(metric, max_chunk_bytes):
     assert torch.equal(indices, expected_indices)
 
 
+def test_expansion_distances_are_anomalibs_arithmetic_and_exact_ones_are_exact():
+    """Near neighbours beside large norms: the float32 expansion |q|^2 - 2 q.b + |b|^2 loses digits that the exact
+    recomputation keeps; exact=False returns the expansion, wrong by no more than float32 rounding of the norms."""
+    rng = np.random.default_rng(0)
+    bank = (rng.normal(0, 1, (200, 512)) + 40.0).astype(np.float32)  # norms ~900, neighbour distances ~0.3
+    queries = (bank[:50] + rng.normal(0, 0.01, (50, 512))).astype(np.float32)
+    memory = NearestNeighbourMemory("l2").fit(torch.from_numpy(bank))
+    exact, exact_indices = memory.search(torch.from_numpy(queries), k=1)
+    expanded, expanded_indices = memory.search(torch.from_numpy(queries), k=1, exact=False)
+    truth = np.sqrt(((queries.astype(np.float64) - bank[:50].astype(np.float64)) ** 2).sum(1))
+    assert exact_indices[:, 0].tolist() == list(range(50)) == expanded_indices[:, 0].tolist()
+    assert np.abs(exact[:, 0].double().numpy() - truth).max() < 1e-5
+    assert np.abs(expanded[:, 0].numpy() - truth).max() > 10 * np.abs(exact[:, 0].double().numpy() - truth).max()
+    # the expansion's error is float32 rounding of the norms: |d^2 - truth^2| within a few ulps of |q|^2 + |b|^2
+    norms = (queries.astype(np.float64) ** 2).sum(1) + (bank[:50].astype(np.float64) ** 2).sum(1)
+    bound = 64 * np.finfo(np.float32).eps * norms
+    assert (np.abs(expanded[:, 0].double().numpy() ** 2 - truth**2) <= bound).all()
+
+
 def test_search_validates_inputs():
     memory = NearestNeighbourMemory()
     with pytest.raises(RuntimeError, match="empty"):

@@ -76,7 +76,7 @@ def test_window_embedding_equals_masked_full_sequence(backbone):
 def test_text_is_encoded_once_per_class(backbone):
     calls = []
     original = backbone.encode_text
-    backbone.encode_text = lambda prompts: calls.append(len(prompts)) or original(prompts)
+    backbone.encode_text = lambda prompts, *args: calls.append(len(prompts)) or original(prompts, *args)
     prompt_set = build_prompt_set()
     first = backbone.text_embeddings("bottle", prompt_set)
     for _ in range(3):
@@ -165,16 +165,200 @@ def test_default_weights_are_requested_by_name():
         anomalens.create("winclip", backbone="ViT-Z", pretrained=None)
 
 
-def test_golden_value():
-    rng = np.random.default_rng(42)
-    image = textured_image(rng, 48, 48)
-    result = tiny_detector("winclip", seed=0).fit(class_name="bottle").predict([image])[0]
-    assert result.score == pytest.approx(GOLDEN_SCORE, rel=1e-4)
-    assert float(result.anomaly_map.mean()) == pytest.approx(GOLDEN_MAP_MEAN, rel=1e-4)
+FORMER_SCORING = {  # the scoring anomalens had before the compat fields
+    "scale_aggregation": "mean", "zero_shot_image_score": "global_and_map_max", "prompt_normalisation": "per_prompt",
+    "visual_distance": "full", "few_shot_window_aggregation": "mean", "patch_memory": "projected",
+    "map_max": "smoothed",
+}  # fmt: skip
 
 
-GOLDEN_SCORE = 0.4533737599849701
-GOLDEN_MAP_MEAN = 0.4514349699020386
+def _bilinear(grid: np.ndarray, size: int) -> np.ndarray:
+    """Half-pixel bilinear upsampling of an ``(h, w)`` grid to ``(size, size)``, edges clamped (a plain loop)."""
+    height, width = grid.shape
+    out = np.empty((size, size))
+    for y in range(size):
+        for x in range(size):
+            sy = min(max((y + 0.5) * height / size - 0.5, 0.0), height - 1)
+            sx = min(max((x + 0.5) * width / size - 0.5, 0.0), width - 1)
+            y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+            y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+            fy, fx = sy - y0, sx - x0
+            top = grid[y0, x0] * (1 - fx) + grid[y0, x1] * fx
+            bottom = grid[y1, x0] * (1 - fx) + grid[y1, x1] * fx
+            out[y, x] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def _reference_winclip(detector, images, references, options):
+    """WinCLIP recomputed from open_clip's own forward passes and the paper's formulas, loop by loop in NumPy.
+
+    Window embeddings come from the full token sequence with every other patch masked out of attention; patch
+    tokens from open_clip's ``output_tokens``; text from its tokenizer and ``encode_text``. Returns scores and maps.
+    """
+    import open_clip
+
+    model, visual = detector.clip.model, detector.clip.visual
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    mean, std = np.array(cfg["mean"])[:, None, None], np.array(cfg["std"])[:, None, None]
+
+    def pixels_of(batch):
+        return torch.tensor(np.stack([(image.transpose(2, 0, 1) / 255.0 - mean) / std for image in batch])).float()
+
+    def normalise(array):
+        return array / np.linalg.norm(array, axis=-1, keepdims=True)
+
+    grid_h, grid_w = detector.clip.grid
+    patches = grid_h * grid_w
+
+    def encode(batch):
+        pixels = pixels_of(batch)
+        with torch.no_grad():
+            visual.output_tokens = True
+            try:
+                pooled, tokens = visual(pixels)
+            finally:
+                visual.output_tokens = False
+            embedded = visual._embeds(pixels)
+            windows = {}
+            for scale in detector.config.scales:
+                rows = []
+                for top in range(grid_h - scale + 1):
+                    for left in range(grid_w - scale + 1):
+                        keep = np.zeros(1 + patches, dtype=bool)
+                        keep[0] = True
+                        for dy in range(scale):
+                            for dx in range(scale):
+                                keep[1 + (top + dy) * grid_w + left + dx] = True
+                        mask = torch.zeros(1 + patches, 1 + patches)
+                        mask[:, torch.from_numpy(~keep)] = float("-inf")
+                        window_pooled, _ = visual._pool(visual.transformer(embedded, attn_mask=mask))
+                        rows.append((window_pooled @ visual.proj).double().numpy())
+                windows[scale] = np.stack(rows, axis=1)  # (B, W, E)
+        tokens = tokens.double().numpy()
+        if options["patch_memory"] == "projected":
+            tokens = tokens @ visual.proj.double().numpy()
+        return normalise(pooled.double().numpy()), normalise(tokens), {s: normalise(w) for s, w in windows.items()}
+
+    tokenizer = open_clip.get_tokenizer(detector.clip.model_name)
+    normal_prompts, anomalous_prompts = detector.prompt_set.prompts(detector.class_name or "object")
+    text = []
+    for prompts in (normal_prompts, anomalous_prompts):
+        with torch.no_grad():
+            raw = model.encode_text(tokenizer(prompts)).double().numpy()
+        text.append(normalise((normalise(raw) if options["prompt_normalisation"] == "per_prompt" else raw).mean(0)))
+    text = np.stack(text)
+    scale_factor = options["temperature"] or float(model.logit_scale.exp())
+
+    def probability(embeddings):
+        logits = scale_factor * embeddings @ text.T
+        return np.exp(logits[..., 1]) / np.exp(logits).sum(-1)
+
+    def window_members(scale):
+        return [
+            [(top + dy) * grid_w + left + dx for dy in range(scale) for dx in range(scale)]
+            for top in range(grid_h - scale + 1)
+            for left in range(grid_w - scale + 1)
+        ]
+
+    def spread(window_scores, scale, rule):
+        members = window_members(scale)
+        out = np.zeros(patches)
+        for patch in range(patches):
+            covering = [window_scores[w] for w, member in enumerate(members) if patch in member]
+            if rule == "harmonic":
+                out[patch] = len(covering) / sum(1.0 / value for value in covering)
+            else:
+                out[patch] = sum(covering) / len(covering)
+        return out
+
+    memory = None
+    if references:
+        _, ref_tokens, ref_windows = encode(references)
+        memory = {"patch": ref_tokens.reshape(-1, ref_tokens.shape[-1])}
+        memory |= {s: w.reshape(-1, w.shape[-1]) for s, w in ref_windows.items()}
+    size = detector.clip.image_size
+    global_embedding, tokens, windows = encode(images)
+    scores, maps = [], []
+    for index in range(len(images)):
+        global_probability = probability(global_embedding[index])
+        per_scale = [np.full(patches, global_probability)]
+        per_scale += [spread(probability(windows[s][index]), s, "harmonic") for s in detector.config.scales]
+        per_scale = np.stack(per_scale)
+        if options["scale_aggregation"] == "harmonic":
+            language = len(per_scale) / (1.0 / per_scale).sum(0)
+        else:
+            language = per_scale.mean(0)
+        language_map = _bilinear(language.reshape(grid_h, grid_w), size)
+        score = global_probability
+        if options["zero_shot_image_score"] == "global_and_map_max":
+            score = (global_probability + (language.max() if options["map_max"] == "grid" else language_map.max())) / 2
+        if memory is None:
+            scores.append(score)
+            maps.append(language_map)
+            continue
+        factor = 0.5 if options["visual_distance"] == "half" else 1.0
+        visual = [factor * (1 - (tokens[index] @ memory["patch"].T).max(1))]
+        for s in detector.config.scales:
+            distances = factor * (1 - (windows[s][index] @ memory[s].T).max(1))
+            visual.append(spread(distances, s, options["few_shot_window_aggregation"]))
+        visual = np.mean(visual, axis=0)
+        visual_map = _bilinear(visual.reshape(grid_h, grid_w), size)
+        scores.append((score + (visual.max() if options["map_max"] == "grid" else visual_map.max())) / 2)
+        maps.append((language_map + visual_map) / 2)
+    return np.array(scores), np.stack(maps)
+
+
+@pytest.mark.parametrize("shots", [0, 1])
+@pytest.mark.parametrize(
+    ("compat", "overrides"),
+    [("anomalib", {}), ("paper", {"smoothing_sigma": 0.0}), ("paper", {**FORMER_SCORING, "smoothing_sigma": 0.0})],
+    ids=["anomalib", "paper", "former"],
+)
+def test_scores_and_maps_match_an_independent_recomputation(compat, overrides, shots):
+    from anomalens.methods.winclip import WINCLIP_COMPAT
+
+    rng = np.random.default_rng(7)
+    images = [textured_image(rng, 48, 48), plant_defect(textured_image(rng, 48, 48), 12, 20, 12)[0]]
+    references = [textured_image(rng, 48, 48), textured_image(rng, 48, 48)][:shots]
+    detector = tiny_detector("winclip", compat=compat, **overrides).fit(references or None, class_name="bottle")
+    results = detector.predict(images)
+    options = {**WINCLIP_COMPAT[compat], **overrides}
+    expected_scores, expected_maps = _reference_winclip(detector, images, references, options)
+    assert np.allclose([r.score for r in results], expected_scores, rtol=0, atol=1e-5)
+    for result, expected in zip(results, expected_maps):
+        assert np.abs(result.anomaly_map - expected).max() < 1e-5
+    assert expected_scores[0] != pytest.approx(expected_scores[1], abs=1e-4)  # the images are told apart
+
+
+def test_compat_presets_and_fields():
+    from anomalens.methods.winclip import WinCLIPConfig
+
+    paper, anomalib = WinCLIPConfig(), WinCLIPConfig(compat="anomalib")
+    assert paper.temperature is None and paper.smoothing_sigma == 4.0 and paper.zero_shot_image_score == "global"
+    assert anomalib.temperature == pytest.approx(1 / 0.07) and anomalib.smoothing_sigma == 0.0
+    assert anomalib.prompt_normalisation == "ensemble" and paper.prompt_normalisation == "per_prompt"
+    assert WinCLIPConfig(compat="anomalib", smoothing_sigma=2.0).smoothing_sigma == 2.0  # a field beats the preset
+    with pytest.raises(ValueError, match="unknown winclip compat 'anomalib1'; valid: paper, anomalib"):
+        WinCLIPConfig(compat="anomalib1")
+    with pytest.raises(ValueError, match="winclip option map_max='peak' must be grid or smoothed"):
+        WinCLIPConfig(map_max="peak")
+
+
+def test_a_detector_saved_before_the_compat_fields_keeps_its_scoring(tmp_path):
+    rng = np.random.default_rng(11)
+    image, reference = textured_image(rng, 48, 48), textured_image(rng, 48, 48)
+    former = tiny_detector("winclip", **FORMER_SCORING, smoothing_sigma=4.0).fit([reference], class_name="bottle")
+    former.save(tmp_path / "saved")
+    config_file = next(path for path in (tmp_path / "saved").iterdir() if path.suffix == ".json")
+    saved = json.loads(config_file.read_text())
+    config = saved.get("config", saved)
+    for name in [*FORMER_SCORING, "compat"]:
+        config.pop(name)
+    config_file.write_text(json.dumps(saved))
+    loaded = anomalens.Detector.load(tmp_path / "saved")
+    assert loaded.config.patch_memory == "projected" and loaded.config.map_max == "smoothed"
+    assert loaded.predict([image])[0].score == pytest.approx(former.predict([image])[0].score, abs=1e-6)
+
 
 TINY = ["--method", "winclip", "--backbone", TINY_CLIP, "--pretrained", "none"]
 

@@ -308,10 +308,11 @@ class CLIPBackbone(nn.Module):
         embedding = F.normalize(output["image_features"], dim=-1)
         return ImageFeatures(embedding=embedding, layer_tokens=list(tokens), vv_tokens=vv_tokens, embedded=embedded)
 
-    def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(…, C)`` transformer tokens into the joint space with the tower's own ``ln_post`` and ``proj``."""
+    def project(self, tokens: torch.Tensor, projection: bool = True) -> torch.Tensor:
+        """``(…, C)`` transformer tokens through the tower's own ``ln_post`` and (``projection``) ``proj``:
+        ``(…, E)``, or ``(…, C)`` without the projection."""
         projected = self.visual.ln_post(tokens)
-        if self.visual.proj is not None:
+        if projection and self.visual.proj is not None:
             projected = projected @ self.visual.proj
         return projected
 
@@ -351,23 +352,28 @@ class CLIPBackbone(nn.Module):
         """CLIP's learned temperature, ``exp(logit_scale)`` (100 for the released models)."""
         return float(self.model.logit_scale.exp())
 
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``(P, E)`` L2-normalised embeddings of ``prompts``, encoded 32 at a time (a WinCLIP ensemble has 250
-        prompts; at once their activations would take ~0.5 GB at ViT-L size)."""
+    def encode_text(self, prompts: Sequence[str], normalise: bool = True) -> torch.Tensor:
+        """``(P, E)`` embeddings of ``prompts`` (L2-normalised when ``normalise``), encoded 32 at a time (a WinCLIP
+        ensemble has 250 prompts; at once their activations would take ~0.5 GB at ViT-L size)."""
         tokens = self.tokenizer(list(prompts)).to(self.mean.device)
         with self.text_weights.resident(), sequence_major_attention(self.model):
-            return torch.cat([F.normalize(self.model.encode_text(chunk), dim=-1) for chunk in tokens.split(32)])
+            embeddings = torch.cat([self.model.encode_text(chunk) for chunk in tokens.split(32)])
+        return F.normalize(embeddings, dim=-1) if normalise else embeddings
 
-    def text_embeddings(self, class_name: str, prompt_set: PromptSet) -> torch.Tensor:
+    def text_embeddings(self, class_name: str, prompt_set: PromptSet, normalise_prompts: bool = True) -> torch.Tensor:
         """``(2, E)``: the normal and the anomalous ensemble embedding of ``class_name``, cached.
 
-        Each is the normalised mean of its prompts' embeddings. The cache key is
-        ``(model, class name, prompt set)``, so scoring N images encodes the text once.
+        Each is the normalised mean of its prompts' embeddings, each prompt's normalised first when
+        ``normalise_prompts`` (CLIP's prompt ensembling), raw otherwise. The cache key is
+        ``(model, class name, prompt set, normalise_prompts)``, so scoring N images encodes the text once.
         """
-        key = (class_name, prompt_set)
+        key = (class_name, prompt_set) if normalise_prompts else (class_name, prompt_set, "raw")
         if key not in self.text_cache:
             normal, anomalous = prompt_set.prompts(class_name)
-            embeddings = [F.normalize(self.encode_text(prompts).mean(0), dim=-1) for prompts in (normal, anomalous)]
+            embeddings = [
+                F.normalize(self.encode_text(prompts, normalise_prompts).mean(0), dim=-1)
+                for prompts in (normal, anomalous)
+            ]
             self.text_cache.put(key, torch.stack(embeddings))
             logger.debug("encoded %d prompts for %r", len(normal) + len(anomalous), class_name)
         return self.text_cache.get(key)[0]

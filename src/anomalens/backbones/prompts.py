@@ -54,6 +54,15 @@ WINCLIP_TEMPLATES = (
     "a photo of a {} for anomaly detection.",
 )
 
+# anomalib 2.x's WinCLIP prompt templates (anomalib/models/image/winclip/prompting.py), derived from the list above:
+# it lacks "a cropped photo of a {}." and has "a jpeg corrupted photo of the {}." twice where the list above has the
+# "a" and the "the" form, so that template weighs double in its ensemble mean. 21 templates.
+ANOMALIB_WINCLIP_TEMPLATES = tuple(
+    "a jpeg corrupted photo of the {}." if template == "a jpeg corrupted photo of a {}." else template
+    for template in WINCLIP_TEMPLATES
+    if template != "a cropped photo of a {}."
+)
+
 DEFAULT_CLASS_NAME = "object"
 
 

@@ -24,7 +24,8 @@ class CLIPConfig(DetectorConfig):
     anomalous_states: tuple[str, ...] | None = None  # anomalous state phrases with one "{}"; None = WinCLIP's
     templates: tuple[str, ...] | None = None  # prompt templates with one "{}"; None = WinCLIP's 22
     defect_words: tuple[str, ...] = ()  # extra anomalous states "{} with <word>", e.g. ("scratch", "crack")
-    temperature: float | None = None  # softmax temperature of text similarities; None = CLIP's logit scale
+    temperature: float | None = None  # 1/tau: text cosine similarities are multiplied by it before the softmax;
+    # None = CLIP's learned logit scale (100 for the released models)
 
     def __post_init__(self) -> None:
         super().__post_init__()

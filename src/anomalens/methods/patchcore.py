@@ -25,7 +25,12 @@ map_upsampling         bilinear (authors' code)     nearest                 bili
 smoothing_border       reflect (scipy's default,    mirror (kornia's        nearest
                        the authors' code)           "reflect")
 image_score            reweighted (Eq. 7)           reweighted              max (of the smoothed map)
+distances              exact                        expansion               exact
 =====================  ===========================  ======================  =============================
+
+``distances`` is arithmetic, not a scoring rule: anomalib computes nearest-neighbour distances from the expansion
+``|q|^2 - 2 q.m + |m|^2`` in float32, which cancels for near neighbours beside large norms (maps differ from the
+exact distances by about 1e-3 relative); "exact" recomputes the chosen neighbours' distances from differences.
 
 The authors' code reduces channels per layer before concatenating; ours averages the concatenation (the same
 width, not the same values). Their released code takes the plain maximum as the image score; the paper's
@@ -51,9 +56,9 @@ from anomalens.nn.memory import NearestNeighbourMemory
 
 PATCHCORE_COMPAT = {  # the scoring details each compat preset sets (fields left None)
     "paper": {"neighbourhood_padding": "zeros", "feature_dim": 1024, "map_upsampling": "bilinear",
-              "smoothing_border": "reflect", "image_score": "reweighted"},
+              "smoothing_border": "reflect", "image_score": "reweighted", "distances": "exact"},
     "anomalib": {"neighbourhood_padding": "zeros", "feature_dim": 0, "map_upsampling": "nearest",
-                 "smoothing_border": "mirror", "image_score": "reweighted"},
+                 "smoothing_border": "mirror", "image_score": "reweighted", "distances": "expansion"},
 }  # fmt: skip
 
 
@@ -86,6 +91,8 @@ class PatchCoreConfig(DetectorConfig):
     # "nearest"; None: compat's
     image_score: str | None = None  # "reweighted" (Eq. 7, on the raw patch scores) or "max" (of the smoothed
     # map); None: compat's
+    distances: str | None = None  # float32 arithmetic of nearest-neighbour distances: "exact" (norms of
+    # differences) or "expansion" (|q|^2 - 2 q.m + |m|^2, anomalib's: ~1e-3 relative error for near neighbours)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,6 +116,7 @@ class PatchCoreConfig(DetectorConfig):
                 "map_upsampling": (self.map_upsampling in ("bilinear", "nearest"), "bilinear or nearest"),
                 "smoothing_border": (self.smoothing_border in BLUR_BORDERS, f"one of {', '.join(BLUR_BORDERS)}"),
                 "image_score": (self.image_score in ("reweighted", "max"), "reweighted or max"),
+                "distances": (self.distances in ("exact", "expansion"), "exact or expansion"),
             },
         )
 
@@ -201,7 +209,8 @@ class PatchCore(Detector):
             features = self._embed_arrays(images)
         batch, height, width, channels = features.shape
         with self.timed("memory_search"):
-            distances, indices = self.memory.search(features.reshape(-1, channels), k=1)
+            exact = self.config.distances == "exact"
+            distances, indices = self.memory.search(features.reshape(-1, channels), k=1, exact=exact)
         with self.timed("post_processing"):
             patch_scores = distances[:, 0].reshape(batch, 1, height, width)
             size, mode = self.config.image_size, self.config.map_upsampling
@@ -217,6 +226,7 @@ class PatchCore(Detector):
                 features.reshape(batch, height * width, channels),
                 self.memory,
                 self.config.num_neighbours,
+                exact=exact,
             )
         return scores, maps
 
@@ -227,6 +237,7 @@ def reweighted_scores(
     features: torch.Tensor,
     memory: NearestNeighbourMemory,
     num_neighbours: int,
+    exact: bool = True,
 ) -> torch.Tensor:
     """PatchCore's image score (the paper's Eq. 7).
 
@@ -240,6 +251,8 @@ def reweighted_scores(
         features: ``(B, P, D)`` the patches' features.
         memory: The fitted memory bank.
         num_neighbours: ``b``, at most the memory's size.
+        exact: Distances as norms of differences; ``False``: from the float32 expansion (anomalib's arithmetic,
+            see :meth:`NearestNeighbourMemory.search`).
 
     Returns:
         ``(B,)`` image scores.
@@ -249,7 +262,12 @@ def reweighted_scores(
     worst_score = patch_scores[batch, worst]
     worst_feature = features[batch, worst].float()  # m_test*
     anchor = memory.bank[nearest[batch, worst].to(memory.bank.device)]  # m*
-    _, support = memory.search(anchor, k=min(num_neighbours, len(memory)))  # (B, b), m* first
-    distances = (worst_feature[:, None, :].to(memory.bank.device) - memory.bank[support]).norm(dim=-1)
+    _, support = memory.search(anchor, k=min(num_neighbours, len(memory)), exact=exact)  # (B, b), m* first
+    query, neighbours = worst_feature[:, None, :].to(memory.bank.device), memory.bank[support]  # (B, 1, D), (B, b, D)
+    if exact:
+        distances = (query - neighbours).norm(dim=-1)
+    else:
+        products = (query @ neighbours.transpose(1, 2))[:, 0] * -2.0
+        distances = (products + query.pow(2).sum(-1) + neighbours.pow(2).sum(-1)).clamp_min(0.0).sqrt()
     weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
     return weights.to(worst_score.device) * worst_score

@@ -7,25 +7,53 @@ Zero-shot (no references):
 2. Windows: for each scale s in ``scales`` (2 and 3 patches, stride 1), every s x s window of the patch grid
    is embedded alone: its patch tokens plus the class token go through the transformer (token gathering,
    batched over all windows), and the pooled output is projected into the joint space.
-3. Each window's anomaly probability is the softmax over (normal, anomalous) text similarities at CLIP's
-   temperature. A patch's score at a scale is the harmonic mean over the windows covering it. The image
-   scale (the global embedding's probability) counts as one more scale; the map is the mean over scales,
-   upsampled and Gaussian-smoothed.
-4. Image score: the mean of the global probability and the map's maximum.
+3. Each window's anomaly probability is the softmax over (normal, anomalous) text similarities. A patch's score
+   at a scale is the harmonic mean over the windows covering it. The image scale (the global embedding's
+   probability) counts as one more scale; the scales are combined (``scale_aggregation``) into the patch map,
+   which is upsampled bilinearly and Gaussian-smoothed (``smoothing_sigma``).
+4. Image score: the global embedding's probability (``zero_shot_image_score``).
 
-Few-shot, WinCLIP+ (1..k references): the reference images' patch tokens (block ``patch_layer``, projected)
-and window embeddings at each scale form one cosine memory per scale. A query patch's or window's visual
-score is ``1 - max cosine similarity`` to that scale's memory; window scores are spread to patches by the
-mean over covering windows; the few-shot map is the mean over scales. The final map is the mean of the
-language-guided and the few-shot map, and the image score is the mean of the zero-shot image score and the
-few-shot map's maximum.
+Few-shot, WinCLIP+ (1..k references): the reference images' patch tokens (block ``patch_layer``) and window
+embeddings at each scale form one cosine memory per scale. A query patch's or window's visual score is its
+distance to that scale's memory, ``(1 - max cos) / 2`` (``visual_distance``); window scores are spread to patches
+over the covering windows (``few_shot_window_aggregation``); the few-shot map is the mean over scales. The final
+map is the mean of the language-guided and the few-shot map; the image score is the mean of the zero-shot image
+score and the few-shot map's maximum.
+
+``compat`` chooses every scoring detail at once: "paper" (the paper as we read it) or "anomalib" (anomalib 2.x's
+``WinClipModel``, output for output; ``benchmarks/parity_anomalib.py``). Each detail is also a field of its own,
+which overrides the preset (None: the preset's):
+
+===========================  ==========================  =================  ==========================
+field                        "paper"                     "anomalib"         former anomalens
+===========================  ==========================  =================  ==========================
+templates                    None: WinCLIP's 22          anomalib's 21      None
+temperature                  None: CLIP's logit scale    1 / 0.07           None
+                             (100) [ambiguous]
+smoothing_sigma              4 [guess]                   0                  4
+scale_aggregation            harmonic                    harmonic           mean
+zero_shot_image_score        global                      global             global_and_map_max
+prompt_normalisation         per_prompt [ambiguous]      ensemble           per_prompt
+visual_distance              half: (1 - cos) / 2         half               full: 1 - cos
+few_shot_window_aggregation  harmonic [ambiguous]        harmonic           mean
+patch_memory                 unprojected [ambiguous]     unprojected        projected
+map_max                      grid                        grid               smoothed
+===========================  ==========================  =================  ==========================
+
+Where the paper is ambiguous (marked): the paper writes a temperature tau in its softmax and gives no value; CLIP
+was trained to a learned logit scale of 100, which "paper" keeps (anomalib takes 0.07, CLIP's initial value). The
+paper says nothing of smoothing; sigma 4 is the field's practice (a guess). It averages prompt embeddings without
+saying whether each is normalised first; "per_prompt" is CLIP's prompt-ensembling recipe, "ensemble" averages the
+raw embeddings. It describes the few-shot window maps as aggregated like the zero-shot ones (harmonic) and the
+patch memory as the image encoder's patch tokens; we follow anomalib's reading (the tokens after ``ln_post``,
+before the projection). ``map_max`` "grid" takes maxima on the patch grid, before upsampling and smoothing.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,10 +61,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone, harmonic_window_aggregation, sliding_windows
+from anomalens.backbones.prompts import ANOMALIB_WINCLIP_TEMPLATES
 from anomalens.config import check_options
 from anomalens.detector import Detector
 from anomalens.methods.clip_base import CLIPConfig, check_shots, class_name_of, clip_weights_of, prompt_set_of
 from anomalens.nn.memory import NearestNeighbourMemory
+
+WINCLIP_COMPAT: dict[str, dict[str, Any]] = {  # the scoring details each compat preset sets (fields left None)
+    "paper": {
+        "templates": None, "temperature": None, "smoothing_sigma": 4.0, "scale_aggregation": "harmonic",
+        "zero_shot_image_score": "global", "prompt_normalisation": "per_prompt", "visual_distance": "half",
+        "few_shot_window_aggregation": "harmonic", "patch_memory": "unprojected", "map_max": "grid",
+    },
+    "anomalib": {
+        "templates": ANOMALIB_WINCLIP_TEMPLATES, "temperature": 1 / 0.07, "smoothing_sigma": 0.0,
+        "scale_aggregation": "harmonic", "zero_shot_image_score": "global", "prompt_normalisation": "ensemble",
+        "visual_distance": "half", "few_shot_window_aggregation": "harmonic", "patch_memory": "unprojected",
+        "map_max": "grid",
+    },
+}  # fmt: skip
 
 
 @dataclass
@@ -44,6 +87,11 @@ class WinCLIPConfig(CLIPConfig):
     """Configuration of :class:`WinCLIP` (common CLIP fields: :class:`~anomalens.methods.clip_base.CLIPConfig`)."""
 
     method: ClassVar[str] = "winclip"
+    saved_before_the_field: ClassVar[dict[str, Any]] = {
+        "scale_aggregation": "mean", "zero_shot_image_score": "global_and_map_max",
+        "prompt_normalisation": "per_prompt", "visual_distance": "full", "few_shot_window_aggregation": "mean",
+        "patch_memory": "projected", "map_max": "smoothed",
+    }  # fmt: skip
 
     backbone: str = "ViT-B-16-plus-240"  # open_clip model name
     pretrained: str | None = "laion400m_e31"  # open_clip pretrained tag, a checkpoint path, or None (random init)
@@ -52,8 +100,24 @@ class WinCLIPConfig(CLIPConfig):
     image_size: int | None = None  # model input side; None = the model's own (240 for ViT-B-16-plus-240)
     resize_mode: str = "resize"  # "resize" (squash to square) or "crop" (centre crop; map placed back in the crop)
     patch_layer: int = -1  # block whose patch tokens form WinCLIP+'s patch-scale memory (-1 = last)
+    compat: str = "paper"  # every scoring detail below at once: "paper" or "anomalib" (see the module docstring)
+    smoothing_sigma: float | None = None  # Gaussian sigma of the map in input pixels, 0 = none; None: compat's
+    scale_aggregation: str | None = None  # zero-shot scales into one map: "harmonic" or "mean"; None: compat's
+    zero_shot_image_score: str | None = None  # "global" (the image embedding's probability) or
+    # "global_and_map_max" (its mean with the zero-shot map's maximum); None: compat's
+    prompt_normalisation: str | None = None  # "per_prompt": normalise each prompt embedding, then average;
+    # "ensemble": average the raw embeddings; None: compat's
+    visual_distance: str | None = None  # few-shot distance "half" ((1 - max cos) / 2) or "full" (1 - max cos)
+    few_shot_window_aggregation: str | None = None  # window distances to patches: "harmonic" or "mean"
+    patch_memory: str | None = None  # patch-scale memory tokens "unprojected" (after ln_post) or "projected"
+    map_max: str | None = None  # image scores take map maxima on the patch "grid" or the "smoothed" input-size map
 
     def __post_init__(self) -> None:
+        if self.compat not in WINCLIP_COMPAT:
+            raise ValueError(f"unknown winclip compat {self.compat!r}; valid: {', '.join(WINCLIP_COMPAT)}")
+        for name, value in WINCLIP_COMPAT[self.compat].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         super().__post_init__()
         self.scales = tuple(int(scale) for scale in self.scales)
         check_options(
@@ -63,6 +127,22 @@ class WinCLIPConfig(CLIPConfig):
                 "scales": (bool(self.scales) and all(scale >= 1 for scale in self.scales), "integers >= 1"),
                 "shots": (self.shots is None or self.shots >= 0, ">= 0 or None"),
                 "resize_mode": (self.resize_mode in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}"),
+                "scale_aggregation": (self.scale_aggregation in ("harmonic", "mean"), "harmonic or mean"),
+                "zero_shot_image_score": (
+                    self.zero_shot_image_score in ("global", "global_and_map_max"),
+                    "global or global_and_map_max",
+                ),
+                "prompt_normalisation": (
+                    self.prompt_normalisation in ("per_prompt", "ensemble"),
+                    "per_prompt or ensemble",
+                ),
+                "visual_distance": (self.visual_distance in ("half", "full"), "half or full"),
+                "few_shot_window_aggregation": (
+                    self.few_shot_window_aggregation in ("harmonic", "mean"),
+                    "harmonic or mean",
+                ),
+                "patch_memory": (self.patch_memory in ("unprojected", "projected"), "unprojected or projected"),
+                "map_max": (self.map_max in ("grid", "smoothed"), "grid or smoothed"),
             },
         )
 
@@ -107,10 +187,12 @@ class WinCLIP(Detector):
 
     # ------------------------------------------------------------------ features
     def _features(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-        """Global embeddings ``(B, E)``, projected patch tokens ``(B, N, E)``, window embeddings per scale."""
+        """Global embeddings ``(B, E)``, normalised patch tokens ``(B, N, E)`` (``(B, N, C)`` unprojected), window
+        embeddings per scale."""
         pixels = self.clip.preprocess(images)
         features = self.clip.encode_image(pixels, layers=[self.config.patch_layer], with_embedded=True)
-        patches = F.normalize(self.clip.project(features.layer_tokens[0]), dim=-1)
+        projection = self.config.patch_memory == "projected"
+        patches = F.normalize(self.clip.project(features.layer_tokens[0], projection), dim=-1)
         windows = {
             scale: self.clip.window_embeddings(features.embedded, index) for scale, index in self.windows.items()
         }
@@ -132,7 +214,7 @@ class WinCLIP(Detector):
 
     def _fit_encoded(self, encoded: list[dict[str, torch.Tensor]], class_name: str | None) -> None:
         check_shots("WinCLIP", self.config.shots, encoded)
-        self.clip.text_embeddings(self._class_name, self.prompt_set)  # encode (and cache) the prompts now
+        self._text_embeddings()  # encode (and cache) the prompts now
         self._few_shot.fill_(bool(encoded))
         for name, memory in self.memories.items():
             if encoded:
@@ -140,29 +222,50 @@ class WinCLIP(Detector):
             else:
                 memory.clear()
 
+    def _text_embeddings(self) -> torch.Tensor:
+        """``(2, E)`` normal and anomalous ensemble embeddings of the class (cached by the backbone)."""
+        normalise_prompts = self.config.prompt_normalisation == "per_prompt"
+        return self.clip.text_embeddings(self._class_name, self.prompt_set, normalise_prompts)
+
+    def _to_map(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` patch scores to the smoothed ``(B, S, S)`` map at the model's input size."""
+        return self.clip.patch_scores_to_map(patch_scores, self.config.smoothing_sigma)
+
+    def _map_max(self, patch_scores: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` maximum of a map, on its ``(B, N)`` patch grid or its ``(B, S, S)`` smoothed form (``map_max``)."""
+        return patch_scores.amax(1) if self.config.map_max == "grid" else anomaly_map.flatten(1).amax(1)
+
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
         with self.timed("clip"):
             embedding, patches, windows = self._features(images)
         batch, count, _ = patches.shape
         with self.timed("text_encoder"):
-            text = self.clip.text_embeddings(self._class_name, self.prompt_set)
-        temperature = self.config.temperature
-        global_probability = self.clip.anomaly_probability(embedding, text, temperature)  # (B,)
-        scale_maps = [global_probability[:, None].expand(batch, count)]
+            text = self._text_embeddings()
+        global_probability = self.clip.anomaly_probability(embedding, text, config.temperature)  # (B,)
+        scale_scores = [global_probability[:, None].expand(batch, count)]
         for scale, window_embeddings in windows.items():
-            window_probability = self.clip.anomaly_probability(window_embeddings, text, temperature)  # (B, W)
-            scale_maps.append(harmonic_window_aggregation(window_probability, self.windows[scale], count))
-        language_map = self.clip.patch_scores_to_map(torch.stack(scale_maps).mean(0), self.config.smoothing_sigma)
-        zero_shot_score = (global_probability + language_map.flatten(1).amax(1)) / 2
+            window_probability = self.clip.anomaly_probability(window_embeddings, text, config.temperature)  # (B, W)
+            scale_scores.append(harmonic_window_aggregation(window_probability, self.windows[scale], count))
+        language_scores = _combine_scales(torch.stack(scale_scores), config.scale_aggregation)  # (B, N)
+        language_map = self._to_map(language_scores)
+        zero_shot_score = global_probability
+        if config.zero_shot_image_score == "global_and_map_max":
+            zero_shot_score = (global_probability + self._map_max(language_scores, language_map)) / 2
         if not bool(self._few_shot):
             return zero_shot_score, language_map
+        harmonic = config.few_shot_window_aggregation == "harmonic"
+        spread = harmonic_window_aggregation if harmonic else _mean_window_aggregation
         with self.timed("memory_search"):
-            visual_maps = [self.memories["patch"].search(patches.flatten(0, 1))[0].reshape(batch, count)]
+            visual_scores = [self.memories["patch"].search(patches.flatten(0, 1))[0].reshape(batch, count)]
             for scale, window_embeddings in windows.items():
                 distances = self.memories[f"window{scale}"].search(window_embeddings.flatten(0, 1))[0]
-                visual_maps.append(_mean_window_aggregation(distances.reshape(batch, -1), self.windows[scale], count))
-        visual_map = self.clip.patch_scores_to_map(torch.stack(visual_maps).mean(0), self.config.smoothing_sigma)
-        score = (zero_shot_score + visual_map.flatten(1).amax(1)) / 2
+                visual_scores.append(spread(distances.reshape(batch, -1), self.windows[scale], count))
+        visual_patch_scores = torch.stack(visual_scores).mean(0)  # (B, N), 1 - max cos
+        if config.visual_distance == "half":
+            visual_patch_scores = visual_patch_scores / 2
+        visual_map = self._to_map(visual_patch_scores)
+        score = (zero_shot_score + self._map_max(visual_patch_scores, visual_map)) / 2
         return score, (language_map + visual_map) / 2
 
     def _map_to_image(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -176,3 +279,10 @@ def _mean_window_aggregation(window_scores: torch.Tensor, windows: torch.Tensor,
     sums.index_add_(1, flat, window_scores.repeat_interleave(windows.shape[1], dim=1))
     counts = torch.bincount(flat, minlength=num_patches).to(window_scores.dtype)
     return sums / counts.clamp_min(1.0)
+
+
+def _combine_scales(scale_scores: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """``(S, B, N)`` per-scale patch scores to ``(B, N)``: their arithmetic ("mean") or "harmonic" mean."""
+    if aggregation == "mean":
+        return scale_scores.mean(0)
+    return scale_scores.shape[0] / (1.0 / scale_scores.clamp_min(1e-12)).sum(0)

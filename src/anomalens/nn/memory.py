@@ -129,12 +129,15 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         self.bank = features.contiguous().to(self.bank.device)
         return self
 
-    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int = 1, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k nearest neighbours of each query.
 
         Args:
             queries: ``(N, D)`` features.
             k: Neighbours per query (``<= len(self)``).
+            exact: For ``"l2"``, recompute the chosen neighbours' distances as norms of differences. ``False``
+                returns the expansion ``sqrt(max(|q|^2 - 2 q.b + |b|^2, 0))`` that found them, as anomalib does;
+                it cancels in float32 for near neighbours beside large norms (about 1e-3 relative).
 
         Returns:
             ``distances`` ``(N, k)`` ascending and ``indices`` ``(N, k)`` into the bank.
@@ -146,9 +149,9 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}], got {k}")
         with torch.autocast(queries.device.type, enabled=False):  # distances in float32 under any autocast
-            return self._search(queries.to(self.bank.device, torch.float32), k)
+            return self._search(queries.to(self.bank.device, torch.float32), k, exact)
 
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, queries: torch.Tensor, k: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.metric == "cosine":
             queries = torch.nn.functional.normalize(queries, dim=1)
         bank_norms = (self.bank * self.bank).sum(1)
@@ -177,6 +180,8 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
             all_distances.append(best_distances)
             all_indices.append(best_indices)
         distances, indices = torch.cat(all_distances), torch.cat(all_indices)
+        if self.metric == "l2" and not exact:
+            return distances.clamp_min(0.0).sqrt(), indices
         if self.metric == "l2":
             # The expansion finds the neighbours fast but cancels badly for near neighbours (small distances
             # beside large norms); recompute the k chosen distances exactly, chunk by chunk.
