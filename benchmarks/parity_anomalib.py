@@ -185,6 +185,20 @@ def _run_case(name: str, detector, method_spec: dict, images, references, args, 
     return row
 
 
+def _machine(threads: int) -> str:
+    """CPU model, logical cores and torch threads, e.g. ``x86_64, AMD EPYC 9B14, 2 logical cores, 1 torch thread``."""
+    import os
+
+    model = platform.processor() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    return f"{platform.machine()}, {model}, {os.cpu_count()} logical cores, {threads} torch thread(s) on each side"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -238,7 +252,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in cases[name].items() if k not in ("config", "image_names")}), flush=True)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads",
+        "machine": _machine(torch.get_num_threads()),
         "date": time.strftime("%Y-%m-%d"),
         "anomalens_version": anomalens.__version__,
         "torch_version": torch.__version__,

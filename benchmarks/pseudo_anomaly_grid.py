@@ -1,7 +1,8 @@
 """Picture of Dual-Image CLIP's test-time-adaptation pseudo-anomalies on MVTec AD bottle images.
 
-Rows: the image, the synthesised pseudo-anomaly, its Perlin mask. Texture comes from the next image of
-the pool (shuffled tiles), as in the method; the last column uses procedural noise instead.
+Rows: the image; the former pseudo-anomaly (``tta_textures="pool"``: the next image's shuffled tiles) and its
+mask; the default one (``tta_textures="procedural"``: augmented Perlin colour noise, DRAEM-style) and its mask.
+The mean absolute change inside the mask, per kind, is printed.
 
     python3 benchmarks/pseudo_anomaly_grid.py [--shared ../shared] [--out benchmarks/results/...png]
 """
@@ -35,11 +36,16 @@ def main() -> None:
         tensor = torch.from_numpy(load_image(path)).permute(2, 0, 1)[None].float() / 255
         images.append(F.interpolate(tensor, size=(args.size, args.size), mode="area")[0])
     generator = torch.Generator().manual_seed(args.seed)
-    columns = []
+    columns, changes = [], {"pool": [], "procedural": []}
     for index, image in enumerate(images):
-        source = None if index == len(images) - 1 else images[(index + 1) % len(images)]
-        pseudo, mask = synthesize_anomaly(image, generator, texture_source=source)
-        columns.append(torch.cat([image, pseudo, mask.expand(3, -1, -1)], dim=1))  # stacked vertically
+        former, former_mask = synthesize_anomaly(image, generator, texture_source=images[(index + 1) % len(images)])
+        default, default_mask = synthesize_anomaly(image, generator, augment=True)
+        changes["pool"].append(float((former - image).abs()[:, former_mask == 1].mean()))
+        changes["procedural"].append(float((default - image).abs()[:, default_mask == 1].mean()))
+        rows = [image, former, former_mask.expand(3, -1, -1), default, default_mask.expand(3, -1, -1)]
+        columns.append(torch.cat(rows, dim=1))  # stacked vertically
+    for kind, values in changes.items():
+        print(f"{kind}: mean |change| inside the mask {np.mean(values):.3f}")
     grid = torch.cat([F.pad(column, (2, 2, 2, 2), value=1.0) for column in columns], dim=2)
     array = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@
 #                         former way, to separate the model's effect from the scoring's.
 #   VLMDIFF_DESIGN=former the design before issue 19: guidance at every level, no SFF, the whole UNet trained,
 #                         plain-max scoring with sigma 4 (plus noise-level and feature-extractor ablations).
+#   VLMDIFF_DESIGN=reference      the authors' design as the code builds it now (the "paper" run above predates the
+#                         ImageNet-normalised hint, so it trained with the raw hint): the base of the two below
 #   VLMDIFF_DESIGN=guidance-all   the authors' design but one factor: guidance residuals at every level
 #   VLMDIFF_DESIGN=unfrozen       the authors' design but one factor: the whole UNet trains
 #                         (both scored at t = 500 the authors' way; compare with "paper" in one table by
@@ -25,15 +27,21 @@ if [ "$DESIGN" = former ]; then
     RESULTS=benchmarks/results/vlmdiff-small-taef2-minilm-bottle
     DESIGN_OPTIONS=(--guidance-levels all --no-fusion --no-frozen-encoder)
     SCORING=(--set image_score=max --set smoothing_sigma=4)
-elif [ "$DESIGN" = guidance-all ] || [ "$DESIGN" = unfrozen ]; then
+elif [ "$DESIGN" = reference ] || [ "$DESIGN" = guidance-all ] || [ "$DESIGN" = unfrozen ]; then
     RUN=${VLMDIFF_RUN:-runs/vlmdiff-bottle-small-paper-$DESIGN}
     RESULTS=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-ablations/$DESIGN
-    if [ "$DESIGN" = guidance-all ]; then DESIGN_OPTIONS=(--guidance-levels all); else DESIGN_OPTIONS=(--no-frozen-encoder); fi
+    case "$DESIGN" in
+        reference) DESIGN_OPTIONS=(--frozen-encoder) ;;
+        guidance-all) DESIGN_OPTIONS=(--guidance-levels all --frozen-encoder) ;;
+        *) DESIGN_OPTIONS=(--no-frozen-encoder) ;;
+    esac
     SCORING=()
 else
     RUN=${VLMDIFF_RUN:-runs/vlmdiff-bottle-small-paper}
     RESULTS=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-paper
-    DESIGN_OPTIONS=()
+    # the authors' frozen encoder (the default freezes it only for a pretrained UNet); the raw hint reproduces
+    # this committed run, trained before the hint was ImageNet-normalised (VLMDIFF_DESIGN=reference: the current)
+    DESIGN_OPTIONS=(--frozen-encoder --hint-normalisation none)
     SCORING=()
 fi
 
@@ -51,14 +59,16 @@ bench() {  # name, then --set options
         --dataset mvtec --root "$SHARED/datasets/mvtec" --category bottle --shots 0 --out "$RESULTS/$name"
 }
 bench t500-taef2 --set feature_extractor=taef2 --set noise_level=500 "${SCORING[@]}"
-if [ "$DESIGN" = guidance-all ] || [ "$DESIGN" = unfrozen ]; then
+if [ "$DESIGN" = reference ] || [ "$DESIGN" = guidance-all ] || [ "$DESIGN" = unfrozen ]; then
     python3 benchmarks/vlmdiff_grid.py --run "$RUN" --set feature_extractor=taef2 --set noise_level=500 \
         --root "$SHARED/datasets/mvtec/bottle/test" --out "$RESULTS/grid-t500.png"
     ABLATIONS=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-ablations
-    if [ -f "$ABLATIONS/guidance-all/t500-taef2/results.json" ] && [ -f "$ABLATIONS/unfrozen/t500-taef2/results.json" ]; then
+    if [ -f "$ABLATIONS/reference/t500-taef2/results.json" ] && [ -f "$ABLATIONS/guidance-all/t500-taef2/results.json" ] \
+        && [ -f "$ABLATIONS/unfrozen/t500-taef2/results.json" ]; then
         python3 benchmarks/vlmdiff_compare.py --out "$ABLATIONS" --title "VLMDiff small on bottle, one factor at a time" \
             --row "former design=benchmarks/results/vlmdiff-small-taef2-minilm-bottle/t500-taef2" \
-            --row "authors' design=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-paper/t500-taef2" \
+            --row "authors' design, raw hint (earlier run)=benchmarks/results/vlmdiff-small-taef2-minilm-bottle-paper/t500-taef2" \
+            --row "authors' design=$ABLATIONS/reference/t500-taef2" \
             --row "authors' but guidance at every level=$ABLATIONS/guidance-all/t500-taef2" \
             --row "authors' but the whole UNet trains=$ABLATIONS/unfrozen/t500-taef2"
     fi

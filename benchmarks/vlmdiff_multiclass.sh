@@ -21,7 +21,7 @@ MPDD="$SHARED/datasets/mpdd"
 RESULTS=benchmarks/results/vlmdiff-small-taef2-minilm-multiclass
 BOTTLE_RUN=${VLMDIFF_BOTTLE_RUN:-runs/vlmdiff-bottle-small-paper}  # trained by benchmarks/vlmdiff_bottle.sh
 COMMON=(--unet small --autoencoder taef2 --text-encoder minilm --image-size 256 --batch-size 12 --gradient-accumulation 1 --lr 2e-4
-        --warmup-steps 100 --checkpoint-every 100 --seed 0)
+        --warmup-steps 100 --checkpoint-every 100 --seed 0 --frozen-encoder)  # the authors' frozen encoder
 
 anomalens train vlmdiff --dataset mvtec --root "$MPDD" --categories metal_plate --steps 569 \
     --out runs/vlmdiff-metal_plate-small-paper "${COMMON[@]}"

@@ -89,6 +89,23 @@ def textured_image(rng: np.random.Generator, height: int, width: int) -> np.ndar
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def bilinear_upsample(grid: np.ndarray, size: int) -> np.ndarray:
+    """Half-pixel bilinear upsampling of an ``(h, w)`` grid to ``(size, size)``, edges clamped (a plain loop)."""
+    height, width = grid.shape
+    out = np.empty((size, size))
+    for y in range(size):
+        for x in range(size):
+            sy = min(max((y + 0.5) * height / size - 0.5, 0.0), height - 1)
+            sx = min(max((x + 0.5) * width / size - 0.5, 0.0), width - 1)
+            y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+            y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+            fy, fx = sy - y0, sx - x0
+            top = grid[y0, x0] * (1 - fx) + grid[y0, x1] * fx
+            bottom = grid[y1, x0] * (1 - fx) + grid[y1, x1] * fx
+            out[y, x] = top * (1 - fy) + bottom * fy
+    return out
+
+
 def plant_defect(image: np.ndarray, top: int, left: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A saturated square (the defect) and its mask."""
     defective = image.copy()

@@ -116,3 +116,8 @@ def test_gaussian_blur_matches_scipy(sigma):
         expected = ndimage.gaussian_filter(maps[index].astype(np.float64), sigma, mode="nearest", truncate=4.0)
         assert np.allclose(smoothed[index], expected, atol=1e-5)
     assert torch.equal(gaussian_blur(torch.from_numpy(maps), 0), torch.from_numpy(maps))
+    for border in ("nearest", "reflect", "mirror"):  # the one-pass 2-D kernel (anomalib's arithmetic) as well
+        one_pass = gaussian_blur(torch.from_numpy(maps), sigma, border=border, separable=False).numpy()
+        for index in range(2):
+            expected = ndimage.gaussian_filter(maps[index].astype(np.float64), sigma, mode=border, truncate=4.0)
+            assert np.allclose(one_pass[index], expected, atol=1e-5)

@@ -259,13 +259,19 @@ def test_detector_loads_the_trained_run(tmp_path):
         "vlmdiff", checkpoint=str(run), feature_extractor="taef2", feature_weights=None, ddim_steps=2
     )
     assert detector.config.architecture["unet"] == "tiny"  # read from the run
-    trained = VLMDiffNet(VLMDiffArchitecture(**TINY_VLMDIFF), load_pretrained=False)
-    from anomalens.methods.vlmdiff.run_files import load_run_weights
+    # the weights file read by a second reader (safetensors' NumPy API), key by key
+    from safetensors.numpy import load_file
 
-    load_run_weights(trained, run)
-    for (name, expected), actual in zip(trained.unet.state_dict().items(), detector.net.unet.state_dict().values()):
-        assert torch.equal(expected, actual), name
-    assert float(detector.net.latent_scale) != 1.0  # the training set's statistics
+    saved = load_file(str(run / "model.safetensors"))
+    unet = detector.net.unet.state_dict()
+    unet_keys = [key for key in saved if key.startswith("unet.")]
+    assert unet_keys and len(unet_keys) == len(unet)
+    for key in unet_keys:
+        assert np.array_equal(saved[key], unet[key.removeprefix("unet.")].numpy()), key
+    fresh = VLMDiffNet(VLMDiffArchitecture(**TINY_VLMDIFF), load_pretrained=False)
+    assert any(not torch.equal(fresh.unet.state_dict()[k], v) for k, v in unet.items())  # trained, not initial
+    for name in ("latent_shift", "latent_scale"):
+        assert np.array_equal(saved[name], getattr(detector.net, name).numpy()), name
     image = textured_image(np.random.default_rng(1), 37, 53)
     result = detector.fit().predict([image])[0]
     assert result.anomaly_map.shape == (37, 53)  # the input's own resolution
@@ -527,6 +533,10 @@ def test_the_frozen_encoder_gets_no_gradient(tmp_path):
             if name.startswith("down_blocks.")
         )
         assert encoder_changed == (not frozen)
+    # unset: frozen only when the UNet starts from pretrained weights (a frozen random encoder would stay random)
+    assert _train_config(root, steps=3).frozen_encoder is False  # the tiny UNet starts random
+    pretrained = {**TINY_VLMDIFF, "unet_weights": str(tmp_path / "unet.safetensors")}
+    assert VLMDiffTrainConfig(dataset="mvtec", root=str(root), architecture=pretrained).frozen_encoder is True
 
 
 def test_runs_written_before_the_authors_design_keep_theirs(tmp_path):

@@ -19,7 +19,7 @@ from anomalens.backbones.clip import (
 from anomalens.backbones.prompts import WINCLIP_TEMPLATES, build_prompt_set
 from anomalens.cli import main
 
-from conftest import TINY_CLIP, plant_defect, textured_image, tiny_detector
+from conftest import TINY_CLIP, bilinear_upsample, plant_defect, textured_image, tiny_detector
 
 
 @pytest.fixture
@@ -172,23 +172,6 @@ FORMER_SCORING = {  # the scoring anomalens had before the compat fields
 }  # fmt: skip
 
 
-def _bilinear(grid: np.ndarray, size: int) -> np.ndarray:
-    """Half-pixel bilinear upsampling of an ``(h, w)`` grid to ``(size, size)``, edges clamped (a plain loop)."""
-    height, width = grid.shape
-    out = np.empty((size, size))
-    for y in range(size):
-        for x in range(size):
-            sy = min(max((y + 0.5) * height / size - 0.5, 0.0), height - 1)
-            sx = min(max((x + 0.5) * width / size - 0.5, 0.0), width - 1)
-            y0, x0 = int(np.floor(sy)), int(np.floor(sx))
-            y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
-            fy, fx = sy - y0, sx - x0
-            top = grid[y0, x0] * (1 - fx) + grid[y0, x1] * fx
-            bottom = grid[y1, x0] * (1 - fx) + grid[y1, x1] * fx
-            out[y, x] = top * (1 - fy) + bottom * fy
-    return out
-
-
 def _reference_winclip(detector, images, references, options):
     """WinCLIP recomputed from open_clip's own forward passes and the paper's formulas, loop by loop in NumPy.
 
@@ -288,7 +271,7 @@ def _reference_winclip(detector, images, references, options):
             language = len(per_scale) / (1.0 / per_scale).sum(0)
         else:
             language = per_scale.mean(0)
-        language_map = _bilinear(language.reshape(grid_h, grid_w), size)
+        language_map = bilinear_upsample(language.reshape(grid_h, grid_w), size)
         score = global_probability
         if options["zero_shot_image_score"] == "global_and_map_max":
             score = (global_probability + (language.max() if options["map_max"] == "grid" else language_map.max())) / 2
@@ -302,7 +285,7 @@ def _reference_winclip(detector, images, references, options):
             distances = factor * (1 - (windows[s][index] @ memory[s].T).max(1))
             visual.append(spread(distances, s, options["few_shot_window_aggregation"]))
         visual = np.mean(visual, axis=0)
-        visual_map = _bilinear(visual.reshape(grid_h, grid_w), size)
+        visual_map = bilinear_upsample(visual.reshape(grid_h, grid_w), size)
         scores.append((score + (visual.max() if options["map_max"] == "grid" else visual_map.max())) / 2)
         maps.append((language_map + visual_map) / 2)
     return np.array(scores), np.stack(maps)

@@ -268,12 +268,16 @@ class Detector(nn.Module):
         size = batch_size or self.config.batch_size
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
-        results: list[AnomalyResult] = []
+        # A pooled method scores each chunk as one pool: chunks of a seeded shuffle mix the whole input.
+        order = pool_order(len(images), self.config.seed) if self.pooled else list(range(len(images)))
+        results: list[AnomalyResult | None] = [None] * len(images)
         for start in range(0, len(images), size):
-            chunk = images[start : start + size]
-            arrays = [load_image(image) for image in chunk]
-            results.extend(self.predict_arrays(arrays, [describe(image) for image in chunk]))
-        return results
+            chunk = order[start : start + size]
+            arrays = [load_image(images[index]) for index in chunk]
+            scored = self.predict_arrays(arrays, [describe(images[index]) for index in chunk])
+            for index, result in zip(chunk, scored):
+                results[index] = result
+        return results  # type: ignore[return-value]
 
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list[AnomalyResult]:
         """Score already-loaded ``(H, W, 3)`` uint8 arrays as one batch (the batch commands' entry point)."""
@@ -471,3 +475,10 @@ def config_from_saved(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{config_path} was written by a newer anomalens (format {meta['format_version']})")
     return meta
+
+
+def pool_order(count: int, seed: int) -> list[int]:
+    """The order in which a pooled method's inputs are cut into pools: a permutation of ``range(count)`` seeded
+    by ``seed``. Consecutive inputs (a sorted folder lists one defect type after another) then rarely share a
+    pool, and the same inputs and seed always give the same pools."""
+    return np.random.default_rng(seed).permutation(count).tolist()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from anomalens.detector import Detector
+from anomalens.detector import Detector, pool_order
 from anomalens.engines.core import (
     RAW_FORMATS,
     PredictSummary,
@@ -76,6 +76,8 @@ def run_predict(
     source = resolve_threshold_source(threshold, threshold_source, detector.threshold)
     paths, roots = collect_inputs(inputs)
     names = dict(zip(paths, output_names(paths, roots)))
+    if detector.pooled:  # pools are chunks: of a seeded shuffle, not of the sorted listing (see pool_order)
+        paths = [paths[index] for index in pool_order(len(paths), detector.config.seed)]
     size = batch_size or detector.config.batch_size
     load = partial(load_image, limits=limits)
     with (

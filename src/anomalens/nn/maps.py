@@ -35,12 +35,16 @@ def _border_indices(length: int, radius: int, mode: str, device: torch.device) -
     return torch.where(folded < length, folded, period - folded)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0, border: str = "nearest") -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(B, H, W)`` maps.
+def gaussian_blur(
+    maps: torch.Tensor, sigma: float, truncate: float = 4.0, border: str = "nearest", separable: bool = True
+) -> torch.Tensor:
+    """Gaussian smoothing of ``(B, H, W)`` maps.
 
     Matches ``scipy.ndimage.gaussian_filter(map, sigma, mode=border, truncate=truncate)`` per map. ``border``:
     "nearest" (edge values repeated), "reflect" (scipy's default: mirrored with the edge repeated) or "mirror"
     (mirrored about the edge, which is torch's and kornia's "reflect"). ``sigma == 0`` returns the maps unchanged.
+    ``separable=False`` convolves once with the 2-D kernel (the outer product, normalised) as anomalib's
+    ``GaussianBlur2d`` does: the same result up to float32 rounding, and that rounding too; slower for large sigma.
     """
     if sigma == 0:
         return maps
@@ -51,6 +55,17 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0, borde
     kernel = gaussian_kernel1d(sigma, truncate).to(maps.device, maps.dtype)
     radius = (kernel.numel() - 1) // 2
     smoothed = maps[:, None]
+    if not separable:
+        kernel2d = torch.outer(kernel, kernel)
+        kernel2d = (kernel2d / kernel2d.sum())[None, None]
+        if border == "nearest":
+            padded = F.pad(smoothed, (radius, radius, radius, radius), mode="replicate")
+        else:
+            height, width = maps.shape[-2:]
+            rows = _border_indices(height, radius, border, maps.device)
+            columns = _border_indices(width, radius, border, maps.device)
+            padded = smoothed.index_select(2, rows).index_select(3, columns)
+        return F.conv2d(padded, kernel2d)[:, 0]
     if border == "nearest":
         smoothed = F.conv2d(F.pad(smoothed, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
         smoothed = F.conv2d(F.pad(smoothed, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
