@@ -13,10 +13,8 @@ import anomalens
 from anomalens.backbones.diffusion import DiffusionBackbone, capture_block_outputs, capture_cross_attention
 from anomalens.cli import main
 from anomalens.methods.clipfusion.model import fuse_maps
-from anomalens.methods.patchcore import PatchCore
-from anomalens.nn.memory import NearestNeighbourMemory
 
-from conftest import TINY_CLIP, TINY_CONFIGS, plant_defect, textured_image, tiny_detector
+from conftest import TINY_CLIP, TINY_CONFIGS, bilinear_upsample, plant_defect, textured_image, tiny_detector
 
 
 @pytest.fixture(scope="module")
@@ -106,56 +104,106 @@ def test_component_maps_have_expected_shapes():
 
 
 def test_fusion_matches_the_formula():
+    """The fused map against NumPy: half-pixel bilinear loops and the weighted sums, with both normalisations, and
+    a hand-computed min-max case."""
     generator = torch.Generator().manual_seed(0)
-    clip_l, clip_v = torch.rand(2, 4, 4, generator=generator), torch.rand(2, 4, 4, generator=generator)
+    clip_l, clip_v = torch.rand(2, 4, 4, generator=generator), torch.rand(2, 4, 4, generator=generator) * 0.1
     diff_l, diff_v = torch.rand(2, 8, 8, generator=generator), torch.rand(2, 8, 8, generator=generator)
-    fused = fuse_maps([clip_l, clip_v], [diff_l, diff_v], 0.3, 8)
+    for normalisation in ("fixed", "minmax"):
+        fused = fuse_maps([clip_l, clip_v], [diff_l, diff_v], 0.3, 8, normalisation).numpy()
 
-    def up(tensor):
-        return F.interpolate(tensor[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+        def prepared(tensor, normalisation=normalisation):
+            maps = tensor.double().numpy()
+            if normalisation == "minmax":
+                low, high = maps.min(axis=(1, 2), keepdims=True), maps.max(axis=(1, 2), keepdims=True)
+                maps = (maps - low) / (high - low)
+            return np.stack([bilinear_upsample(m, 8) for m in maps])
 
-    assert torch.allclose(fused, 0.3 * (up(clip_l) + up(clip_v)) + 0.7 * (diff_l + diff_v), atol=1e-6)
-    assert torch.allclose(fuse_maps([clip_l], [], 1.0, 4), clip_l)
+        expected = 0.3 * (prepared(clip_l) + prepared(clip_v)) + 0.7 * (prepared(diff_l) + prepared(diff_v))
+        assert np.abs(fused - expected).max() < 1e-6
+    # by hand: a map with values 2 and 4 becomes 0 and 1; a constant map becomes 0
+    two_values = torch.tensor([[[2.0, 4.0], [4.0, 2.0]]])
+    assert fuse_maps([two_values], [], 1.0, 2, "minmax").tolist() == [[[0.0, 1.0], [1.0, 0.0]]]
+    assert fuse_maps([torch.full((1, 2, 2), 3.0)], [], 1.0, 2, "minmax").abs().max() == 0
     with pytest.raises(ValueError, match="no component map"):
         fuse_maps([], [], 0.5, 4)
+    with pytest.raises(ValueError, match="unknown fusion normalisation 'zscore'; valid: fixed, minmax"):
+        fuse_maps([clip_l], [], 0.5, 4, "zscore")
 
 
-def test_vision_maps_use_patchcore_memory_and_match_brute_force():
+def test_vision_maps_match_brute_force():
+    """M_CLIP_V against a NumPy brute force over tokens taken from open_clip's own forward_intermediates, and
+    M_Diff_V's search against the brute-force nearest cosine distance over the reference features."""
     rng = np.random.default_rng(1)
     references = [textured_image(rng, 48, 48)]
-    query = [textured_image(rng, 48, 48)]
+    query = [plant_defect(textured_image(rng, 48, 48), 10, 10, 12)[0]]
     detector = tiny_detector("clipfusion").fit(references, class_name="widget")
-    patchcore_memory = PatchCore.__init__.__globals__["NearestNeighbourMemory"]
-    assert patchcore_memory is NearestNeighbourMemory
-    memories = [*detector.clip_memories, *detector.diffusion_memories.values()]
-    assert all(type(memory) is NearestNeighbourMemory for memory in memories)
+
+    def tokens_of(images):
+        pixels = detector.clip.preprocess(images)
+        with torch.no_grad():
+            output = detector.clip.visual.forward_intermediates(
+                pixels, indices=detector.clip_layers, output_fmt="NLC", intermediates_only=True
+            )
+        return [F.normalize(t, dim=-1).double().numpy() for t in output["image_intermediates"]]
+
+    reference_tokens, query_tokens = tokens_of(references), tokens_of(query)
+    distances = []
+    for reference_layer, query_layer in zip(reference_tokens, query_tokens):
+        bank = reference_layer.reshape(-1, reference_layer.shape[-1])
+        distances.append([min(1 - float(token @ row) for row in bank) for token in query_layer[0]])
+    expected = (np.mean(distances, axis=0) / 2).reshape(detector.clip.grid)
+    _, _, raw = detector._clip_features(query)
+    assert np.abs(detector.clip_vision_map(raw)[0].double().numpy() - expected).max() < 1e-5
+
     _, features = detector._diffusion_pass(query, need_attention=False, need_features=True)
-    bank = detector.diffusion_memories["up_blocks_1"].bank
     feature = features["up_blocks.1"]
-    queries = F.normalize(feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]), dim=1)
-    brute = (1 - queries.double() @ bank.double().T).min(1).values / 2
-    side = feature.shape[-1]
+    rows = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).double().numpy()
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    _, reference_features = detector._diffusion_pass(references, need_attention=False, need_features=True)
+    bank = reference_features["up_blocks.1"].permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).double().numpy()
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    brute = np.array([min(1 - float(row @ entry) for entry in bank) for row in rows])
     searched = detector.diffusion_memories["up_blocks_1"].search(
         feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
     )
-    assert torch.allclose(searched[0][:, 0].double() / 2, brute, atol=1e-5)
-    assert side * side == queries.shape[0]
+    assert np.abs(searched[0][:, 0].double().numpy() - brute).max() < 1e-5
 
 
 def test_zero_shot_uses_language_maps_only_and_components_switch():
     rng = np.random.default_rng(2)
-    image = textured_image(rng, 48, 48)
-    defective, _ = plant_defect(image, 12, 12, 12)
+    reference, normal = textured_image(rng, 48, 48), textured_image(rng, 48, 48)
+    defective, _ = plant_defect(textured_image(rng, 48, 48), 12, 12, 12)
     zero = tiny_detector("clipfusion").fit(class_name="widget")
     assert not zero._uses("clip_vision") and zero._uses("diffusion_language")
     clip_only = tiny_detector("clipfusion", components=("clip_language",)).fit(class_name="widget")
     assert clip_only.diffusion is None
-    few = tiny_detector("clipfusion").fit([image], class_name="widget")
-    assert few.predict([defective])[0].score > few.predict([image])[0].score
+    few = tiny_detector("clipfusion").fit([reference], class_name="widget")
+    assert few.predict([defective])[0].score > few.predict([normal])[0].score  # a normal image, not the reference
     with pytest.raises(ValueError, match=r"components=\('clip_lang',\) must be a non-empty subset"):
         tiny_detector("clipfusion", components=("clip_lang",))
     with pytest.raises(ValueError, match="no cross-attention layer has a feature side"):
         tiny_detector("clipfusion", attention_resolutions=(64,))
+
+
+def test_attention_map_options_and_projection_default(tmp_path):
+    """``anomaly_token`` is the state words' raw attention mass, ``share`` divides it by state + class mass: from
+    the same captured attention the share is the token map over (token map + class mass); and an unset
+    clip_projection follows whether trained weights are given."""
+    from anomalens.methods.clipfusion.model import CLIPFusionConfig
+
+    rng = np.random.default_rng(4)
+    query = [textured_image(rng, 48, 48)]
+    token = tiny_detector("clipfusion", attention_map="anomaly_token").fit(class_name="widget")
+    share = tiny_detector("clipfusion").fit(class_name="widget")
+    token_shares, _ = token._diffusion_pass(query, need_attention=True, need_features=False)
+    share_shares, _ = share._diffusion_pass(query, need_attention=True, need_features=False)
+    token_map = token.diffusion_language_map(token_shares)
+    share_map = share.diffusion_language_map(share_shares)
+    assert (token_map <= share_map + 1e-6).all() and not torch.allclose(token_map, share_map)
+    assert CLIPFusionConfig(backbone=TINY_CLIP, pretrained=None).clip_projection == "training_free"
+    trained = CLIPFusionConfig(backbone=TINY_CLIP, pretrained=None, clip_projection_weights=str(tmp_path / "p.st"))
+    assert trained.clip_projection == "trained"
 
 
 def test_train_patchclip_then_use_trained_projections(capsys, mvtec_root, tmp_path):

@@ -15,13 +15,17 @@ Zero-shot uses the two language-guided maps (``_L``); with reference images the 
 - **MapDiff, M_Diff_L.** The query's VAE latent is noised to each of ``timesteps`` (``noise_draws`` seeded draws)
   and denoised once with the prompt ``anomaly_prompt`` (e.g. "a photo of a damaged bottle"); cross-attention
   probabilities of the UNet layers whose feature side is in ``attention_resolutions`` are captured, averaged
-  over heads, layers, draws and timesteps. The map is the attention share of the anomaly-state words,
-  ``A_state / (A_state + A_class)``; with ``contrast``, the same share under ``normal_prompt`` is subtracted.
+  over heads, layers, draws and timesteps. The map (``attention_map``) is the attention share of the
+  anomaly-state words, ``A_state / (A_state + A_class)`` (our construction: the paper gives no formula), or the
+  state words' attention probability itself (``"anomaly_token"``); with ``contrast``, the same map under
+  ``normal_prompt`` is subtracted.
 - **MapDiff, M_Diff_V.** Decoder features (``feature_blocks``) of the query compared with the references',
   as nearest-neighbour cosine distances, averaged over blocks.
-- **Fusion.** Every component is put on [0, 1] by its definition, never by the data, so images stay
-  comparable: probabilities and attention shares as they are, cosine distances halved (their range is
-  [0, 2]), contrasted shares mapped from [-1, 1] by ``(x + 1) / 2``. The fused map is upsampled to
+- **Fusion** (``fusion_normalisation``; the paper does not say, both are guesses). ``"fixed"``: every component
+  is put on [0, 1] by its definition, never by the data, so images stay comparable: probabilities and
+  attention shares as they are, cosine distances halved (their range is [0, 2]), contrasted shares mapped from
+  [-1, 1] by ``(x + 1) / 2``; one component can still dominate by its spread. ``"minmax"``: each component
+  rescaled to [0, 1] per image. The fused map is upsampled to
   ``map_size`` and Gaussian-smoothed. Image score: the mean of CLIP's global image-text anomaly probability and
   the smoothed map's maximum.
 
@@ -62,7 +66,9 @@ from anomalens.nn.memory import NearestNeighbourMemory
 from anomalens.nn.offload import OffloadMixin
 
 COMPONENTS = ("clip_language", "clip_vision", "diffusion_language", "diffusion_vision")
-PROJECTIONS = ("training_free", "trained")
+PROJECTIONS = ("auto", "training_free", "trained")
+ATTENTION_MAPS = ("share", "anomaly_token")
+FUSION_NORMALISATIONS = ("fixed", "minmax")
 
 
 @dataclass
@@ -78,7 +84,8 @@ class CLIPFusionConfig(CLIPConfig):
 
     batch_size: int = 4  # images per forward pass
     clip_layers: tuple[int, ...] = (5, 11, 17, 23)  # 0-based blocks whose patch tokens are used (6/12/18/24 of 24)
-    clip_projection: str = "training_free"  # "training_free" (v-v tokens, CLIP's projection) or "trained"
+    clip_projection: str = "auto"  # "trained" (the paper's: per-layer projections trained on an auxiliary set),
+    # "training_free" (v-v tokens, CLIP's own projection), "auto": trained when clip_projection_weights is given
     clip_projection_weights: str | None = None  # safetensors file from `anomalens train patchclip` ("trained")
     diffusion: str | None = DEFAULT_REPO  # diffusers repo id or local folder; None builds diffusion_architecture
     diffusion_architecture: str = "sd-2-1-base"  # architecture built with random weights when diffusion is None
@@ -92,6 +99,10 @@ class CLIPFusionConfig(CLIPConfig):
     contrast: bool = False  # subtract the state-word attention share under normal_prompt
     normal_prompt: str = "a photo of a flawless {}"  # the prompt contrasted with, when contrast is on
     normal_words: str = "flawless"  # its normal-state words
+    attention_map: str = "share"  # M_Diff_L: "share", A_state / (A_state + A_class) [our guess, the paper gives no
+    # formula], or "anomaly_token": the state words' attention probability itself (small; pair with "minmax")
+    fusion_normalisation: str = "fixed"  # each component on [0, 1] before fusion: "fixed" (by its definition, so
+    # images stay comparable) [guess] or "minmax" (per image, so no component dominates by its range)
     alpha: float = 0.5  # weight of the CLIP maps; the diffusion maps get 1 - alpha
     components: tuple[str, ...] = COMPONENTS  # maps to use; vision maps need references
     shots: int | None = None  # 0 forces zero-shot, k >= 1 few-shot; None: as fit() is called
@@ -100,6 +111,8 @@ class CLIPFusionConfig(CLIPConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.clip_projection == "auto":
+            self.clip_projection = "trained" if self.clip_projection_weights else "training_free"
         for name in ("clip_layers", "timesteps", "attention_resolutions", "feature_blocks", "components"):
             setattr(self, name, tuple(getattr(self, name)))
         unknown = [name for name in self.components if name not in COMPONENTS]
@@ -117,6 +130,10 @@ class CLIPFusionConfig(CLIPConfig):
             "timesteps": (bool(self.timesteps) and all(0 <= t < 1000 for t in self.timesteps), "in [0, 999]"),
             "noise_draws": (self.noise_draws >= 1, ">= 1"),
             "alpha": (0.0 <= self.alpha <= 1.0, "in [0, 1]"),
+            "attention_map": (self.attention_map in ATTENTION_MAPS, f"one of {', '.join(ATTENTION_MAPS)}"),
+            "fusion_normalisation": (
+                self.fusion_normalisation in FUSION_NORMALISATIONS, f"one of {', '.join(FUSION_NORMALISATIONS)}"
+            ),
             "anomaly_prompt": (
                 "{}" in self.anomaly_prompt and self.anomaly_words in self.anomaly_prompt,
                 "a prompt with '{}' that contains anomaly_words",
@@ -301,7 +318,10 @@ class CLIPFusion(OffloadMixin, Detector):
         layers = []
         for probabilities in attention.values():
             state_mass = probabilities[:, :, state].sum(-1)
-            share = state_mass / (state_mass + probabilities[:, :, subject].sum(-1)).clamp_min(1e-12)
+            if self.config.attention_map == "anomaly_token":
+                share = state_mass
+            else:
+                share = state_mass / (state_mass + probabilities[:, :, subject].sum(-1)).clamp_min(1e-12)
             grid = int(round(share.shape[1] ** 0.5))
             share = share.reshape(-1, 1, grid, grid)
             layers.append(F.interpolate(share, size=(side, side), mode="bilinear", align_corners=False)[:, 0])
@@ -401,16 +421,24 @@ class CLIPFusion(OffloadMixin, Detector):
             if need_features:
                 diffusion_maps.append(self.diffusion_vision_map(features))
         with self.timed("post_processing"):
-            fused = fuse_maps(clip_maps, diffusion_maps, self.config.alpha, size)
+            fused = fuse_maps(clip_maps, diffusion_maps, self.config.alpha, size, self.config.fusion_normalisation)
             fused = gaussian_blur(fused, self.config.smoothing_sigma)
             scores = (global_probability + fused.flatten(1).amax(1)) / 2
         return scores, fused
 
 
 def fuse_maps(
-    clip_maps: list[torch.Tensor], diffusion_maps: list[torch.Tensor], alpha: float, size: int
+    clip_maps: list[torch.Tensor],
+    diffusion_maps: list[torch.Tensor],
+    alpha: float,
+    size: int,
+    normalisation: str = "fixed",
 ) -> torch.Tensor:
     """``alpha * sum(clip_maps) + (1 - alpha) * sum(diffusion_maps)``, each ``(B, h, w)`` resized to ``size``.
+
+    ``normalisation="minmax"`` first rescales each map, per image, to [0, 1] (a constant map becomes 0), so a
+    component with a wide range cannot dominate; ``"fixed"`` takes the maps as they are (each already on [0, 1]
+    by its definition).
 
     Returns:
         ``(B, size, size)``.
@@ -421,9 +449,20 @@ def fuse_maps(
     if not clip_maps and not diffusion_maps:
         raise ValueError("no component map to fuse: enable at least one available component")
 
+    if normalisation not in FUSION_NORMALISATIONS:
+        raise ValueError(f"unknown fusion normalisation {normalisation!r}; valid: {', '.join(FUSION_NORMALISATIONS)}")
+
+    def rescaled(anomaly_map: torch.Tensor) -> torch.Tensor:
+        if normalisation == "fixed":
+            return anomaly_map
+        low = anomaly_map.flatten(1).amin(1)[:, None, None]
+        high = anomaly_map.flatten(1).amax(1)[:, None, None]
+        return (anomaly_map - low) / (high - low).clamp_min(1e-12)
+
     def total(maps: list[torch.Tensor]) -> torch.Tensor | float:
         resized = [
-            F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0] for m in maps
+            F.interpolate(rescaled(m)[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            for m in maps
         ]
         return torch.stack(resized).sum(0) if resized else 0.0
 
