@@ -226,6 +226,65 @@ def test_train_patchclip_then_use_trained_projections(capsys, mvtec_root, tmp_pa
         tiny_detector("clipfusion", clip_projection="trained")
 
 
+def test_patchclip_mosaic_by_hand():
+    from anomalens.methods.clipfusion.training import mosaic
+
+    images = [np.full((4, 6, 3), value, np.uint8) for value in (10, 20, 30, 40)]
+    masks = [torch.full((4, 6), float(value)) for value in (0, 1, 0, 1)]
+    image, mask = mosaic(images, masks)
+    assert image.shape == (8, 12, 3) and mask.shape == (8, 12)
+    assert (image[:4, :6] == 10).all() and (image[:4, 6:] == 20).all()
+    assert (image[4:, :6] == 30).all() and (image[4:, 6:] == 40).all()
+    assert mask[:4, 6:].eq(1).all() and mask[4:, :6].eq(0).all() and mask[4:, 6:].eq(1).all()
+    with pytest.raises(ValueError, match="a mosaic takes 4 images and 4 masks, got 3 and 3"):
+        mosaic(images[:3], masks[:3])
+
+
+def test_patchclip_image_resolution_loss_matches_numpy():
+    """The APRIL-GAN loss of one step recomputed with NumPy loops: logits per patch, bilinear upsampling with
+    aligned corners, softmax, binarised mask, binary focal (gamma 2) + dice (smoothed by 1), summed over layers."""
+    from anomalens.backbones.clip import CLIPBackbone
+    from anomalens.backbones.prompts import build_prompt_set
+    from anomalens.methods.clipfusion.training import PatchCLIPTrainConfig, _initial_projections, _step
+
+    config = PatchCLIPTrainConfig(dataset="mvtec", root=".", out="x", image_size=None, layers=(1, 2))
+    clip = CLIPBackbone(TINY_CLIP, None)
+    projections = _initial_projections(clip, 2)
+    rng = np.random.default_rng(0)
+    image = textured_image(rng, 48, 48)
+    mask = torch.zeros(48, 48)
+    mask[10:30, 5:25] = 0.8  # soft: binarised to 1
+    text = clip.text_embeddings("widget", build_prompt_set())
+    with torch.no_grad():
+        tokens = clip.encode_image(clip.preprocess([image]), layers=[1, 2]).layer_tokens
+        joints = [j[0].double().numpy() for j in projections(tokens)]
+    optimiser = torch.optim.SGD(projections.parameters(), lr=0.0)  # the loss only
+    loss = _step(clip, projections, optimiser, [1, 2], {"widget": text}, [image], [mask], ["widget"], config=config)
+
+    grid, size = clip.grid[0], 48
+    target = (mask.numpy() > 0.5).astype(np.float64).ravel()
+    expected = 0.0
+    for joint in joints:
+        normalised = joint / np.linalg.norm(joint, axis=-1, keepdims=True)
+        logits = (clip.logit_scale * normalised @ text.double().numpy().T).reshape(grid, grid, 2)
+        upsampled = np.zeros((size, size, 2))
+        for y in range(size):
+            for x in range(size):
+                sy, sx = y * (grid - 1) / (size - 1), x * (grid - 1) / (size - 1)  # aligned corners
+                y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+                y1, x1 = min(y0 + 1, grid - 1), min(x0 + 1, grid - 1)
+                fy, fx = sy - y0, sx - x0
+                top = logits[y0, x0] * (1 - fx) + logits[y0, x1] * fx
+                bottom = logits[y1, x0] * (1 - fx) + logits[y1, x1] * fx
+                upsampled[y, x] = top * (1 - fy) + bottom * fy
+        probability = np.exp(upsampled[..., 1]) / np.exp(upsampled).sum(-1)
+        p = np.clip(probability.ravel(), 1e-6, 1 - 1e-6)
+        focal = np.mean(-target * (1 - p) ** 2 * np.log(p) - (1 - target) * p**2 * np.log(1 - p))
+        dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+        expected += focal + dice
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
 def test_cli_zero_and_few_shot(capsys, mvtec_root, tmp_path):
     config = TINY_CONFIGS["clipfusion"]
     tiny = ["--method", "clipfusion", "--backbone", TINY_CLIP, "--pretrained", "none", "--set", "diffusion=none"]

@@ -87,6 +87,8 @@ class CLIPFusionConfig(CLIPConfig):
     clip_projection: str = "auto"  # "trained" (the paper's: per-layer projections trained on an auxiliary set),
     # "training_free" (v-v tokens, CLIP's own projection), "auto": trained when clip_projection_weights is given
     clip_projection_weights: str | None = None  # safetensors file from `anomalens train patchclip` ("trained")
+    clip_image_size: int | None = None  # CLIP input side; None = the model's own (336 for ViT-L-14-336); APRIL-GAN
+    # trains and tests at 518
     diffusion: str | None = DEFAULT_REPO  # diffusers repo id or local folder; None builds diffusion_architecture
     diffusion_architecture: str = "sd-2-1-base"  # architecture built with random weights when diffusion is None
     diffusion_image_size: int | None = None  # SD input side; None = the model's native size (512 for SD 2.1-base)
@@ -176,6 +178,7 @@ class CLIPFusion(OffloadMixin, Detector):
         self.clip = CLIPBackbone(
             config.backbone,
             config.pretrained if load_pretrained else None,
+            image_size=config.clip_image_size,
             vv_layers=depth - min(self.clip_layers) if training_free else 0,
             weights_dir=weights_dir,
             method_hint="clipfusion",
