@@ -220,6 +220,14 @@ def test_train_patchclip_then_use_trained_projections(capsys, mvtec_root, tmp_pa
     assert detector.clip.vv_state is None and torch.equal(detector.projections.layers[0].weight, trained_weight)
     result = detector.fit(class_name="widget").predict([textured_image(np.random.default_rng(0), 48, 48)])[0]
     assert np.isfinite(result.score)
+    # kept in a weights folder, the file is found by its bare name
+    weights = tmp_path / "weights"
+    (weights / "patchclip").mkdir(parents=True)
+    out.rename(weights / "patchclip" / "projections-mvtec.safetensors")
+    by_name = tiny_detector("clipfusion", clip_projection_weights="projections-mvtec.safetensors", weights_dir=weights)
+    assert by_name.config.clip_projection == "trained"
+    assert torch.equal(by_name.projections.layers[0].weight, trained_weight)
+    out = weights / "patchclip" / "projections-mvtec.safetensors"
     with pytest.raises(ValueError, match="do not fit PatchCLIPProjections"):
         tiny_detector("clipfusion", clip_projection="trained", clip_projection_weights=str(out), clip_layers=(0, 1, 2))
     with pytest.raises(ValueError, match="clip_projection_weights=None must be a file"):

@@ -5,7 +5,8 @@ A weight reference can be:
 - a registered component name (``"taef2_encoder"``, ``"wide_resnet50_2"``; see :data:`WEIGHTS`),
   looked up in order in the ``weights_dir`` argument, ``$ANOMALENS_WEIGHTS_DIR``, the cache
   (``$ANOMALENS_CACHE``, default ``~/.cache/anomalens``), then downloaded on a connected machine;
-- a local file (``.pth``, ``.pt``, ``.bin``, ``.safetensors``) or folder;
+- a local file (``.pth``, ``.pt``, ``.bin``, ``.safetensors``) or folder, or such a file's bare name found in a
+  weights folder (e.g. PatchCLIP projections from ``anomalens train patchclip`` kept beside the other weights);
 - a Hugging Face repo id for diffusers / transformers components (``"stabilityai/stable-diffusion-2-1-base"``,
   optionally ``"hf:ORG/NAME"``), resolved through the Hugging Face cache;
 - an open_clip model and pretrained tag (``"open_clip:ViT-B-16-plus-240/laion400m_e31"``).
@@ -235,9 +236,15 @@ def resolve(
         return _resolve_open_clip(text.removeprefix("open_clip:"), folders, online=online, method_hint=method_hint)
     if _REPO_ID.match(text):
         return _resolve_hub_repo(text.removeprefix("hf:"), folders, online=online, method_hint=method_hint)
+    if path.name == text and path.suffix in CHECKPOINT_SUFFIXES:  # a bare file name: look in the weights folders
+        for folder in folders:
+            for candidate in (folder / text, *sorted(folder.glob(f"*/{text}"))):
+                if candidate.is_file():
+                    return candidate
     raise WeightsNotFoundError(
         f"weights {text!r} are neither a registered component ({', '.join(sorted(WEIGHTS))}), an existing "
-        "file or folder, a Hugging Face repo id (ORG/NAME), nor open_clip:MODEL/TAG"
+        "file or folder, a file of that name in the weights folders "
+        f"({', '.join(str(folder) for folder in folders)}), a Hugging Face repo id (ORG/NAME), nor open_clip:MODEL/TAG"
     )
 
 

@@ -189,7 +189,8 @@ class CLIPFusion(OffloadMixin, Detector):
             width = self.clip.visual.transformer.width
             self.projections = PatchCLIPProjections(len(self.clip_layers), width, self.clip.embed_dim)
             if load_pretrained:
-                self.projections.load_state_dict(_read_projections(config.clip_projection_weights, self.projections))
+                state = _read_projections(config.clip_projection_weights, self.projections, weights_dir)
+                self.projections.load_state_dict(state)
         self.diffusion = None
         if {"diffusion_language", "diffusion_vision"} & set(config.components):
             self.diffusion = DiffusionBackbone(
@@ -473,13 +474,15 @@ def fuse_maps(
     return fused
 
 
-def _read_projections(path: str | None, projections: PatchCLIPProjections) -> dict[str, torch.Tensor]:
+def _read_projections(
+    path: str | None, projections: PatchCLIPProjections, weights_dir: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
     """Read and check a PatchCLIP projection file against the model's layer count and widths."""
     from anomalens.backbones.weights import load_state_dict_checked, resolve
 
     if not path:
         raise ValueError("clip_projection='trained' needs clip_projection_weights (from `anomalens train patchclip`)")
-    state = read_checkpoint(resolve(path))
+    state = read_checkpoint(resolve(path, weights_dir=weights_dir))
     probe = PatchCLIPProjections(
         len(projections.layers), projections.layers[0].in_features, projections.layers[0].out_features
     )
