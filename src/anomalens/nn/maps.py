@@ -56,8 +56,13 @@ def gaussian_blur(
     radius = (kernel.numel() - 1) // 2
     smoothed = maps[:, None]
     if not separable:
-        kernel2d = torch.outer(kernel, kernel)
-        kernel2d = (kernel2d / kernel2d.sum())[None, None]
+        # float32 throughout, in kornia's order (anomalib's GaussianBlur2d): exp(-x^2 / (2 sigma^2)) normalised,
+        # the outer product normalised again, so the kernel matches theirs to the last bit
+        offsets = torch.arange(2 * radius + 1, dtype=torch.float32, device=maps.device) - radius
+        gauss = torch.exp(-offsets.pow(2.0) / (2 * torch.tensor(float(sigma), device=maps.device).pow(2.0)))
+        gauss = gauss / gauss.sum()
+        kernel2d = gauss[:, None] * gauss.view(1, -1)
+        kernel2d = (kernel2d / kernel2d.abs().sum()).to(maps.dtype)[None, None]
         if border == "nearest":
             padded = F.pad(smoothed, (radius, radius, radius, radius), mode="replicate")
         else:
