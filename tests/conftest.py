@@ -89,14 +89,18 @@ def textured_image(rng: np.random.Generator, height: int, width: int) -> np.ndar
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def bilinear_upsample(grid: np.ndarray, size: int) -> np.ndarray:
-    """Half-pixel bilinear upsampling of an ``(h, w)`` grid to ``(size, size)``, edges clamped (a plain loop)."""
-    height, width = grid.shape
-    out = np.empty((size, size))
+def bilinear_upsample(grid: np.ndarray, size: int, align_corners: bool = False) -> np.ndarray:
+    """Bilinear upsampling of an ``(h, w, ...)`` grid to ``(size, size, ...)`` with a plain loop: half-pixel
+    centres and clamped edges, or (``align_corners``) the corner samples on the corner pixels."""
+    height, width = grid.shape[:2]
+    out = np.empty((size, size, *grid.shape[2:]))
     for y in range(size):
         for x in range(size):
-            sy = min(max((y + 0.5) * height / size - 0.5, 0.0), height - 1)
-            sx = min(max((x + 0.5) * width / size - 0.5, 0.0), width - 1)
+            if align_corners:
+                sy, sx = y * (height - 1) / (size - 1), x * (width - 1) / (size - 1)
+            else:
+                sy = min(max((y + 0.5) * height / size - 0.5, 0.0), height - 1)
+                sx = min(max((x + 0.5) * width / size - 0.5, 0.0), width - 1)
             y0, x0 = int(np.floor(sy)), int(np.floor(sx))
             y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
             fy, fx = sy - y0, sx - x0

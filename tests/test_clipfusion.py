@@ -275,16 +275,7 @@ def test_patchclip_image_resolution_loss_matches_numpy():
     for joint in joints:
         normalised = joint / np.linalg.norm(joint, axis=-1, keepdims=True)
         logits = (clip.logit_scale * normalised @ text.double().numpy().T).reshape(grid, grid, 2)
-        upsampled = np.zeros((size, size, 2))
-        for y in range(size):
-            for x in range(size):
-                sy, sx = y * (grid - 1) / (size - 1), x * (grid - 1) / (size - 1)  # aligned corners
-                y0, x0 = int(np.floor(sy)), int(np.floor(sx))
-                y1, x1 = min(y0 + 1, grid - 1), min(x0 + 1, grid - 1)
-                fy, fx = sy - y0, sx - x0
-                top = logits[y0, x0] * (1 - fx) + logits[y0, x1] * fx
-                bottom = logits[y1, x0] * (1 - fx) + logits[y1, x1] * fx
-                upsampled[y, x] = top * (1 - fy) + bottom * fy
+        upsampled = bilinear_upsample(logits, size, align_corners=True)
         probability = np.exp(upsampled[..., 1]) / np.exp(upsampled).sum(-1)
         p = np.clip(probability.ravel(), 1e-6, 1 - 1e-6)
         focal = np.mean(-target * (1 - p) ** 2 * np.log(p) - (1 - target) * p**2 * np.log(1 - p))
