@@ -74,16 +74,17 @@ def procedural_texture(
     for _ in range(3):
         layers = [perlin_noise(shape, (2**level, 2**level), generator) / 2**level for level in range(1, octaves + 1)]
         channels.append(torch.stack(layers).sum(0))
-    texture = torch.stack(channels)
+    texture = _stretch(torch.stack(channels))
+    if contrast > 0:
+        texture = _stretch(torch.sigmoid(contrast * (texture - 0.5)))
+    return texture
+
+
+def _stretch(texture: torch.Tensor) -> torch.Tensor:
+    """Each channel of a ``(3, H, W)`` texture rescaled to span [0, 1] (autocontrast)."""
     low = texture.amin(dim=(1, 2), keepdim=True)
     high = texture.amax(dim=(1, 2), keepdim=True)
-    texture = (texture - low) / (high - low).clamp_min(1e-6)
-    if contrast > 0:
-        texture = torch.sigmoid(contrast * (texture - 0.5))
-        low = texture.amin(dim=(1, 2), keepdim=True)
-        high = texture.amax(dim=(1, 2), keepdim=True)
-        texture = (texture - low) / (high - low).clamp_min(1e-6)
-    return texture
+    return (texture - low) / (high - low).clamp_min(1e-6)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -111,9 +112,7 @@ def augment_texture(texture: torch.Tensor, generator: torch.Generator, count: in
             levels = 2 ** int(torch.randint(2, 5, (1,), generator=generator))
             texture = torch.floor(texture.clamp(0, 1) * (levels - 1) + 0.5) / (levels - 1)
         elif name == "autocontrast":
-            low = texture.amin(dim=(1, 2), keepdim=True)
-            high = texture.amax(dim=(1, 2), keepdim=True)
-            texture = (texture - low) / (high - low).clamp_min(1e-6)
+            texture = _stretch(texture)
         else:  # channels: a random permutation of the colour channels
             texture = texture[torch.randperm(3, generator=generator)]
     return texture.clamp(0, 1)

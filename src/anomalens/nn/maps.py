@@ -63,14 +63,10 @@ def gaussian_blur(
         gauss = gauss / gauss.sum()
         kernel2d = gauss[:, None] * gauss.view(1, -1)
         kernel2d = (kernel2d / kernel2d.abs().sum()).to(maps.dtype)[None, None]
-        if border == "nearest":
-            padded = F.pad(smoothed, (radius, radius, radius, radius), mode="replicate")
-        else:
-            height, width = maps.shape[-2:]
-            rows = _border_indices(height, radius, border, maps.device)
-            columns = _border_indices(width, radius, border, maps.device)
-            padded = smoothed.index_select(2, rows).index_select(3, columns)
-        return F.conv2d(padded, kernel2d)[:, 0]
+        height, width = maps.shape[-2:]
+        rows = _border_indices(height, radius, border, maps.device)
+        columns = _border_indices(width, radius, border, maps.device)
+        return F.conv2d(smoothed.index_select(2, rows).index_select(3, columns), kernel2d)[:, 0]
     if border == "nearest":
         smoothed = F.conv2d(F.pad(smoothed, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
         smoothed = F.conv2d(F.pad(smoothed, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
