@@ -51,6 +51,13 @@ TINY_CONFIGS: dict[str, dict] = {
         "smoothing_sigma": 1.0,
     },
 }
+TINY_CONFIGS["ensemble"] = {  # a memory-bank member and a language member, each tiny
+    "members": (
+        {"method": "patchcore", **TINY_CONFIGS["patchcore"]},
+        {"method": "winclip", **TINY_CONFIGS["winclip"]},
+    ),
+    "batch_size": 4,
+}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,13 +55,26 @@ def test_predict_with_references(capsys, mvtec_root, tmp_path):
     assert [row["path"] for row in rows] == [r["path"] for r in records]
     first = records[0]
     overlay = np.asarray(Image.open(out / first["overlay"]))
-    assert overlay.shape == (40, 48, 3)
+    assert overlay.shape == (40 + 30, 48, 3)  # the image, then the colour bar and score band
     assert np.load(out / first["map"]).shape == (40, 48)
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert sorted(e["path"].rsplit("/", 1)[1] for e in errors) == ["empty.png", "text.jpg"]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["scored"] == 6 and run["skipped"] == 2
     assert run["threshold_source"] == "leave-one-out" and "leave-one-out" in run["threshold_rule"]
+    # the threshold is the largest of the per-reference held-out scores saved beside it; the references are listed
+    assert len(run["held_out_scores"]) == 4 and run["threshold"] == max(run["held_out_scores"])
+    assert sorted(Path(path).name for path in run["references"]) == ["000.png", "001.png", "002.png", "003.png"]
+    # the fixed colour scale puts the pixel threshold at the middle of the palette
+    low, high = run["map_scale"]
+    assert run["map_scale_source"] == "references" and (low + high) / 2 == pytest.approx(run["pixel_threshold"])
+    for record in records:  # each mask is the saved map above the pixel threshold; the regions' areas add up
+        anomaly_map = np.load(out / record["map"])
+        mask = np.asarray(Image.open(out / record["mask"])) > 0
+        assert np.array_equal(mask, anomaly_map > run["pixel_threshold"])
+        assert record["defect_area"] == mask.sum() == sum(region["area"] for region in record["regions"])
+        truth = {"good": "normal", "scratch": "anomalous"}.get(Path(record["path"]).parent.name)
+        assert record["true_label"] == truth
 
 
 def test_predict_refuses_to_mix_runs(capsys, mvtec_root, tmp_path):
@@ -94,7 +108,7 @@ def test_fit_then_predict_with_saved_detector(capsys, mvtec_root, tmp_path):
 
 def test_predict_errors_are_one_line(capsys, mvtec_root, tmp_path):
     code, _, stderr = _run(capsys, "predict", "--method", "nope", str(mvtec_root), "--out", str(tmp_path / "o"))
-    assert code == 2 and "valid methods: clipfusion, dual_image_clip, patchcore, vlmdiff, winclip" in stderr
+    assert code == 2 and "valid methods: clipfusion, dual_image_clip, ensemble, patchcore, vlmdiff, winclip" in stderr
     assert "Traceback" not in stderr
     code, _, stderr = _run(capsys, "predict", *TINY, str(mvtec_root), "--out", str(tmp_path / "o"))
     assert code == 2 and "needs at least one normal reference image" in stderr
@@ -183,7 +197,9 @@ def test_output_names_avoid_collisions(tmp_path):
         [Path("a/x.png"), Path("b/x.png"), Path("/r/sub/y.png"), Path("/r/sub/y.jpg")],
         [None, None, Path("/r"), Path("/r")],
     )
-    assert names == ["x", "x-2", "sub/y", "sub/y-2"]
+    assert names == ["a/x", "b/x", "sub/y", "sub/y-2"]
+    defects = [Path("/d/test/broken/000.png"), Path("/d/test/crack/000.png"), Path("/d/test/crack/001.png")]
+    assert output_names(defects, [path.parent for path in defects]) == ["broken/000", "crack/000", "001"]
 
 
 def test_benchmark_max_images_keeps_both_classes(capsys, mvtec_root, tmp_path):

@@ -13,10 +13,11 @@ import time
 import numpy as np
 import pytest
 
+import anomalens
 from anomalens.cli import main
 from anomalens.engines.local import run_predict
 
-from conftest import tiny_detector
+from conftest import TINY_CONFIGS, tiny_detector
 
 ray = pytest.importorskip("ray", reason="Ray is in the test extras: pip install -e '.[test]'")
 
@@ -113,6 +114,30 @@ def test_interrupted_run_is_marked_and_resumes(local_ray, mvtec_root, tmp_path):
     assert 1 <= kept < 6
     resumed = score(detector, [folder], tmp_path / "out", batch_size=2)
     assert resumed.scored == 6 and json.loads((tmp_path / "out" / "run.json").read_text())["resumed_from"] == kept
+
+
+@pytest.mark.heavy  # a Ray cluster
+def test_ensemble_runs_on_ray_like_locally(local_ray, mvtec_root, tmp_path):
+    """An ensemble ships to the actors like any detector; its records (defect regions included, which cross the
+    Ray frame as JSON text) equal the local engine's."""
+    from anomalens.engines.local import run_predict
+    from anomalens.engines.ray import score
+
+    members = ({"method": "patchcore", **TINY_CONFIGS["patchcore"]}, {"method": "winclip", **TINY_CONFIGS["winclip"]})
+    references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    detector = anomalens.create("ensemble", members=members).fit(references, class_name="widget")
+    folder = mvtec_root / "widget" / "test"
+    score(detector, [folder], tmp_path / "ray", batch_size=2, num_workers=2)
+    run_predict(detector, [folder], tmp_path / "local")
+    by_path = {}
+    for engine in ("ray", "local"):
+        for line in (tmp_path / engine / "scores.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            by_path.setdefault(record["path"], {})[engine] = record
+    assert len(by_path) == 6
+    for records in by_path.values():
+        assert records["ray"]["score"] == pytest.approx(records["local"]["score"], rel=1e-5)
+        assert records["ray"]["regions"] == records["local"]["regions"]
 
 
 def test_sigterm_becomes_an_interrupt():

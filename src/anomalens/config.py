@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, Union
 
+from anomalens.tiling import TileConfig
+
 ConfigT = TypeVar("ConfigT")
 PRECISIONS = ("float32", "bfloat16", "float16")  # values of every method config's ``precision`` field
 RUNTIME_FIELDS = ("device",)  # fields that change where a detector runs, not what it computes (not hashed)
@@ -60,8 +62,11 @@ class DetectorConfig:
     precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
     smoothing_sigma: float = 4.0  # Gaussian sigma of the anomaly map, in pixels at the method's map size; 0 = none
     device: str = "cpu"  # torch device the detector is built on and runs on: "cpu", "cuda", "cuda:1", ...
+    tiling: TileConfig | None = None  # score images as overlapping square tiles (anomalens.tiling); None = whole
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tiling, (TileConfig, type(None))):
+            self.tiling = TileConfig.parse(self.tiling)
         check_options(
             self.method,
             self,
@@ -98,6 +103,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return None
         raise ValueError(f"option {name!r} may not be None")
     origin = typing.get_origin(inner)
+    if inner is TileConfig:
+        return TileConfig.parse(value)
     try:
         if inner is bool:
             if isinstance(value, str):

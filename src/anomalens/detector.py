@@ -45,6 +45,8 @@ from anomalens.io.images import ImageLike, describe, load_image
 from anomalens.io.outputs import honour_umask
 from anomalens.nn.maps import resize_map
 from anomalens.nn.state import clear_embedding_caches
+from anomalens.thresholds import ThresholdPlan, describe_plan, plan_thresholds, threshold_from
+from anomalens.tiling import MapStitcher, tile_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class AnomalyResult:
         label: ``True`` (anomalous) / ``False`` when a threshold applies, else ``None``.
         threshold: The threshold the label was decided with, if any.
         source: What the image was (its path, or a short description of an in-memory image).
+        pixel_threshold: Map value above which a pixel is marked defective (see :meth:`defect_mask`), if any.
     """
 
     score: float
@@ -85,6 +88,13 @@ class AnomalyResult:
     threshold: float | None = None
     source: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    pixel_threshold: float | None = None
+
+    def defect_mask(self, pixel_threshold: float | None = None) -> np.ndarray | None:
+        """``(H, W)`` bool mask of the pixels above ``pixel_threshold`` (default: the detector's), or ``None``
+        when there is no pixel threshold."""
+        value = self.pixel_threshold if pixel_threshold is None else pixel_threshold
+        return None if value is None else self.anomaly_map > value
 
 
 class Detector(nn.Module):
@@ -119,7 +129,11 @@ class Detector(nn.Module):
         self.load_pretrained = load_pretrained
         self.class_name: str | None = None
         self.threshold: float | None = None
-        self.threshold_source = "none"  # how ``threshold`` was chosen: given, leave-one-out, none (see fit())
+        self.threshold_source = "none"  # how ``threshold`` was chosen: given, leave-one-out, conformal, none (fit())
+        self.pixel_threshold: float | None = None  # map value above which a pixel is marked defective
+        self.held_out_scores: list[float] = []  # scores of held-out references behind the thresholds (fit())
+        self.threshold_calibration: dict[str, Any] = {}  # how the thresholds were chosen (rule, guarantee, sizes)
+        self.map_scale: tuple[float, float] | None = None  # (low, high) colour scale of overlays, from references
         self.stage_seconds: dict[str, float] = {}  # time spent per named stage, summed since last cleared
         self.register_buffer("_is_fitted", torch.tensor(False))
 
@@ -184,29 +198,43 @@ class Detector(nn.Module):
         class_name: str | None = None,
         threshold: float | str | None = "auto",
         progress: Callable[[int, int], None] | None = None,
+        *,
+        false_alarm_rate: float | None = None,
+        calibration: str = "auto",
+        calibration_size: int | None = None,
+        pixel_threshold: float | str | None = "auto",
     ) -> Detector:
-        """Prepare the detector for a product class, and set its threshold.
+        """Prepare the detector for a product class, and set its image and pixel thresholds.
 
-        Each reference passes through the backbone once; the leave-one-out threshold reuses those features, so it
-        costs one more pass per reference (for the held-out score), not a refit from images per fold.
+        Each reference passes through the backbone once (as its tiles, with ``tiling``); held-out folds reuse those
+        features, so leave-one-out costs one more pass per reference (for the held-out score), not a refit from
+        images per fold. The rules and their guarantees are described in :mod:`anomalens.thresholds`.
 
         Args:
             reference_images: Normal images (paths, PIL images or arrays). Zero-shot methods accept none;
                 few-shot methods need at least one.
             class_name: The product's name (e.g. ``"bottle"``), used by language-guided methods.
-            threshold: The rule the command line follows. ``"auto"`` (default): leave-one-out with two or more
-                references, else no threshold. ``"leave-one-out"``: the largest score of each reference against
-                the others (needs two or more). A finite number: that threshold. ``None``: no threshold.
-                The detector carries the result in ``threshold`` and ``threshold_source`` (saved with it).
+            threshold: ``"auto"`` (default): conformal if ``false_alarm_rate`` is given, else leave-one-out with
+                two or more references, else no threshold. ``"leave-one-out"``: the largest score of each
+                reference against the others (needs two or more). A finite number: that threshold. ``None``: none.
             progress: Called as ``progress(done, total)`` after each reference encoded and each held-out score;
                 an exception it raises (e.g. to cancel) stops the fit.
+            false_alarm_rate: ``α`` in (0, 1): the threshold is the conformal quantile of held-out reference scores,
+                so that a normal image is flagged with probability at most ``α`` (see :mod:`anomalens.thresholds`).
+            calibration: How references are held out for ``false_alarm_rate``: ``"leave-one-out"``, ``"split"``
+                (the detector stays fitted on the others only) or ``"auto"``.
+            calibration_size: References held out by ``"split"`` (default ``max(ceil(1/α) - 1, min(n // 2, 100))``).
+            pixel_threshold: ``"auto"``: the image rule applied to held-out maps' maxima (none without held-out
+                references); a number; or ``None``.
 
         Returns:
-            ``self``, fitted.
+            ``self``, fitted. ``threshold``, ``threshold_source``, ``pixel_threshold``, ``held_out_scores``,
+            ``threshold_calibration`` and ``map_scale`` describe the thresholds (all saved with the detector).
 
         Raises:
             ValueError: References given to a zero-shot-only method, none given to a method that needs
-                them, a reference that is not a readable image, or an invalid ``threshold``.
+                them, a reference that is not a readable image, an invalid threshold option, or too few
+                references for the rule or ``false_alarm_rate`` asked (the message says how many are needed).
         """
         references = list(reference_images or [])
         if references and not self.few_shot:
@@ -218,34 +246,77 @@ class Detector(nn.Module):
             )
         if class_name is not None and not isinstance(class_name, str):
             raise ValueError(f"class_name must be a string, got {class_name!r}")
-        rule = check_threshold(threshold, len(references))
+        plan = plan_thresholds(threshold, len(references), false_alarm_rate=false_alarm_rate, calibration=calibration,
+                               calibration_size=calibration_size, seed=self.config.seed)  # fmt: skip
+        check_pixel_threshold(pixel_threshold)
         arrays = [load_image(image) for image in references]
-        total = len(arrays) * (2 if rule == "leave-one-out" else 1)
-        report = progress or (lambda done, total: None)
         self.class_name = class_name
-        with torch.inference_mode(), self.autocast():
-            encoded = self._encode_references([]) if not arrays else []
-            for start in range(0, len(arrays), self.config.batch_size):  # progress (and cancelling) per batch
-                encoded.extend(self._encode_references(arrays[start : start + self.config.batch_size]))
-                report(len(encoded), total)
-        held_out = []
-        if rule == "leave-one-out":
-            for index in range(len(arrays)):
-                with torch.inference_mode(), self.autocast():
-                    self._fit_encoded(encoded[:index] + encoded[index + 1 :], class_name)
-                self._is_fitted.fill_(True)
-                held_out.append(self.predict_arrays([arrays[index]])[0].score)
-                report(len(arrays) + index + 1, total)
-        with torch.inference_mode(), self.autocast():
-            self._fit_encoded(encoded, class_name)
-        self._is_fitted.fill_(True)
-        if rule == "leave-one-out":
-            self.threshold, self.threshold_source = float(max(held_out)), "leave-one-out"
-        elif rule == "given":
-            self.threshold, self.threshold_source = float(threshold), "given"  # type: ignore[arg-type]
-        else:
-            self.threshold, self.threshold_source = None, "none"
+        held_out = self._fit_with_plan(arrays, class_name, plan, progress or (lambda done, total: None))
+        self._set_thresholds(plan, held_out, len(arrays), pixel_threshold)
         return self
+
+    def _fit_with_plan(self, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
+                       report: Callable[[int, int], None]) -> list[AnomalyResult]:  # fmt: skip
+        """Fit on ``arrays`` as ``plan`` says; return the held-out references' results (maps included), in the
+        order of ``plan.calibration_indices`` (none without calibration)."""
+        held = plan.calibration_indices if plan.calibration else []
+        total = len(arrays) + len(held)
+        encoded = self._encode_tiled(arrays, report, total)
+        held_out: list[AnomalyResult] = []
+        if plan.calibration == "leave-one-out":
+            for index in range(len(arrays)):
+                self._fit_on(encoded[:index] + encoded[index + 1 :], class_name)
+                held_out.append(self.predict_arrays([arrays[index]])[0])
+                report(len(arrays) + index + 1, total)
+        keep = plan.fit_indices(len(arrays))
+        self._fit_on([encoded[index] for index in keep], class_name, empty=not arrays)
+        if plan.calibration == "split":
+            for start in range(0, len(held), self.config.batch_size):
+                chunk = held[start : start + self.config.batch_size]
+                held_out.extend(self.predict_arrays([arrays[index] for index in chunk]))
+                report(len(arrays) + len(held_out), total)
+        return held_out
+
+    def _encode_tiled(self, arrays: list[np.ndarray], report: Callable[[int, int], None], total: int) -> list[list]:
+        """:meth:`_encode_references` over every reference's tiles (the whole image without tiling), in batches;
+        one list of encoded tiles per reference."""
+        owners, tiles = [], []
+        for owner, array in enumerate(arrays):
+            for tile in self._tiles_of(array):
+                owners.append(owner)
+                tiles.append(tile)
+        grouped: list[list] = [[] for _ in arrays]
+        with torch.inference_mode(), self.autocast():
+            for start in range(0, len(tiles), self.config.batch_size):  # progress (and cancelling) per batch
+                chunk = range(start, min(start + self.config.batch_size, len(tiles)))
+                for index, item in zip(chunk, self._encode_references([tiles[index] for index in chunk])):
+                    grouped[owners[index]].append(item)
+                report(sum(owner < owners[chunk[-1]] for owner in range(len(arrays))) + (
+                    chunk[-1] + 1 == len(tiles) or owners[chunk[-1] + 1] != owners[chunk[-1]]), total)
+        return grouped
+
+    def _fit_on(self, encoded: list[list], class_name: str | None, empty: bool = False) -> None:
+        """Fit on the encoded tiles of some references (``empty``: the zero-shot fit, on nothing)."""
+        with torch.inference_mode(), self.autocast():
+            items = [item for group in encoded for item in group]
+            self._fit_encoded(self._encode_references([]) if empty else items, class_name)
+        self._is_fitted.fill_(True)
+
+    def _set_thresholds(self, plan: ThresholdPlan, held_out: list[AnomalyResult], references: int,
+                        pixel_threshold: float | str | None) -> None:  # fmt: skip
+        """The image and pixel thresholds, the overlays' colour scale and the record of how they were chosen."""
+        self.held_out_scores = [float(result.score) for result in held_out]
+        maxima = [float(result.anomaly_map.max()) for result in held_out]
+        self.threshold = plan.given if plan.rule == "given" else threshold_from(plan, self.held_out_scores)
+        self.threshold_source = plan.rule if self.threshold is not None else "none"
+        if isinstance(pixel_threshold, (int, float)) and not isinstance(pixel_threshold, bool):
+            self.pixel_threshold = float(pixel_threshold)
+        elif pixel_threshold == "auto" and held_out:
+            self.pixel_threshold = threshold_from(plan, maxima)
+        else:
+            self.pixel_threshold = None
+        self.threshold_calibration = describe_plan(plan, references) if plan.rule != "none" else {}
+        self.map_scale = map_scale(self.pixel_threshold, [result.anomaly_map for result in held_out])
 
     def predict(self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None) -> list[AnomalyResult]:
         """Score images.
@@ -280,11 +351,14 @@ class Detector(nn.Module):
         return results  # type: ignore[return-value]
 
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list[AnomalyResult]:
-        """Score already-loaded ``(H, W, 3)`` uint8 arrays as one batch (the batch commands' entry point)."""
+        """Score already-loaded ``(H, W, 3)`` uint8 arrays as one batch (the batch commands' entry point); with
+        ``tiling``, as the tiles of every image (see :mod:`anomalens.tiling`)."""
         if not self.is_fitted:
             raise RuntimeError(f"{self.method_name} detector is not fitted: call fit() first (or load a saved one)")
         if not arrays:
             return []
+        if self.config.tiling is not None:
+            return self._predict_tiled(list(arrays), sources)
         with torch.inference_mode():
             with self.autocast():
                 scores, maps = self._predict_batch(list(arrays))
@@ -292,19 +366,47 @@ class Detector(nn.Module):
             maps = maps.detach().float()
             results = []
             for index, array in enumerate(arrays):
-                height, width = array.shape[:2]
-                full = self._map_to_image(maps[index], (height, width)).cpu().numpy().astype(np.float32, copy=False)
-                score = float(scores[index])
-                label = None if self.threshold is None else bool(score > self.threshold)
-                results.append(
-                    AnomalyResult(
-                        score=score,
-                        anomaly_map=full,
-                        label=label,
-                        threshold=self.threshold,
-                        source=sources[index] if sources else "",
-                    )
-                )
+                full = self._map_to_image(maps[index], array.shape[:2]).cpu().numpy().astype(np.float32, copy=False)
+                results.append(self._result(float(scores[index]), full, sources[index] if sources else ""))
+        return results
+
+    def _result(self, score: float, anomaly_map: np.ndarray, source: str) -> AnomalyResult:
+        label = None if self.threshold is None else bool(score > self.threshold)
+        return AnomalyResult(score=score, anomaly_map=anomaly_map, label=label, threshold=self.threshold,
+                             source=source, pixel_threshold=self.pixel_threshold)  # fmt: skip
+
+    def _tiles_of(self, array: np.ndarray) -> list[np.ndarray]:
+        """The tiles of one ``(H, W, 3)`` image (the image itself without ``tiling``)."""
+        if self.config.tiling is None:
+            return [array]
+        return [np.ascontiguousarray(array[top:bottom, left:right])
+                for top, left, bottom, right in tile_boxes(*array.shape[:2], self.config.tiling)]  # fmt: skip
+
+    def _predict_tiled(self, arrays: list[np.ndarray], sources: Sequence[str] | None) -> list[AnomalyResult]:
+        """Score every tile of every image (in batches; a pooled method pools all tiles of the call), stitch."""
+        tiling = self.config.tiling
+        boxes = [tile_boxes(*array.shape[:2], tiling) for array in arrays]
+        stitchers = [MapStitcher(*array.shape[:2], image_boxes) for array, image_boxes in zip(arrays, boxes)]
+        tile_scores: list[list[float]] = [[] for _ in arrays]
+        work = [(owner, box) for owner, image_boxes in enumerate(boxes) for box in image_boxes]
+        size = len(work) if self.pooled else self.config.batch_size
+        with torch.inference_mode():
+            for start in range(0, len(work), size):
+                chunk = work[start : start + size]
+                crops = [np.ascontiguousarray(arrays[owner][top:bottom, left:right])
+                         for owner, (top, left, bottom, right) in chunk]  # fmt: skip
+                with self.autocast():
+                    scores, maps = self._predict_batch(crops)
+                scores, maps = scores.detach().float().cpu(), maps.detach().float()
+                for index, (owner, box) in enumerate(chunk):
+                    size_yx = (box[2] - box[0], box[3] - box[1])
+                    stitchers[owner].add(box, self._map_to_image(maps[index], size_yx).cpu().numpy())
+                    tile_scores[owner].append(float(scores[index]))
+        results = []
+        for owner, stitcher in enumerate(stitchers):
+            anomaly_map = stitcher.result()
+            score = float(anomaly_map.max()) if tiling.score == "map_max" else max(tile_scores[owner])
+            results.append(self._result(score, anomaly_map, sources[owner] if sources else ""))
         return results
 
     def fingerprint(self) -> str:
@@ -332,6 +434,10 @@ class Detector(nn.Module):
             "class_name": self.class_name,
             "threshold": self.threshold,
             "threshold_source": self.threshold_source if self.threshold is not None else "none",
+            "threshold_calibration": self.threshold_calibration,
+            "held_out_scores": self.held_out_scores,
+            "pixel_threshold": self.pixel_threshold,
+            "map_scale": list(self.map_scale) if self.map_scale else None,
             "fitted": self.is_fitted,
         }
 
@@ -398,6 +504,10 @@ class Detector(nn.Module):
         detector.threshold_source = meta.get("threshold_source") or (
             "given" if detector.threshold is not None else "none"
         )
+        detector.pixel_threshold = meta.get("pixel_threshold")
+        detector.held_out_scores = list(meta.get("held_out_scores") or [])
+        detector.threshold_calibration = dict(meta.get("threshold_calibration") or {})
+        detector.map_scale = tuple(meta["map_scale"]) if meta.get("map_scale") else None
         detector.config.device = str(torch.device(map_location))
         return detector.to(map_location)
 
@@ -433,17 +543,28 @@ THRESHOLD_RULES = ("auto", "leave-one-out")
 
 def check_threshold(threshold: float | str | None, references: int) -> str:
     """Validate ``fit()``'s ``threshold`` and say which rule applies: ``given``, ``leave-one-out`` or ``none``."""
-    if threshold is None:
-        return "none"
-    if isinstance(threshold, str):
-        if threshold not in THRESHOLD_RULES:
-            raise ValueError(f"threshold={threshold!r} must be a finite number, None, or one of {THRESHOLD_RULES}")
-        if threshold == "leave-one-out" and references < 2:
-            raise ValueError(f"threshold='leave-one-out' needs at least 2 reference images, got {references}")
-        return "leave-one-out" if references >= 2 else "none"
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise ValueError(f"threshold={threshold!r} must be a finite number, None, or one of {THRESHOLD_RULES}")
-    return "given"
+    return plan_thresholds(threshold, references).rule
+
+
+def check_pixel_threshold(pixel_threshold: float | str | None) -> None:
+    if pixel_threshold is None or pixel_threshold == "auto":
+        return
+    if isinstance(pixel_threshold, bool) or not isinstance(pixel_threshold, (int, float)) or not math.isfinite(
+        pixel_threshold
+    ):
+        raise ValueError(f"pixel_threshold={pixel_threshold!r} must be a finite number, None or 'auto'")
+
+
+def map_scale(pixel_threshold: float | None, held_out_maps: Sequence[np.ndarray]) -> tuple[float, float] | None:
+    """The overlays' colour scale ``(low, high)``: ``low`` is the typical value of normal maps (the mean of the
+    held-out references' map medians; 0 without them) and the pixel threshold sits in the middle of the palette,
+    ``high = 2 * pixel_threshold - low``. ``None`` without a pixel threshold above ``low``."""
+    if pixel_threshold is None:
+        return None
+    low = float(np.mean([np.median(item) for item in held_out_maps])) if len(held_out_maps) else 0.0
+    if pixel_threshold <= low:
+        return None
+    return low, 2.0 * pixel_threshold - low
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

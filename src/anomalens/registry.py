@@ -22,6 +22,7 @@ _BUILTIN_METHODS: dict[str, str] = {
     "dual_image_clip": "anomalens.methods.dual_image_clip:DualImageCLIP",
     "clipfusion": "anomalens.methods.clipfusion.model:CLIPFusion",
     "vlmdiff": "anomalens.methods.vlmdiff.detector:VLMDiff",
+    "ensemble": "anomalens.methods.ensemble:Ensemble",
 }
 _REGISTERED: dict[str, type[Detector]] = {}
 

@@ -88,26 +88,44 @@ def loss_bar(total: int | None, desc: str, quiet: bool, unit: str):
     return bar, advance
 
 
-def reference_images(entries: Sequence[str]) -> list:
-    """Load reference images from files and folders, reporting and skipping unreadable ones."""
+def reference_images(entries: Sequence[str], paths: list | None = None) -> list:
+    """Load reference images from files and folders, reporting and skipping unreadable ones (the paths of those
+    read are appended to ``paths`` when given)."""
     from anomalens.io.images import find_images, readable_images
 
     if not entries:
         return []
-    images = [image for _, image in readable_images(find_images(entries), "reference")]
-    if not images:
+    loaded = list(readable_images(find_images(entries), "reference"))
+    if not loaded:
         raise ValueError(f"no readable reference image in {list(entries)}")
-    return images
+    if paths is not None:
+        paths.extend(str(path) for path, _ in loaded)
+    return [image for _, image in loaded]
 
 
-def fit_detector(detector, references: ReferenceOptions) -> str:
-    """Fit from ``--reference`` and set the threshold (:func:`anomalens.engines.core.fit_and_threshold`)."""
+def fit_detector(detector, references: ReferenceOptions, quiet: bool = True, paths: list | None = None) -> str:
+    """Fit from ``--reference`` and set the thresholds (:func:`anomalens.engines.core.fit_and_threshold`)."""
     from anomalens.engines.core import fit_and_threshold
 
-    images = reference_images(references.reference)
+    images = reference_images(references.reference, paths)
     if images and references.threshold is None and detector.few_shot:
-        logger.info("fitting on %d reference image(s) and deriving the threshold (leave-one-out)", len(images))
-    return fit_and_threshold(detector, images, references.class_name, references.threshold)
+        rule = (f"conformal, false-alarm rate {references.false_alarm_rate}" if references.false_alarm_rate
+                else "leave-one-out")  # fmt: skip
+        logger.info("fitting on %d reference image(s) and deriving the threshold (%s)", len(images), rule)
+    bar = progress_bar(None, "fitting", quiet or not images, unit="step")
+
+    def advance(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        return fit_and_threshold(detector, images, references.class_name, references.threshold, advance,
+                                 false_alarm_rate=references.false_alarm_rate, calibration=references.calibration,
+                                 calibration_size=references.calibration_size,
+                                 pixel_threshold=references.pixel_threshold)  # fmt: skip
+    finally:
+        bar.close()
 
 
 def command_line() -> str:
@@ -135,7 +153,8 @@ def cmd_predict(options: Any, quiet: bool) -> int:
 
         check_out_dir(run.out, run.overwrite)
     detector = detector_from(options.method, run.detector)
-    source = fit_detector(detector, options.references)
+    reference_paths: list[str] = []
+    source = fit_detector(detector, options.references, quiet, reference_paths)
     if run.save_detector:
         detector.save(run.save_detector)
     bar = progress_bar(total, "scoring", quiet)
@@ -146,7 +165,8 @@ def cmd_predict(options: Any, quiet: bool) -> int:
         finished[0] = done
 
     common = {"threshold": options.references.threshold, "threshold_source": source, "raw_format": run.raw_format,
-              "overwrite": run.overwrite, "write_overlays": run.overlays, "run_info": {"command": command_line()},
+              "overwrite": run.overwrite, "write_overlays": run.overlays, "map_range": run.map_range,
+              "run_info": {"command": command_line(), "references": reference_paths},
               "progress": advance, "limits": ImageLimits(max_pixels=run.max_pixels,
                                                          max_memory_bytes=run.max_image_memory_bytes)}  # fmt: skip
     try:
@@ -155,6 +175,8 @@ def cmd_predict(options: Any, quiet: bool) -> int:
         bar.close()
     if summary.threshold is not None:
         print(f"threshold {summary.threshold:.6g} ({summary.threshold_source})")
+    if detector.pixel_threshold is not None:
+        print(f"pixel threshold {detector.pixel_threshold:.6g} (defect masks in {run.out}/masks)")
     for item in summary.skipped_inputs:
         print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
     print(summary.line())
@@ -192,7 +214,7 @@ def _score(detector, options: Any, common: dict[str, Any]):
 
 def cmd_fit(options: Any, quiet: bool) -> int:
     detector = create_detector(options.method)
-    source = fit_detector(detector, options.references)
+    source = fit_detector(detector, options.references, quiet)
     path = detector.save(options.run.out)
     threshold = "none" if detector.threshold is None else f"{detector.threshold:.6g} ({source})"
     print(f"saved fitted {detector.method_name} detector to {path}; threshold {threshold}")
@@ -234,6 +256,7 @@ def cmd_benchmark(options: Any, quiet: bool) -> int:
         detector, bench.dataset, bench.root, categories=bench.category, shots=parse_shots(bench.shots),
         seeds=list(bench.seeds), out_dir=bench.out, batch_size=options.method.batch_size, eval_size=eval_size,
         max_images=bench.max_images, command=command_line(), overwrite=bench.overwrite,
+        references_from=bench.references_from, false_alarm_rates=bench.false_alarm_rates, calibration=bench.calibration,
         progress_factory=lambda total, desc: progress_bar(total, desc, quiet),
     )  # fmt: skip
     print(results_table(results))

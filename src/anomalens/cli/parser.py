@@ -46,6 +46,21 @@ class ReferenceOptions:
     reference: tuple[str, ...] = ()  # normal reference images and/or folders (several values or repeated options)
     class_name: str | None = None  # the product's name, e.g. bottle
     threshold: float | None = None  # score above which an image is anomalous; default: leave-one-out (>= 2 refs)
+    false_alarm_rate: float | None = None  # alpha: threshold flags a normal image with probability <= alpha (conformal)
+    calibration: str = "auto"  # references held out for --false-alarm-rate: auto, leave-one-out or split
+    calibration_size: int | None = None  # references held out by split calibration (default: see README)
+    pixel_threshold: float | None = None  # map value above which pixels are defective; default: from the references
+
+    def __post_init__(self) -> None:
+        from anomalens.thresholds import CALIBRATIONS, check_alpha
+
+        if self.false_alarm_rate is not None:
+            check_alpha(self.false_alarm_rate)
+        check_options("predict", self, {
+            "calibration": (self.calibration in CALIBRATIONS, f"one of {', '.join(CALIBRATIONS)}"),
+            "false_alarm_rate": (self.false_alarm_rate is None or self.threshold is None,
+                                 "left out when --threshold is given (one chooses the threshold)"),
+        })  # fmt: skip
 
 
 @dataclass
@@ -64,6 +79,7 @@ class PredictOptions:
     gpu_fraction: float | None = None  # GPUs per Ray actor (default: 1 if the cluster has any)
     max_pixels: int = 40_000_000  # larger images (width * height, read from the header) are skipped
     max_image_memory_bytes: int = 2 * 2**30  # images needing more memory to decode, score and draw are skipped
+    map_range: tuple[float, ...] | None = None  # overlay colour scale LOW HIGH (default: from the references)
 
     def __post_init__(self) -> None:
         check_options("predict", self, {
@@ -71,6 +87,9 @@ class PredictOptions:
             "raw_format": (self.raw_format in ("npy", "png16"), "npy or png16"),
             "engine": (self.engine in ("local", "ray"), "local or ray"),
             "num_workers": (self.num_workers >= 1, ">= 1"),
+            "map_range": (self.map_range is None or (len(self.map_range) == 2
+                                                     and self.map_range[0] < self.map_range[1]),
+                          "two numbers LOW HIGH with LOW < HIGH"),
         })  # fmt: skip
 
 
@@ -104,8 +123,11 @@ class BenchmarkOptions:
     seeds: tuple[int, ...] = (0,)  # seeds for drawing references
     eval_size: str = "256"  # side maps and masks are resized to; none = each image's native size
     max_images: int | None = None  # score a fixed stratified subset of N test images per category
-    out: str | None = None  # output folder for results.json and results.md
+    out: str | None = None  # output folder for results.json, results.md and scores.csv
     overwrite: bool = False  # replace results already in --out (refused otherwise)
+    references_from: str = "auto"  # where references come from: train, test (normal test images, left out), auto
+    false_alarm_rates: tuple[float, ...] = ()  # measure the false-alarm rate of the conformal threshold at these
+    calibration: str = "auto"  # references held out for --false-alarm-rates: auto, leave-one-out or split
 
     def __post_init__(self) -> None:
         check_options("benchmark", self, {

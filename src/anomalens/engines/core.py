@@ -19,6 +19,7 @@ Threshold sources: ``given`` (a number from the user), ``leave-one-out`` (derive
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -31,17 +32,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from anomalens.io.datasets import NORMAL_FOLDER_NAMES
 from anomalens.io.images import find_images
-from anomalens.io.outputs import atomic_write_bytes, atomic_write_json, heatmap_overlay, png_bytes, raw_map_bytes
+from anomalens.io.outputs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    defect_regions,
+    heatmap_overlay,
+    overlay_scale,
+    png_bytes,
+    raw_map_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
 RUN_ARTIFACTS = ("run.json", "scores.jsonl", "scores.csv", "scores.parquet", ".scores.csv.partial", "errors.jsonl",
-                 "overlays", "maps")  # fmt: skip
-CSV_FIELDS = ("path", "score", "label", "threshold", "method", "config_hash", "overlay", "map", "width", "height")
-RECORD_COLUMNS = (*CSV_FIELDS, "map_scale_max")  # every field a score record can have
+                 "overlays", "maps", "masks")  # fmt: skip
+CSV_FIELDS = ("path", "score", "label", "threshold", "true_label", "defect_type", "pixel_threshold", "defect_area",
+              "method", "config_hash", "overlay", "map", "mask", "width", "height")  # fmt: skip
+RECORD_COLUMNS = (*CSV_FIELDS, "map_scale_max", "regions")  # every field a score record can have
 RAW_FORMATS = ("npy", "png16")
-THRESHOLD_RULE = "leave-one-out: max over references of the score of each reference against the others"
+THRESHOLD_RULES_TEXT = {
+    "leave-one-out": "leave-one-out: max over references of the score of each reference against the others "
+    "(the conformal rule at alpha = 1/(n+1))",
+    "conformal": "conformal: the ceil((m+1)(1-alpha))-th smallest of m held-out reference scores "
+    "(see threshold_calibration for the guarantee and its assumptions)",
+}
+THRESHOLD_RULE = THRESHOLD_RULES_TEXT["leave-one-out"]
+TEST_FOLDER_NAMES = ("test", "test_public", "test_private", "validation", "val")
 
 
 # ---------------------------------------------------------------------------------------------------- thresholds
@@ -67,23 +87,41 @@ def fit_and_threshold(
     class_name: str | None = None,
     threshold: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    false_alarm_rate: float | None = None,
+    calibration: str = "auto",
+    calibration_size: int | None = None,
+    pixel_threshold: float | None = None,
 ) -> str:
-    """Fit ``detector`` on ``references`` and set its threshold by the one rule every engine follows.
+    """Fit ``detector`` on ``references`` and set its thresholds by the one rule every engine follows.
 
     - A given ``threshold`` is used as is (``"given"``).
-    - Else, with references and a few-shot method: leave-one-out (``"leave-one-out"``; ``"none"`` with fewer than
-      two references, where no threshold can be derived).
+    - Else, with references and a few-shot method: conformal at ``false_alarm_rate`` if given (``"conformal"``),
+      else leave-one-out (``"leave-one-out"``; ``"none"`` with fewer than two references).
     - Else the detector keeps the threshold it carries (``"detector"``), if any (``"none"``).
 
-    Without references a detector that is not fitted yet is fitted zero-shot. Returns the threshold's source.
+    ``pixel_threshold`` (a number) overrides the pixel threshold derived from the references. Without references
+    a detector that is not fitted yet is fitted zero-shot. Returns the threshold's source.
     """
     references = list(references or [])
+    options = {"false_alarm_rate": false_alarm_rate, "calibration": calibration, "calibration_size": calibration_size,
+               "pixel_threshold": "auto" if pixel_threshold is None else pixel_threshold}  # fmt: skip
     if references and threshold is None and detector.few_shot:
-        leave_one_out_threshold(detector, references, class_name, progress)
+        if false_alarm_rate is None and len(references) < 2:
+            logger.warning("a default threshold needs at least 2 reference images (got %d); no labels",
+                           len(references))  # fmt: skip
+        detector.fit(references, class_name=class_name, threshold="auto", progress=progress, **options)
         return detector.threshold_source
+    if false_alarm_rate is not None:
+        raise ValueError(
+            f"false_alarm_rate={false_alarm_rate} needs normal reference images to hold out (--reference DIR); "
+            f"method {detector.method_name!r} " + ("takes none" if not detector.few_shot else "was given none")
+        )
     if references or not detector.is_fitted:
-        detector.fit(references or None, class_name=class_name, threshold=threshold, progress=progress)
+        detector.fit(references or None, class_name=class_name, threshold=threshold, progress=progress, **options)
         return detector.threshold_source
+    if pixel_threshold is not None:
+        detector.pixel_threshold = float(pixel_threshold)
     if threshold is not None:
         detector.threshold, detector.threshold_source = float(threshold), "given"
         return "given"
@@ -122,11 +160,18 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
 
 
 def output_names(paths: Sequence[Path], roots: Sequence[Path | None]) -> list[str]:
-    """Collision-free relative names (without extension) for each input image."""
+    """Collision-free relative names (without extension) for each input image: the path below its input folder,
+    with that folder's name in front where two would otherwise collide (defect folders given one by one)."""
+    short = [(path.relative_to(root) if root is not None else Path(path.name)).with_suffix("").as_posix()
+             for path, root in zip(paths, roots)]  # fmt: skip
+    folders = [(root if root is not None else path.parent).resolve() for path, root in zip(paths, roots)]
+    groups: dict[str, set[Path]] = {}
+    for name, folder in zip(short, folders):
+        groups.setdefault(name, set()).add(folder)
     names, used = [], set()
-    for path, root in zip(paths, roots):
-        relative = path.relative_to(root) if root is not None else Path(path.name)
-        stem = relative.with_suffix("").as_posix()
+    for stem, folder in zip(short, folders):
+        if len(groups[stem]) > 1 and folder.name:  # the same name from different folders: keep the folder's name
+            stem = f"{folder.name}/{stem}"
         name, counter = stem, 1
         while name in used:
             counter += 1
@@ -134,6 +179,27 @@ def output_names(paths: Sequence[Path], roots: Sequence[Path | None]) -> list[st
         used.add(name)
         names.append(name)
     return names
+
+
+def true_label(path: Any) -> tuple[str | None, str | None]:
+    """``(true label, defect type)`` from a dataset layout: ``("normal", "good")`` for an image in a ``good`` /
+    ``ok`` / ``normal`` folder; ``("anomalous", folder)`` for one in another folder that sits directly under
+    ``test`` (or ``test_public``, ``validation``...) or beside a ``good`` / ``ok`` / ``normal`` folder; else
+    ``(None, None)``."""
+    parts = Path(str(path)).parts
+    if len(parts) < 2 or "://" in str(path):
+        return None, None
+    folder = parts[-2]
+    if folder.lower() in NORMAL_FOLDER_NAMES:
+        return "normal", folder
+    if len(parts) >= 3 and (parts[-3].lower() in TEST_FOLDER_NAMES or _has_normal_folder(str(Path(*parts[:-2])))):
+        return "anomalous", folder
+    return None, None
+
+
+@functools.lru_cache(maxsize=256)
+def _has_normal_folder(parent: str) -> bool:
+    return any((Path(parent) / name).is_dir() for name in NORMAL_FOLDER_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------------- one image
@@ -160,11 +226,14 @@ def score_batch(detector, paths, names, arrays, skip: Callable[[Any, str], None]
 
 def result_record(path: Any, array, result, method: str, config_hash: str) -> dict[str, Any]:
     """The score record of one image (without its file names)."""
+    label, defect_type = true_label(path)
     return {
         "path": str(path),
         "score": result.score,
         "label": label_text(result.label),
         "threshold": result.threshold,
+        "true_label": label,
+        "defect_type": defect_type,
         "method": method,
         "config_hash": config_hash,
         "width": int(array.shape[1]),
@@ -172,17 +241,43 @@ def result_record(path: Any, array, result, method: str, config_hash: str) -> di
     }
 
 
-def write_result(out: Path, path, name: str, array, result, detector, raw_format: str, write_overlays: bool) -> dict:
-    """Write one image's overlay and raw map under ``out``; returns its full score record."""
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How a run draws its overlays: the fixed colour scale (:func:`~anomalens.io.outputs.overlay_scale`)."""
+
+    scale: tuple[float, float] | None = None
+    source: str = "per-image"
+
+
+def write_result(out: Path, path, name: str, array, result, detector, raw_format: str, write_overlays: bool,
+                 style: OverlayStyle | None = None) -> dict:  # fmt: skip
+    """Write one image's overlay, raw map and defect mask under ``out``; returns its full score record."""
     record = result_record(path, array, result, detector.method_name, detector.config_hash)
+    mask = result.defect_mask()
+    if mask is not None:
+        regions = defect_regions(mask, result.anomaly_map)
+        record.update(pixel_threshold=result.pixel_threshold, defect_area=int(mask.sum()), regions=regions)
+        mask_png = png_bytes(mask.astype(np.uint8) * 255)
+        record["mask"] = atomic_write_bytes(out / "masks" / f"{name}.png", mask_png).relative_to(out).as_posix()
     if write_overlays:
-        overlay = png_bytes(heatmap_overlay(array, result.anomaly_map, result.threshold))
-        record["overlay"] = atomic_write_bytes(out / "overlays" / f"{name}.png", overlay).relative_to(out).as_posix()
+        style = style or OverlayStyle(*overlay_scale(detector))
+        overlay = heatmap_overlay(array, result.anomaly_map, style.scale, mask=mask, caption=overlay_caption(result),
+                                  marker=result.pixel_threshold)  # fmt: skip
+        record["overlay"] = atomic_write_bytes(out / "overlays" / f"{name}.png", png_bytes(overlay)).relative_to(
+            out).as_posix()  # fmt: skip
     data, extra = raw_map_bytes(result.anomaly_map, raw_format)
     suffix = ".npy" if raw_format == "npy" else ".png"
     record["map"] = atomic_write_bytes(out / "maps" / f"{name}{suffix}", data).relative_to(out).as_posix()
     record.update(extra)
     return record
+
+
+def overlay_caption(result: Any) -> str:
+    """``score 0.412 > 0.300 anomalous`` (or ``<=`` / normal; the bare score without a threshold)."""
+    if result.threshold is None:
+        return f"score {result.score:.4g}"
+    relation = ">" if result.label else "<="
+    return f"score {result.score:.4g} {relation} {result.threshold:.4g} {label_text(result.label)}"
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -239,7 +334,7 @@ def run_manifest(describe: dict[str, Any], source: str, inputs: Sequence[Any], r
     return {
         **describe,
         "threshold_source": source,
-        "threshold_rule": THRESHOLD_RULE if source == "leave-one-out" else None,
+        "threshold_rule": THRESHOLD_RULES_TEXT.get(source),
         "inputs": [str(entry) for entry in inputs],
         "raw_format": raw_format,
         "status": "running",

@@ -15,6 +15,7 @@ from typing import Any
 from anomalens.detector import Detector, pool_order
 from anomalens.engines.core import (
     RAW_FORMATS,
+    OverlayStyle,
     PredictSummary,
     RunWriter,
     collect_inputs,
@@ -27,6 +28,7 @@ from anomalens.engines.core import (
     write_result,
 )
 from anomalens.io.images import DEFAULT_LIMITS, ImageLimits, load_image, readable_images
+from anomalens.io.outputs import overlay_scale
 
 
 def run_predict(
@@ -43,6 +45,7 @@ def run_predict(
     run_info: dict[str, Any] | None = None,
     progress: Callable[[int], Any] | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
+    map_range: tuple[float, float] | None = None,
 ) -> PredictSummary:
     """Score every image under ``inputs`` with a fitted ``detector`` and write results to ``out_dir``.
 
@@ -63,6 +66,8 @@ def run_predict(
         run_info: Extra fields for ``run.json`` (e.g. the command line).
         progress: Called with the number of images finished after each batch.
         limits: Size limits each image's header is checked against before decoding.
+        map_range: The overlays' colour scale ``(low, high)``; default from the references
+            (:func:`~anomalens.io.outputs.overlay_scale`), recorded in ``run.json``.
 
     Returns:
         A :class:`~anomalens.engines.core.PredictSummary`.
@@ -80,17 +85,18 @@ def run_predict(
         paths = [paths[index] for index in pool_order(len(paths), detector.config.seed)]
     size = batch_size or detector.config.batch_size
     load = partial(load_image, limits=limits)
-    with (
-        terminate_as_interrupt(),
-        RunWriter(out, run_manifest(detector.describe(), source, inputs, raw_format, run_info)) as writer,
-    ):
+    style = OverlayStyle(*overlay_scale(detector, map_range))
+    run_info = {**(run_info or {}), "map_scale": style.scale, "map_scale_source": style.source}
+    manifest = run_manifest(detector.describe(), source, inputs, raw_format, run_info)
+    with terminate_as_interrupt(), RunWriter(out, manifest) as writer:
         for start in range(0, len(paths), size):
             loaded = list(readable_images(paths[start : start + size], on_error=writer.error, load=load))
             batch_paths = [path for path, _ in loaded]
             arrays = [array for _, array in loaded]
             batch_names = [names[path] for path in batch_paths]
             for path, name, array, result in score_batch(detector, batch_paths, batch_names, arrays, writer.error):
-                writer.record(write_result(out, path, name, array, result, detector, raw_format, write_overlays))
+                writer.record(write_result(out, path, name, array, result, detector, raw_format, write_overlays,
+                                           style))  # fmt: skip
             if progress is not None:
                 progress(min(start + size, len(paths)))
         return writer.finish(time.time() - started)

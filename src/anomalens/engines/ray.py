@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from anomalens.backbones.weights import sha256_of
 from anomalens.detector import TENSORS_FILE, Detector, config_from_saved
 from anomalens.engines.core import (
     RECORD_COLUMNS,
+    OverlayStyle,
     PredictSummary,
     RunWriter,
     collect_inputs,
@@ -59,7 +61,8 @@ from anomalens.io.images import (
     load_image_bytes,
     readable_images,
 )
-from anomalens.io.outputs import honour_umask
+from anomalens.io.outputs import honour_umask, overlay_scale
+from anomalens.registry import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +134,8 @@ class _Scorer:
     """A Ray Data actor: loads the detector once, then scores batches of ``{"path", "name"}`` rows."""
 
     def __init__(self, detector: Any, out_dir: str, raw_format: str, write_overlays: bool, threads: int,
-                 threshold: float | None, limits: ImageLimits = DEFAULT_LIMITS):  # fmt: skip
+                 threshold: float | None, limits: ImageLimits = DEFAULT_LIMITS,
+                 style: OverlayStyle | None = None):  # fmt: skip
         import ray
         import torch
 
@@ -150,6 +154,7 @@ class _Scorer:
         self.limits = limits
         self.raw_format = raw_format
         self.write_overlays = write_overlays
+        self.style = style
 
     def __call__(self, batch):
         import pandas as pd
@@ -162,8 +167,10 @@ class _Scorer:
         names = [names_of[path] for path in paths]
         for path, name, array, result in score_batch(self.detector, paths, names, arrays, failed):
             record = write_result(
-                self.out, path, name, array, result, self.detector, self.raw_format, self.write_overlays
+                self.out, path, name, array, result, self.detector, self.raw_format, self.write_overlays, self.style
             )
+            if "regions" in record:  # a list of dicts: JSON text through the frame, parsed back by _collect
+                record["regions"] = json.dumps(record["regions"])
             rows.append({**record, "error": None})
         return pd.DataFrame([{column: row.get(column) for column in (*RECORD_COLUMNS, "error")} for row in rows])
 
@@ -234,6 +241,7 @@ def score(
     run_info: dict[str, Any] | None = None,
     progress: Callable[[int], Any] | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
+    map_range: tuple[float, float] | None = None,
 ) -> PredictSummary:
     """Score images on a Ray cluster; writes every engine's layout plus ``scores.parquet``.
 
@@ -249,8 +257,8 @@ def score(
         gpu_fraction: GPUs per actor; ``None`` requests 1 when the cluster has GPUs, else 0.
         threshold: Overrides the detector's threshold.
         threshold_source: How the threshold was chosen, recorded in ``run.json``.
-        raw_format / write_overlays / overwrite / run_info / progress / limits: As in the local engine's
-            ``run_predict``.
+        raw_format / write_overlays / overwrite / run_info / progress / limits / map_range: As in the local
+            engine's ``run_predict``.
 
     Returns:
         A :class:`~anomalens.engines.core.PredictSummary` over all images of the folder (earlier runs included).
@@ -262,8 +270,12 @@ def score(
     describe = _describe(detector_or_path, threshold)
     source = resolve_threshold_source(threshold, threshold_source, describe.get("threshold"))
     out = Path(out_dir)
+    view = SimpleNamespace(map_scale=describe.get("map_scale"), pixel_threshold=describe.get("pixel_threshold"),
+                           zero_shot=get_method(describe["method"]).zero_shot)  # fmt: skip
+    style = OverlayStyle(*overlay_scale(view, map_range))
     manifest = run_manifest(describe, source, inputs, raw_format, run_info)
-    manifest.update(engine="ray", num_workers=num_workers, ray_address=ray_address)
+    manifest.update(engine="ray", num_workers=num_workers, ray_address=ray_address, map_scale=style.scale,
+                    map_scale_source=style.source)  # fmt: skip
     done = _done_paths(out, manifest, overwrite)
     todo = [{"path": path, "name": name} for path, name in list_inputs(inputs) if path not in done]
     if not ray.is_initialized():
@@ -272,7 +284,7 @@ def score(
         if todo:
             results = _scoring_dataset(ray, detector_or_path, todo, out, num_workers, batch_size, gpu_fraction,
                                        {"raw_format": raw_format, "write_overlays": write_overlays,
-                                        "threshold": threshold, "limits": limits})  # fmt: skip
+                                        "threshold": threshold, "limits": limits, "style": style})  # fmt: skip
             _collect(results, writer, progress)
         summary = writer.finish(time.time() - started, resumed_from=len(done))
     _write_parquet(out)
@@ -327,6 +339,8 @@ def _collect(results, writer: RunWriter, progress: Callable[[int], Any] | None) 
                 writer.error(row["path"], row["error"])
             else:
                 record = {key: value for key, value in row.items() if key != "error" and value is not None}
+                if isinstance(record.get("regions"), str):
+                    record["regions"] = json.loads(record["regions"])
                 writer.record(_plain(record))
             finished += 1
         if progress is not None:
@@ -349,6 +363,7 @@ def _write_parquet(out: Path) -> None:
 
     records = list(iter_scores(out))
     columns = {name: [record.get(name) for record in records] for name in RECORD_COLUMNS}
+    columns["regions"] = [None if value is None else json.dumps(value) for value in columns["regions"]]  # JSON text
     handle, temporary = tempfile.mkstemp(prefix=".scores.", suffix=".parquet", dir=out)
     os.close(handle)
     pq.write_table(pa.table(columns), temporary)

@@ -49,7 +49,7 @@ from anomalens.detector import Detector
 from anomalens.engines.access import SESSION_COOKIE, AccessGuard, AccessSettings, key_matches, session_token
 from anomalens.engines.core import fit_and_threshold, label_text
 from anomalens.io.images import ImageLimits, ImageLoadError, load_image_bytes
-from anomalens.io.outputs import heatmap_overlay, png_bytes, raw_map_bytes
+from anomalens.io.outputs import heatmap_overlay, overlay_scale, png_bytes, raw_map_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -294,8 +294,9 @@ def _encode_png(array: np.ndarray) -> str:
 
 
 def result_payload(name: str, array: np.ndarray, result, timing: dict[str, float], include_maps: bool,
-                   include_raw_map: bool = False) -> dict:  # fmt: skip
-    """The JSON of one scored image (labels and the 16-bit map encoded as every engine encodes them)."""
+                   include_raw_map: bool = False, scale: tuple[float, float] | None = None) -> dict:  # fmt: skip
+    """The JSON of one scored image (labels and the 16-bit map encoded as every engine encodes them); the heatmap
+    is drawn on the detector's fixed colour scale ``scale`` (see :func:`~anomalens.io.outputs.overlay_scale`)."""
     payload: dict[str, Any] = {
         "name": name,
         "score": result.score,
@@ -306,7 +307,8 @@ def result_payload(name: str, array: np.ndarray, result, timing: dict[str, float
         "timing": {key: round(value, 3) if isinstance(value, float) else value for key, value in timing.items()},
     }
     if include_maps:
-        payload["heatmap_png"] = _encode_png(heatmap_overlay(array, result.anomaly_map, result.threshold))
+        overlay = heatmap_overlay(array, result.anomaly_map, scale, mask=result.defect_mask())
+        payload["heatmap_png"] = _encode_png(overlay)
     if include_raw_map:
         raw, extra = raw_map_bytes(result.anomaly_map, "png16")  # value = pixel / 65535 * map_scale_max
         payload["map_png"] = base64.b64encode(raw).decode("ascii")
@@ -539,12 +541,13 @@ def _add_routes(app, worker: ModelWorker, settings: ServerSettings, state: dict)
                 scored.append((name, array, index, result))
         if not scored:
             raise _Problem(500, "no image could be scored", rejected)
+        scale, _ = overlay_scale(worker.detector)
         payloads = await asyncio.to_thread(
             lambda: [
                 {
                     "index": index,
                     **result_payload(
-                        name, array, result, {**timing, "total_ms": total_ms}, include_maps, include_raw_map
+                        name, array, result, {**timing, "total_ms": total_ms}, include_maps, include_raw_map, scale
                     ),
                 }  # fmt: skip
                 for name, array, index, result in scored

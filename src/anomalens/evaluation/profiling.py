@@ -24,8 +24,38 @@ def current_rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _reset_kernel_peak() -> bool:
+    """Reset the kernel's record of this process's peak RSS (``VmHWM``, Linux >= 4.0); ``False`` where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _kernel_peak_bytes() -> int:
+    """The kernel's peak RSS of this process (``VmHWM``) since the last reset, 0 where unknown."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def process_peak_mb() -> float:
+    """The whole process's peak RSS since it started (``ru_maxrss``), in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak if sys.platform == "darwin" else peak * 1024) / 2**20
+
+
 class PeakMemory:
-    """Context manager sampling the process's RSS (every ``interval`` s) to report the section's peak.
+    """Context manager reporting the whole process's peak RSS during a section: the kernel's own peak (``VmHWM``,
+    reset on entry, so short allocation spikes between samples count), else the largest RSS sampled every
+    ``interval`` s.
 
     On CUDA the peak allocated device memory is reported as ``peak_device_mb`` too.
     """
@@ -42,6 +72,7 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
 
     def __enter__(self) -> PeakMemory:
+        self._kernel = _reset_kernel_peak()
         self.peak_bytes = current_rss_bytes()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -54,6 +85,8 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+        if self._kernel:
+            self.peak_bytes = max(self.peak_bytes, _kernel_peak_bytes())
         if torch.cuda.is_available():
             self.peak_device_mb = torch.cuda.max_memory_allocated() / 2**20
 

@@ -66,6 +66,10 @@ FULL_SIZE_SETTINGS: list[dict[str, Any]] = [
     {"method": "clipfusion", "shots": 0, "options": _CLIPFUSION},
     {"method": "clipfusion", "shots": 1, "options": _CLIPFUSION},
     {"method": "vlmdiff", "shots": 0, "options": _VLMDIFF},
+    # a fusion of two methods (its common scale needs two held-out references)
+    {"method": "ensemble", "shots": 2, "options": {"members": [
+        {"method": "patchcore", "backbone": "wide_resnet50_2", "pretrained": None},
+        {"method": "winclip", **_WINCLIP}]}},
     # the faster CLIPFusion: SD at 256 px, the same UNet layers (their feature sides halve to 8 and 16)
     {"method": "clipfusion", "shots": 0, "variant": "SD 256 px", "options": _CLIPFUSION_256},
     # bfloat16 autocast (the precision option), for CPUs with native bf16 (AVX512-BF16 / AMX) and GPUs

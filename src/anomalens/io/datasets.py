@@ -107,15 +107,17 @@ class MVTecAD(Dataset):
         found = sorted(
             child.name
             for child in self.root.iterdir()
-            if child.is_dir() and (child / "train").is_dir() and self._test_dir(child) is not None
+            if child.is_dir() and self._test_dir(child) is not None  # train/ is optional (references from test)
         )
-        if not found and (self.root / "train").is_dir() and self._test_dir(self.root) is not None:
+        if not found and self._test_dir(self.root) is not None:
             return [self.root.name]  # the root is itself one category
         return found
 
     def _category_dir(self, category: str) -> Path:
         self._check_category(category)
-        return self.root if self.root.name == category and (self.root / "train").is_dir() else self.root / category
+        if self.root.name == category and self._test_dir(self.root) is not None:
+            return self.root
+        return self.root / category
 
     @staticmethod
     def _test_dir(category_dir: Path) -> Path | None:
@@ -126,6 +128,8 @@ class MVTecAD(Dataset):
 
     def train_samples(self, category: str) -> list[Sample]:
         train = self._category_dir(category) / "train"
+        if not train.exists():
+            return []  # a set without a training split: the benchmark draws references from test/good
         normal = next((train / name for name in NORMAL_FOLDER_NAMES if (train / name).is_dir()), None)
         if normal is None:
             raise ValueError(f"{train} has no normal folder (expected one of {', '.join(NORMAL_FOLDER_NAMES)})")

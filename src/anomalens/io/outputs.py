@@ -89,25 +89,148 @@ def jet_colormap(values: np.ndarray) -> np.ndarray:
     return (np.stack([red, green, blue], axis=-1) * 255.0 + 0.5).astype(np.uint8)
 
 
-def normalise_map(anomaly_map: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Scale a map to ``[0, 1]`` for display.
-
-    With a threshold, the threshold sits at the middle of the palette (``map / (2 * threshold)``), so colours
-    mean the same in every image of a run. Without one, the image's own min-max range is used.
-    """
-    if threshold is not None and threshold > 0:
-        return np.clip(anomaly_map / (2.0 * threshold), 0.0, 1.0)
+def normalise_map(anomaly_map: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray:
+    """Scale a map to ``[0, 1]`` for display: ``(map - low) / (high - low)`` on the fixed ``scale = (low, high)``
+    (see :func:`overlay_scale`), clipped; without a scale, the map's own min-max range."""
+    if scale is not None:
+        low, high = scale
+        return np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
     low, high = float(anomaly_map.min()), float(anomaly_map.max())
     return (anomaly_map - low) / (high - low) if high > low else np.zeros_like(anomaly_map)
 
 
+def overlay_scale(
+    detector: Any, map_range: tuple[float, float] | None = None
+) -> tuple[tuple[float, float] | None, str]:
+    """The colour scale of a run's overlays and where it comes from, in order of precedence:
+
+    - ``"given"``: ``map_range`` (``--map-range LOW HIGH``);
+    - ``"references"``: the detector's ``map_scale``: ``low`` is the typical value of held-out normal references'
+      maps, the pixel threshold sits at the middle of the palette, ``high = 2 * pixel_threshold - low``;
+    - ``"pixel-threshold"``: ``(0, 2 * pixel_threshold)`` for a given pixel threshold without held-out references;
+    - ``"fixed"``: ``(0, 1)`` for a method fitted without references (its maps are probabilities or cosine
+      distances);
+    - ``"per-image"``: each map's own min-max (one reference and nothing else to go by; colours then do not
+      compare between images, which ``run.json`` says).
+    """
+    if map_range is not None:
+        low, high = (float(value) for value in map_range)
+        if not (np.isfinite(low) and np.isfinite(high) and high > low):
+            raise ValueError(f"map range {map_range!r} must be two finite numbers LOW < HIGH")
+        return (low, high), "given"
+    if getattr(detector, "map_scale", None):
+        return tuple(detector.map_scale), "references"  # type: ignore[return-value]
+    pixel_threshold = getattr(detector, "pixel_threshold", None)
+    if pixel_threshold is not None and pixel_threshold > 0:
+        return (0.0, 2.0 * pixel_threshold), "pixel-threshold"
+    if getattr(detector, "zero_shot", False):
+        return (0.0, 1.0), "fixed"
+    return None, "per-image"
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a boolean mask (mask pixels with a 4-neighbour outside it)."""
+    padded = np.pad(mask, 1, mode="constant", constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+FOOTER_HEIGHT = 30  # least height in pixels of the colour bar and caption band under an annotated overlay
+
+
+def footer_height(width: int) -> int:
+    """Height of the band under an overlay ``width`` pixels wide: ``FOOTER_HEIGHT``, growing with wide images."""
+    return max(FOOTER_HEIGHT, round(width / 16))
+
+
 def heatmap_overlay(
-    image: np.ndarray, anomaly_map: np.ndarray, threshold: float | None, alpha: float = 0.5
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    scale: tuple[float, float] | None = None,
+    alpha: float = 0.5,
+    *,
+    mask: np.ndarray | None = None,
+    caption: str | None = None,
+    marker: float | None = None,
 ) -> np.ndarray:
-    """Blend the coloured map over the ``(H, W, 3)`` uint8 image; returns ``(H, W, 3)`` uint8."""
-    colours = jet_colormap(normalise_map(anomaly_map, threshold)).astype(np.float32)
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    """Blend the coloured map over the ``(H, W, 3)`` uint8 image.
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        anomaly_map: ``(H, W)`` float map.
+        scale: ``(low, high)`` fixed colour scale (:func:`overlay_scale`); ``None``: the map's own min-max.
+        alpha: Weight of the colours.
+        mask: ``(H, W)`` bool defect mask, outlined in white.
+        caption: With ``caption`` (e.g. the score), a ``FOOTER_HEIGHT`` band is added below the image: the colour
+            bar from ``low`` to ``high`` with its values, a tick at ``marker`` (the pixel threshold), the caption.
+
+    Returns:
+        ``(H, W, 3)`` uint8, or ``(H + footer_height(W), W, 3)`` with a caption.
+    """
+    colours = jet_colormap(normalise_map(anomaly_map, scale)).astype(np.float32)
+    blended = np.clip((1.0 - alpha) * image.astype(np.float32) + alpha * colours + 0.5, 0, 255).astype(np.uint8)
+    if mask is not None and mask.any():
+        blended[_outline(mask)] = (255, 255, 255)
+    if caption is None:
+        return blended
+    return np.concatenate([blended, _footer(blended.shape[1], scale, caption, marker)], axis=0)
+
+
+def _footer(width: int, scale: tuple[float, float] | None, caption: str, marker: float | None) -> np.ndarray:
+    from PIL import ImageDraw, ImageFont
+
+    height = footer_height(width)
+    bar_height = height // 4
+    band = Image.new("RGB", (width, height), (24, 24, 24))
+    bar = jet_colormap(np.linspace(0.0, 1.0, width, dtype=np.float32))[None].repeat(bar_height, axis=0)
+    band.paste(Image.fromarray(bar), (0, 0))
+    draw = ImageDraw.Draw(band)
+    try:
+        font = ImageFont.load_default(size=max(10, round(height * 0.3)))
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    line = bar_height + 1
+    if scale is not None:
+        low, high = scale
+        if marker is not None and low < marker < high:
+            x = int(round((marker - low) / (high - low) * (width - 1)))
+            draw.line([(x, 0), (x, bar_height + 1)], fill=(0, 0, 0), width=2)
+            text = f"pixel threshold {marker:.3g}"
+            half = int(draw.textlength(text, font=font)) // 2
+            draw.text((min(max(0, x - half), max(0, width - 2 * half)), line), text, fill=(220, 220, 220), font=font)
+        left, right = f"{low:.3g}", f"{high:.3g}"
+        draw.text((1, line), left, fill=(220, 220, 220), font=font)
+        draw.text((max(0, width - 1 - int(draw.textlength(right, font=font))), line), right, fill=(220, 220, 220),
+                  font=font)  # fmt: skip
+    else:
+        draw.text((1, line), "per-image scale", fill=(220, 220, 220), font=font)
+    draw.text((1, line + (height - line) // 2), caption, fill=(255, 255, 255), font=font)
+    return np.asarray(band)
+
+
+def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 100) -> list[dict[str, Any]]:
+    """The connected regions (8-connectivity) of a boolean ``(H, W)`` defect mask, largest first.
+
+    Each region: ``box`` ``[left, top, right, bottom]`` (right and bottom exclusive), ``area`` in pixels, ``peak``
+    (the map's maximum inside it) and ``centroid`` ``[x, y]``. At most ``limit`` regions are returned.
+    """
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    areas = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    peaks = ndimage.maximum(anomaly_map, labels, index)
+    centroids = ndimage.center_of_mass(np.ones_like(labels), labels, index)
+    regions = []
+    for number, box in enumerate(ndimage.find_objects(labels)):
+        rows, cols = box
+        regions.append({"box": [cols.start, rows.start, cols.stop, rows.stop], "area": int(areas[number]),
+                        "peak": float(peaks[number]),
+                        "centroid": [round(float(centroids[number][1]), 2), round(float(centroids[number][0]), 2)]})
+    regions.sort(key=lambda region: -region["area"])
+    return regions[:limit]
 
 
 def raw_map_bytes(anomaly_map: np.ndarray, raw_format: str) -> tuple[bytes, dict[str, float]]:
