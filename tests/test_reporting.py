@@ -110,3 +110,18 @@ def test_benchmark_without_training_images_records_references_defect_types_and_f
     assert "| widget | scratch | 3 |" in markdown and "| widget | 0.2 | 4 | leave-one-out |" in markdown
     stored = json.loads((tmp_path / "out" / "results.json").read_text())
     assert stored["categories"]["widget"]["references"] == category["references"]
+
+
+def test_region_labelling_matches_scipy():
+    """The runtime's numpy labelling (no scipy there) against scipy.ndimage.label, 8-connectivity."""
+    from scipy import ndimage
+
+    from anomalens.io.outputs import label_regions
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        height, width = rng.integers(1, 40, 2)
+        mask = rng.random((height, width)) < rng.uniform(0.05, 0.7)
+        labels, count = label_regions(mask)
+        expected, expected_count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+        assert count == expected_count and np.array_equal(labels, expected)

@@ -49,7 +49,7 @@ def test_too_few_references_for_alpha_says_how_many():
         plan_thresholds("auto", 5, false_alarm_rate=0.05)
     with pytest.raises(ValueError, match=r"false_alarm_rate=1.5 must be a number in \(0, 1\)"):
         plan_thresholds("auto", 5, false_alarm_rate=1.5)
-    with pytest.raises(ValueError, match=r"calibration='jackknife' must be one of auto, leave-one-out, split"):
+    with pytest.raises(ValueError, match=r"calibration='jackknife' must be one of auto, leave-one-out, k-fold"):
         plan_thresholds("auto", 5, false_alarm_rate=0.5, calibration="jackknife")
     with pytest.raises(ValueError, match=r"split calibration needs at least 4 reference images"):
         plan_thresholds("auto", 3, false_alarm_rate=0.5, calibration="split", calibration_size=3)
@@ -114,3 +114,24 @@ def test_cli_false_alarm_rate_records_the_rule_and_refuses_too_few_references(ca
     code = main(["-q", "predict", *tiny, inputs, "--reference", references, "--false-alarm-rate", "0.05",
                  "--out", str(tmp_path / "other")])  # fmt: skip
     assert code == 2 and "needs at least 19 reference images" in capsys.readouterr().err
+
+
+def test_default_rule_holds_many_references_out_in_folds_not_one_by_one():
+    """Above 16 references the default rule refits once per fold (5), not once per reference; each held-out score
+    equals the score from a detector fitted by hand on the references outside its fold."""
+    references = _references(18)
+    options = {**TINY_CONFIGS["patchcore"], "coreset_ratio": 1.0}
+    detector = anomalens.create("patchcore", **options)
+    fits = []
+    fit_encoded = detector._fit_encoded
+    detector._fit_encoded = lambda encoded, class_name: fits.append(len(encoded)) or fit_encoded(encoded, class_name)
+    detector.fit(references)
+    assert detector.threshold_calibration["calibration"] == "k-fold" and len(fits) == 5 + 1 and fits[-1] == 18
+    plan = plan_thresholds("auto", 18, seed=detector.config.seed)
+    assert sorted(index for fold in plan.folds for index in fold) == list(range(18)) and len(plan.folds) == 5
+    for fold in plan.folds:
+        others = [image for index, image in enumerate(references) if index not in fold]
+        by_hand = anomalens.create("patchcore", **options).fit(others, threshold=None)
+        scores = [result.score for result in by_hand.predict([references[index] for index in fold])]  # one batch
+        assert [detector.held_out_scores[index] for index in fold] == pytest.approx(scores, rel=1e-5)
+    assert detector.threshold == pytest.approx(max(detector.held_out_scores))

@@ -8,30 +8,57 @@ Quick start::
     detector.fit(reference_images=["good_1.png", "good_2.png"])
     for result in detector.predict(["part_17.png"]):
         print(result.score, result.anomaly_map.shape)
+
+The names below are imported on first use, so ``import anomalens`` is light and the torch-free runtime
+(:mod:`anomalens.runtime`, for exported detectors) works where torch is not installed.
 """
 
-from anomalens.backbones.weights import WeightsNotFoundError
-from anomalens.config import DetectorConfig
-from anomalens.detector import AnomalyResult, Detector
-from anomalens.io.images import ImageLimits, ImageLoadError, load_image
-from anomalens.registry import create, get_method, list_methods, register_method
+from __future__ import annotations
 
-load = Detector.load  # anomalens.load(path[, map_location]): any saved detector
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AnomalyResult",
-    "Detector",
-    "DetectorConfig",
-    "ImageLimits",
-    "ImageLoadError",
-    "WeightsNotFoundError",
-    "__version__",
-    "create",
-    "get_method",
-    "list_methods",
-    "load",
-    "load_image",
-    "register_method",
-]
+_LAZY = {  # public name -> (module, attribute)
+    "AnomalyResult": ("anomalens.results", "AnomalyResult"),
+    "Detector": ("anomalens.detector", "Detector"),
+    "DetectorConfig": ("anomalens.config", "DetectorConfig"),
+    "ImageLimits": ("anomalens.io.images", "ImageLimits"),
+    "ImageLoadError": ("anomalens.io.images", "ImageLoadError"),
+    "TileConfig": ("anomalens.tiling", "TileConfig"),
+    "WeightsNotFoundError": ("anomalens.backbones.weights", "WeightsNotFoundError"),
+    "create": ("anomalens.registry", "create"),
+    "get_method": ("anomalens.registry", "get_method"),
+    "list_methods": ("anomalens.registry", "list_methods"),
+    "load_image": ("anomalens.io.images", "load_image"),
+    "register_method": ("anomalens.registry", "register_method"),
+}
+
+__all__ = [*_LAZY, "__version__", "load"]
+
+def load(path: Any, map_location: Any = "cpu") -> Any:
+    """Load any saved detector (``Detector.load``); an exported one (``anomalens export``) loads through the
+    torch-free runtime (:class:`anomalens.runtime.ExportedDetector`)."""
+    from anomalens.runtime import is_exported
+
+    if is_exported(path):
+        from anomalens.runtime import ExportedDetector
+
+        return ExportedDetector.load(path)
+    from anomalens.detector import Detector
+
+    return Detector.load(path, map_location=map_location)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'anomalens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

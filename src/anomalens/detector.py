@@ -32,7 +32,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,6 +44,7 @@ from anomalens.io.images import ImageLike, describe, load_image
 from anomalens.io.outputs import honour_umask
 from anomalens.nn.maps import resize_map
 from anomalens.nn.state import clear_embedding_caches
+from anomalens.results import AnomalyResult, pool_order
 from anomalens.thresholds import ThresholdPlan, describe_plan, plan_thresholds, threshold_from
 from anomalens.tiling import MapStitcher, tile_boxes
 
@@ -67,34 +67,6 @@ STAGES = (  # stage names of Detector.timed(); the speed tables group them into 
     "post_processing",  # map fusion, resizing, smoothing
 )
 __all__ = ["PRECISIONS", "STAGES", "AnomalyResult", "Detector"]
-
-
-@dataclass
-class AnomalyResult:
-    """The output of every method for one image.
-
-    Attributes:
-        score: Image-level anomaly score; higher means more anomalous.
-        anomaly_map: ``(H, W)`` float32 map at the input image's own resolution.
-        label: ``True`` (anomalous) / ``False`` when a threshold applies, else ``None``.
-        threshold: The threshold the label was decided with, if any.
-        source: What the image was (its path, or a short description of an in-memory image).
-        pixel_threshold: Map value above which a pixel is marked defective (see :meth:`defect_mask`), if any.
-    """
-
-    score: float
-    anomaly_map: np.ndarray
-    label: bool | None = None
-    threshold: float | None = None
-    source: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
-    pixel_threshold: float | None = None
-
-    def defect_mask(self, pixel_threshold: float | None = None) -> np.ndarray | None:
-        """``(H, W)`` bool mask of the pixels above ``pixel_threshold`` (default: the detector's), or ``None``
-        when there is no pixel threshold."""
-        value = self.pixel_threshold if pixel_threshold is None else pixel_threshold
-        return None if value is None else self.anomaly_map > value
 
 
 class Detector(nn.Module):
@@ -263,11 +235,16 @@ class Detector(nn.Module):
         total = len(arrays) + len(held)
         encoded = self._encode_tiled(arrays, report, total)
         held_out: list[AnomalyResult] = []
-        if plan.calibration == "leave-one-out":
-            for index in range(len(arrays)):
-                self._fit_on(encoded[:index] + encoded[index + 1 :], class_name)
-                held_out.append(self.predict_arrays([arrays[index]])[0])
-                report(len(arrays) + index + 1, total)
+        if plan.folds:  # leave-one-out or k-fold: each fold scored by the detector fitted on the others
+            by_index: dict[int, AnomalyResult] = {}
+            for fold in plan.folds:
+                chosen = set(fold)
+                self._fit_on([group for index, group in enumerate(encoded) if index not in chosen], class_name)
+                for start in range(0, len(fold), self.config.batch_size):
+                    chunk = fold[start : start + self.config.batch_size]
+                    by_index.update(zip(chunk, self.predict_arrays([arrays[index] for index in chunk])))
+                    report(len(arrays) + len(by_index), total)
+            held_out = [by_index[index] for index in plan.calibration_indices]
         keep = plan.fit_indices(len(arrays))
         self._fit_on([encoded[index] for index in keep], class_name, empty=not arrays)
         if plan.calibration == "split":
@@ -511,6 +488,13 @@ class Detector(nn.Module):
         detector.config.device = str(torch.device(map_location))
         return detector.to(map_location)
 
+    def export(self, out_dir: str | os.PathLike, format: str = "onnx", **options: Any) -> Path:
+        """Export the fitted detector to ONNX (or OpenVINO) for the torch-free runtime; see
+        :func:`anomalens.export.export_detector` (which methods export, and the options)."""
+        from anomalens.export import export_detector
+
+        return export_detector(self, out_dir, format=format, **options)
+
     # ------------------------------------------------------------------ hooks for methods
     @classmethod
     def required_weights(cls, config: Any) -> list[str]:
@@ -596,10 +580,3 @@ def config_from_saved(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{config_path} was written by a newer anomalens (format {meta['format_version']})")
     return meta
-
-
-def pool_order(count: int, seed: int) -> list[int]:
-    """The order in which a pooled method's inputs are cut into pools: a permutation of ``range(count)`` seeded
-    by ``seed``. Consecutive inputs (a sorted folder lists one defect type after another) then rarely share a
-    pool, and the same inputs and seed always give the same pools."""
-    return np.random.default_rng(seed).permutation(count).tolist()

@@ -22,10 +22,16 @@ The threshold rules (``Detector.fit(threshold=..., false_alarm_rate=...)``, ``--
     ``coreset_ratio=1`` and ``image_score=max``): adding the test image to the bank could only lower the
     references' scores, so the threshold is conservative. For other methods it is cross-conformal, close to
     ``α`` in practice but with no finite-sample proof (the benchmark's false-alarm table measures it).
-  - ``auto``: leave-one-out with up to :data:`LOO_LIMIT` references (one refit per reference), else split.
+  - ``k-fold``: the references are split into ``folds`` seeded folds; each fold is scored by the detector fitted
+    on the others, and the detector is then fitted on all. Cross-conformal: like leave-one-out (its special case)
+    at the cost of ``folds`` refits; held-out scores come from detectors fitted on fewer references, which makes
+    the threshold conservative rather than loose.
+  - ``auto``: leave-one-out with up to :data:`LOO_LIMIT` references (one refit per reference), else split (the
+    guarantee, at the cost of the held-out references in the memory).
 
-- **leave-one-out** (today's default with two or more references): the largest leave-one-out score, i.e. the
-  conformal rule at ``α = 1 / (n + 1)``, the smallest rate ``n`` references can certify.
+- **leave-one-out** (the default with two or more references): the largest held-out score, i.e. the conformal rule
+  at ``α = 1 / (n + 1)``, the smallest rate ``n`` references can certify. Held out one by one up to
+  :data:`LOO_LIMIT` references, in :data:`FOLDS` folds above (a refit per fold, the detector then fitted on all).
 - **given**: a number from the user. **none**: no threshold, no labels.
 
 The pixel threshold (for defect masks) follows the same rule applied to the held-out references' map maxima: a
@@ -41,13 +47,16 @@ from typing import Any
 
 import numpy as np
 
-CALIBRATIONS = ("auto", "leave-one-out", "split")
-LOO_LIMIT = 16  # "auto" calibration: leave-one-out up to this many references (one refit each), split above
+CALIBRATIONS = ("auto", "leave-one-out", "k-fold", "split")
+LOO_LIMIT = 16  # "auto" calibration: leave-one-out up to this many references (one refit each), above: split
+FOLDS = 5  # folds of "k-fold" calibration (and of the default rule above LOO_LIMIT references)
 GUARANTEE = {
     "split": "P(a normal image is flagged) <= alpha, exactly, if normal images and the held-out references are "
     "exchangeable (the detector is fitted on the other references only)",
     "leave-one-out": "P(a normal image is flagged) <= alpha exactly for scores that can only fall when a reference "
     "is added (nearest-neighbour memory banks without subsampling); otherwise cross-conformal, approximately alpha",
+    "k-fold": "cross-conformal: approximately alpha; held-out scores come from detectors fitted on fewer references, "
+    "so for nearest-neighbour scores the threshold errs high (fewer false alarms)",
 }
 ASSUMPTIONS = (
     "normal images to be scored and the held-out references are exchangeable (same product, same capture, "
@@ -97,8 +106,9 @@ class ThresholdPlan:
     rule: str  # "given", "leave-one-out" (the max rule), "conformal" or "none"
     calibration: str | None = None  # "leave-one-out" or "split" when references are held out, else None
     alpha: float | None = None  # the false-alarm rate asked (conformal only)
-    calibration_indices: list[int] = field(default_factory=list)  # references held out (split), else all (LOO)
+    calibration_indices: list[int] = field(default_factory=list)  # references held out (split), else all
     given: float | None = None  # the given threshold
+    folds: list[list[int]] = field(default_factory=list)  # leave-one-out / k-fold: the references of each fold
 
     def fit_indices(self, count: int) -> list[int]:
         """The references the final detector is fitted on: all but the held-out ones for ``split``."""
@@ -135,15 +145,15 @@ def plan_thresholds(
         scheme = calibration
         if scheme == "auto":
             scheme = "leave-one-out" if references <= LOO_LIMIT else "split"
-        if scheme == "leave-one-out":
+        if scheme in ("leave-one-out", "k-fold"):
             if references < max(needed, 2):
                 raise ValueError(
-                    f"false_alarm_rate={alpha} needs at least {needed} reference images (leave-one-out calibration), "
+                    f"false_alarm_rate={alpha} needs at least {needed} reference images ({scheme} calibration), "
                     f"got {references}; the smallest rate {references} references support is "
                     f"{1.0 / (references + 1):.3g}" if references else
                     f"false_alarm_rate={alpha} needs at least {needed} reference images, got none"
                 )  # fmt: skip
-            return ThresholdPlan("conformal", "leave-one-out", alpha, list(range(references)))
+            return held_out_plan("conformal", scheme, references, seed, alpha)
         size = calibration_size if calibration_size is not None else max(needed, min(references // 2, 100))
         if isinstance(size, bool) or not isinstance(size, int) or size < needed:
             raise ValueError(f"calibration_size={size!r} must be an integer >= {needed} for false_alarm_rate={alpha}")
@@ -164,11 +174,24 @@ def plan_thresholds(
         if threshold == "leave-one-out" and references < 2:
             raise ValueError(f"threshold='leave-one-out' needs at least 2 reference images, got {references}")
         if references >= 2:
-            return ThresholdPlan("leave-one-out", "leave-one-out", None, list(range(references)))
+            scheme = calibration if calibration in ("leave-one-out", "k-fold") else (
+                "leave-one-out" if references <= LOO_LIMIT else "k-fold")  # fmt: skip
+            return held_out_plan("leave-one-out", scheme, references, seed)
         return ThresholdPlan("none")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} must be a finite number, None, or one of {rules}")
     return ThresholdPlan("given", given=float(threshold))
+
+
+def held_out_plan(rule: str, scheme: str, references: int, seed: int, alpha: float | None = None) -> ThresholdPlan:
+    """A plan holding every reference out once: one per fold (``leave-one-out``) or in :data:`FOLDS` seeded folds
+    (``k-fold``)."""
+    if scheme == "leave-one-out":
+        folds = [[index] for index in range(references)]
+    else:
+        order = np.random.default_rng(seed).permutation(references)
+        folds = [sorted(fold.tolist()) for fold in np.array_split(order, min(FOLDS, references)) if len(fold)]
+    return ThresholdPlan(rule, scheme, alpha, list(range(references)), folds=folds)
 
 
 def threshold_from(plan: ThresholdPlan, held_out: Sequence[float]) -> float | None:
@@ -186,6 +209,8 @@ def describe_plan(plan: ThresholdPlan, references: int) -> dict[str, Any]:
     if plan.calibration:
         record["n_held_out"] = len(plan.calibration_indices)
         record["n_fitted_on"] = len(plan.fit_indices(references))
+    if plan.calibration == "k-fold":
+        record["folds"] = len(plan.folds)
     if plan.calibration == "split":
         record["held_out_indices"] = list(plan.calibration_indices)
     if plan.rule == "conformal":

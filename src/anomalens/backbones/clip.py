@@ -397,6 +397,14 @@ def sliding_windows(grid: tuple[int, int], scale: int, stride: int = 1) -> torch
     return starts[:, None] + offsets[None, :]
 
 
+def window_incidence(windows: torch.Tensor, num_patches: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(W, N)`` matrix with 1 where window ``w`` covers patch ``n``: spreading window scores onto patches is then
+    one matrix product (exportable to ONNX, unlike ``index_add_`` with repeated indices)."""
+    incidence = torch.zeros(windows.shape[0], num_patches, dtype=dtype, device=windows.device)
+    incidence.scatter_(1, windows.long(), 1.0)
+    return incidence
+
+
 def harmonic_window_aggregation(window_scores: torch.Tensor, windows: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Each patch's score as the harmonic mean of the scores of the windows that cover it.
 
@@ -408,11 +416,8 @@ def harmonic_window_aggregation(window_scores: torch.Tensor, windows: torch.Tens
     Returns:
         ``(B, N)``; a patch no window covers gets 0.
     """
-    batch = window_scores.shape[0]
     reciprocal = 1.0 / window_scores.clamp_min(1e-12)  # (B, W)
-    sums = torch.zeros(batch, num_patches, dtype=reciprocal.dtype, device=reciprocal.device)
-    counts = torch.zeros(num_patches, dtype=reciprocal.dtype, device=reciprocal.device)
-    flat = windows.reshape(-1).to(reciprocal.device)
-    sums.index_add_(1, flat, reciprocal.repeat_interleave(windows.shape[1], dim=1))
-    counts.index_add_(0, flat, torch.ones_like(flat, dtype=reciprocal.dtype))
+    incidence = window_incidence(windows.to(reciprocal.device), num_patches, reciprocal.dtype)  # (W, N)
+    sums = reciprocal @ incidence
+    counts = incidence.sum(0)
     return torch.where(counts > 0, counts / sums.clamp_min(1e-30), torch.zeros_like(sums))

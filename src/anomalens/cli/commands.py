@@ -156,6 +156,8 @@ def cmd_predict(options: Any, quiet: bool) -> int:
     reference_paths: list[str] = []
     source = fit_detector(detector, options.references, quiet, reference_paths)
     if run.save_detector:
+        if not hasattr(detector, "save"):
+            raise ValueError(f"--save-detector: {run.detector} is an exported detector; it is saved already")
         detector.save(run.save_detector)
     bar = progress_bar(total, "scoring", quiet)
     finished = [0]
@@ -218,6 +220,23 @@ def cmd_fit(options: Any, quiet: bool) -> int:
     path = detector.save(options.run.out)
     threshold = "none" if detector.threshold is None else f"{detector.threshold:.6g} ({source})"
     print(f"saved fitted {detector.method_name} detector to {path}; threshold {threshold}")
+    return 0
+
+
+def cmd_export(options: Any, quiet: bool) -> int:
+    import anomalens
+
+    export = options.export
+    detector = anomalens.load(export.detector)
+    if not hasattr(detector, "export"):
+        raise ValueError(f"{export.detector} is already an exported detector")
+    path = detector.export(export.out, format=export.format, batch_size=export.batch_size, overwrite=export.overwrite)
+    import json
+
+    metadata = json.loads((path / "metadata.json").read_text())
+    print(f"exported {detector.method_name} to {path} ({metadata['model_file']}, sha256 {metadata['sha256'][:16]}..., "
+          f"max |difference| to torch {metadata['verified_max_abs_difference']:.1e}); run it with: "
+          f"anomalens predict --detector {path} IMAGES --out DIR  (or anomalens-runtime predict {path} ...)")
     return 0
 
 

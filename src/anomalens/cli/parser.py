@@ -104,6 +104,25 @@ class FitOptions:
 
 
 @dataclass
+class ExportOptions:
+    """What ``export`` writes."""
+
+    detector: str = ""  # a detector folder saved by `anomalens fit` (required)
+    format: str = "onnx"  # onnx, or openvino (pip install 'anomalens[openvino]')
+    out: str = ""  # folder for the model and metadata.json (required)
+    batch_size: int = 1  # the exported graph's fixed batch size (the runtime pads the last batch)
+    overwrite: bool = False  # replace an earlier export in --out
+
+    def __post_init__(self) -> None:
+        check_options("export", self, {
+            "detector": (bool(self.detector), "a saved detector folder (--detector DIR)"),
+            "format": (self.format in ("onnx", "openvino"), "onnx or openvino"),
+            "out": (bool(self.out), "an output folder (--out DIR)"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+        })  # fmt: skip
+
+
+@dataclass
 class ServeOptions:
     """Where ``serve`` listens, and a saved detector to serve."""
 
@@ -166,6 +185,8 @@ COMMANDS: dict[str, Command] = {
         "cmd_predict",
         [("inputs", {"nargs": "*", "help": "image files and/or folders (searched recursively)"})],
     ),
+    "export": Command("export a fitted detector to ONNX / OpenVINO for the torch-free runtime",
+                      {"export": ExportOptions}, "cmd_export"),
     "fit": Command("fit a detector on reference images and save it",
                    {**_METHOD, "references": ReferenceOptions, "run": FitOptions}, "cmd_fit"),
     "serve": Command(

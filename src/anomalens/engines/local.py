@@ -10,9 +10,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from anomalens.detector import Detector, pool_order
 from anomalens.engines.core import (
     RAW_FORMATS,
     OverlayStyle,
@@ -29,6 +28,10 @@ from anomalens.engines.core import (
 )
 from anomalens.io.images import DEFAULT_LIMITS, ImageLimits, load_image, readable_images
 from anomalens.io.outputs import overlay_scale
+from anomalens.results import pool_order
+
+if TYPE_CHECKING:
+    from anomalens.detector import Detector
 
 
 def run_predict(

@@ -293,7 +293,12 @@ def score(
 
 def _describe(detector_or_path: Detector | str | os.PathLike, threshold: float | None) -> dict[str, Any]:
     """The detector's description (from the object, or a saved folder's config), with a given threshold applied."""
-    if isinstance(detector_or_path, Detector):
+    from anomalens.runtime import ExportedDetector, is_exported
+
+    if not isinstance(detector_or_path, Detector) and is_exported(detector_or_path):
+        exported = ExportedDetector.load(detector_or_path)
+        describe = {**exported.describe(), "detector_fingerprint": exported.metadata["fingerprint"]}
+    elif isinstance(detector_or_path, Detector):
         describe = {**detector_or_path.describe(), "detector_fingerprint": detector_or_path.fingerprint()}
     else:
         saved = config_from_saved(detector_or_path)

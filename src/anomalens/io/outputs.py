@@ -208,29 +208,76 @@ def _footer(width: int, scale: tuple[float, float] | None, caption: str, marker:
     return np.asarray(band)
 
 
+def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components (8-connectivity) of a boolean ``(H, W)`` mask: ``(labels, count)`` with labels
+    ``1..count`` numbered in raster order of their first pixel, 0 outside. Numpy only (the torch-free runtime has
+    no scipy): runs of each row are joined to the touching runs of the row above with a union-find."""
+    height, width = mask.shape
+    labels = np.zeros((height, width), dtype=np.int32)
+    parent = [0]
+
+    def find(label: int) -> int:
+        while parent[label] != label:
+            parent[label] = parent[parent[label]]
+            label = parent[label]
+        return label
+
+    previous: list[tuple[int, int, int]] = []  # (start, stop, label) of the row above, sorted
+    for row in range(height):
+        edges = np.diff(np.concatenate(([0], mask[row].astype(np.int8), [0])))
+        starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        current, pointer = [], 0
+        for start, stop in zip(starts.tolist(), stops.tolist()):
+            while pointer < len(previous) and previous[pointer][1] < start:  # ends before this run's left neighbour
+                pointer += 1
+            label, probe = 0, pointer
+            while probe < len(previous) and previous[probe][0] <= stop:  # touches, diagonals included
+                root = find(previous[probe][2])
+                if label == 0:
+                    label = root
+                elif root != label:
+                    parent[max(root, label)] = min(root, label)
+                    label = min(root, label)
+                probe += 1
+            if label == 0:
+                label = len(parent)
+                parent.append(label)
+            labels[row, start:stop] = label
+            current.append((start, stop, label))
+        previous = current
+    if len(parent) == 1:
+        return labels, 0
+    roots = np.array([find(label) for label in range(len(parent))], dtype=np.int32)
+    unique_roots = np.unique(roots[1:])  # roots are the smallest label of their set: raster order is kept
+    renumber = np.zeros(len(parent), dtype=np.int32)
+    renumber[unique_roots] = np.arange(1, len(unique_roots) + 1, dtype=np.int32)
+    return renumber[roots][labels], len(unique_roots)
+
+
 def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 100) -> list[dict[str, Any]]:
     """The connected regions (8-connectivity) of a boolean ``(H, W)`` defect mask, largest first.
 
     Each region: ``box`` ``[left, top, right, bottom]`` (right and bottom exclusive), ``area`` in pixels, ``peak``
     (the map's maximum inside it) and ``centroid`` ``[x, y]``. At most ``limit`` regions are returned.
     """
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labels, count = label_regions(mask)
     if count == 0:
         return []
-    index = np.arange(1, count + 1)
-    areas = ndimage.sum_labels(np.ones_like(labels), labels, index)
-    peaks = ndimage.maximum(anomaly_map, labels, index)
-    centroids = ndimage.center_of_mass(np.ones_like(labels), labels, index)
+    rows, columns = np.nonzero(labels)
+    owners = labels[rows, columns]
+    areas = np.bincount(owners, minlength=count + 1)[1:]
     regions = []
-    for number, box in enumerate(ndimage.find_objects(labels)):
-        rows, cols = box
-        regions.append({"box": [cols.start, rows.start, cols.stop, rows.stop], "area": int(areas[number]),
-                        "peak": float(peaks[number]),
-                        "centroid": [round(float(centroids[number][1]), 2), round(float(centroids[number][0]), 2)]})
-    regions.sort(key=lambda region: -region["area"])
-    return regions[:limit]
+    for number in np.argsort(-areas, kind="stable")[:limit].tolist():
+        inside = owners == number + 1
+        region_rows, region_columns = rows[inside], columns[inside]
+        regions.append({
+            "box": [int(region_columns.min()), int(region_rows.min()), int(region_columns.max()) + 1,
+                    int(region_rows.max()) + 1],
+            "area": int(areas[number]),
+            "peak": float(anomaly_map[region_rows, region_columns].max()),
+            "centroid": [round(float(region_columns.mean()), 2), round(float(region_rows.mean()), 2)],
+        })  # fmt: skip
+    return regions
 
 
 def raw_map_bytes(anomaly_map: np.ndarray, raw_format: str) -> tuple[bytes, dict[str, float]]:

@@ -13,8 +13,8 @@ member's scores and maps on a common scale, and averages them with ``weights``::
 The common scale comes from held-out reference images only, never from test images or labels:
 
 1. each member is fitted as :meth:`Detector.fit` would (tiling and all), and scores every reference it did not
-   see: leave-one-out folds with up to :data:`~anomalens.thresholds.LOO_LIMIT` references, a seeded split above
-   (the threshold's own calibration when one is asked); a member that takes no references (VLMDiff) scores them
+   see: leave-one-out folds with up to :data:`~anomalens.thresholds.LOO_LIMIT` references, five seeded folds
+   above (the threshold's own calibration when one is asked); a member that takes no references (VLMDiff) scores them
    all, unseen as they are;
 2. ``normalisation="zscore"`` (default): a member's score becomes ``(score - mean) / std`` of its held-out scores,
    its map ``(map - mean) / std`` of its held-out maps' pixels; ``"minmax"`` uses the min and the range instead;
@@ -41,7 +41,7 @@ from torch import nn
 
 from anomalens.config import RUNTIME_FIELDS, DetectorConfig, build_config, check_options, config_to_dict
 from anomalens.detector import AnomalyResult, Detector
-from anomalens.thresholds import LOO_LIMIT, ThresholdPlan
+from anomalens.thresholds import LOO_LIMIT, ThresholdPlan, held_out_plan
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +177,9 @@ class Ensemble(Detector):
         normalise = self.config.normalisation != "none"
         held_plan = plan
         if plan.calibration is None and len(arrays) >= 2 and normalise:  # the scale needs held-out references
-            if len(arrays) <= LOO_LIMIT:
-                held_plan = ThresholdPlan(plan.rule, "leave-one-out", None, list(range(len(arrays))), plan.given)
-            else:
-                held = sorted(np.random.default_rng(self.config.seed).choice(
-                    len(arrays), size=min(len(arrays) // 2, 100), replace=False).tolist())  # fmt: skip
-                held_plan = ThresholdPlan(plan.rule, "split", None, held, plan.given)
+            scheme = "leave-one-out" if len(arrays) <= LOO_LIMIT else "k-fold"
+            held_plan = held_out_plan(plan.rule, scheme, len(arrays), self.config.seed)
+            held_plan.given = plan.given
         if normalise and len(held_plan.calibration_indices if held_plan.calibration else []) < 2:
             raise ValueError(
                 f"ensemble normalisation={self.config.normalisation!r} needs at least 2 reference images to hold out "

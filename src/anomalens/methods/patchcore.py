@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
 from anomalens.config import DetectorConfig, check_options
 from anomalens.detector import Detector
+from anomalens.export import ExportSpec, PixelsGraph
 from anomalens.io.images import images_to_tensor
 from anomalens.nn.maps import BLUR_BORDERS, gaussian_blur
 from anomalens.nn.memory import NearestNeighbourMemory
@@ -215,6 +216,16 @@ class PatchCore(Detector):
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         with self.timed("image_encoder"):
             features = self._embed_arrays(images)
+        return self._score_features(features)
+
+    def export_spec(self) -> ExportSpec:
+        """The graph ``anomalens export`` writes: ``(B, 3, S, S)`` images in [0, 1] (the backbone normalises them
+        itself) to maps and scores, the memory bank a constant searched by chunked matmul + top-k."""
+        return ExportSpec(graph=PixelsGraph(self, lambda pixels: self._score_features(self.embed(pixels))),
+                          input_size=self.config.image_size, resize="bilinear")  # fmt: skip
+
+    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(B,)`` and maps ``(B, S, S)`` of ``(B, h, w, D)`` patch features."""
         batch, height, width, channels = features.shape
         with self.timed("memory_search"):
             exact = self.config.distances == "exact"

@@ -60,10 +60,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone, harmonic_window_aggregation, sliding_windows
+from anomalens.backbones.clip import (
+    RESIZE_MODES,
+    CLIPBackbone,
+    harmonic_window_aggregation,
+    sliding_windows,
+    window_incidence,
+)
 from anomalens.backbones.prompts import ANOMALIB_WINCLIP_TEMPLATES
 from anomalens.config import check_options
 from anomalens.detector import Detector
+from anomalens.export import ExportSpec, PixelsGraph
 from anomalens.methods.clip_base import CLIPConfig, check_shots, class_name_of, clip_weights_of, prompt_set_of
 from anomalens.nn.memory import NearestNeighbourMemory
 
@@ -189,7 +196,10 @@ class WinCLIP(Detector):
     def _features(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """Global embeddings ``(B, E)``, normalised patch tokens ``(B, N, E)`` (``(B, N, C)`` unprojected), window
         embeddings per scale."""
-        pixels = self.clip.preprocess(images)
+        return self._features_of(self.clip.preprocess(images))
+
+    def _features_of(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`_features` of the normalised ``(B, 3, S, S)`` model input."""
         features = self.clip.encode_image(pixels, layers=[self.config.patch_layer], with_embedded=True)
         projection = self.config.patch_memory == "projected"
         patches = F.normalize(self.clip.project(features.layer_tokens[0], projection), dim=-1)
@@ -236,9 +246,24 @@ class WinCLIP(Detector):
         return patch_scores.amax(1) if self.config.map_max == "grid" else anomaly_map.flatten(1).amax(1)
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.timed("clip"):
+            pixels = self.clip.preprocess(images)
+        return self._predict_pixels(pixels)
+
+    def export_spec(self) -> ExportSpec:
+        """The graph ``anomalens export`` writes: the image side (window passes, memories) on the normalised
+        ``(B, 3, S, S)`` input; the class's text embeddings, encoded now, are constants."""
+        with torch.inference_mode():
+            self._text_embeddings()  # encode (and cache) the prompts, so the graph holds them as constants
+        mean, std = (self.clip.mean.flatten().tolist(), self.clip.std.flatten().tolist())
+        return ExportSpec(graph=PixelsGraph(self, self._predict_pixels), input_size=self.clip.image_size,
+                          resize="bicubic", resize_mode=self.config.resize_mode, mean=mean, std=std)  # fmt: skip
+
+    def _predict_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(B,)`` and maps ``(B, S, S)`` of the normalised ``(B, 3, S, S)`` model input."""
         config = self.config
         with self.timed("clip"):
-            embedding, patches, windows = self._features(images)
+            embedding, patches, windows = self._features_of(pixels)
         batch, count, _ = patches.shape
         with self.timed("text_encoder"):
             text = self._text_embeddings()
@@ -274,11 +299,8 @@ class WinCLIP(Detector):
 
 def _mean_window_aggregation(window_scores: torch.Tensor, windows: torch.Tensor, num_patches: int) -> torch.Tensor:
     """``(B, W)`` window scores to ``(B, N)`` patch scores: the mean over the windows covering each patch."""
-    flat = windows.reshape(-1).to(window_scores.device)
-    sums = torch.zeros(window_scores.shape[0], num_patches, dtype=window_scores.dtype, device=window_scores.device)
-    sums.index_add_(1, flat, window_scores.repeat_interleave(windows.shape[1], dim=1))
-    counts = torch.bincount(flat, minlength=num_patches).to(window_scores.dtype)
-    return sums / counts.clamp_min(1.0)
+    incidence = window_incidence(windows.to(window_scores.device), num_patches, window_scores.dtype)  # (W, N)
+    return (window_scores @ incidence) / incidence.sum(0).clamp_min(1.0)
 
 
 def _combine_scales(scale_scores: torch.Tensor, aggregation: str) -> torch.Tensor:
