@@ -41,7 +41,7 @@ from torch import nn
 
 from anomalens.config import PRECISIONS, DetectorConfig, build_config, config_hash, config_to_dict
 from anomalens.io.images import ImageLike, describe, load_image
-from anomalens.io.outputs import honour_umask
+from anomalens.io.outputs import honour_umask, read_format_file
 from anomalens.nn.maps import resize_map
 from anomalens.nn.state import clear_embedding_caches
 from anomalens.results import AnomalyResult, pool_order
@@ -574,9 +574,4 @@ def config_from_saved(path: str | os.PathLike) -> dict[str, Any]:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file() or not (folder / TENSORS_FILE).is_file():
         raise ValueError(f"{folder} is not a saved anomalens detector (expected {CONFIG_FILE} and {TENSORS_FILE})")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{config_path} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_path} was written by a newer anomalens (format {meta['format_version']})")
-    return meta
+    return read_format_file(config_path, FORMAT_NAME, FORMAT_VERSION)

@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from anomalens.config import config_to_dict
-from anomalens.io.outputs import honour_umask
-from anomalens.runtime import EXPORT_FORMAT, EXPORT_VERSION, METADATA_FILE, sha256_file
+from anomalens.io.outputs import honour_umask, sha256_file
+from anomalens.runtime import EXPORT_FORMAT, EXPORT_VERSION, METADATA_FILE
 
 if TYPE_CHECKING:
     from anomalens.detector import Detector

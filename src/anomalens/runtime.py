@@ -23,7 +23,6 @@ run folder as ``anomalens predict`` (which itself uses this runtime for an expor
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from anomalens.io.images import ImageLike, describe, load_image
+from anomalens.io.outputs import read_format_file, sha256_file
 from anomalens.results import AnomalyResult, pool_order
 
 logger = logging.getLogger(__name__)
@@ -54,14 +54,6 @@ def is_exported(path: Any) -> bool:
         return meta.is_file() and json.loads(meta.read_text()).get("format") == EXPORT_FORMAT
     except (OSError, ValueError, TypeError):
         return False
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- resizing
@@ -207,11 +199,7 @@ class ExportedDetector:
         meta_path = folder / METADATA_FILE
         if not meta_path.is_file():
             raise ValueError(f"{folder} is not an exported anomalens detector (no {METADATA_FILE})")
-        metadata = json.loads(meta_path.read_text())
-        if metadata.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{meta_path} has format {metadata.get('format')!r}, expected {EXPORT_FORMAT!r}")
-        if metadata.get("format_version", 0) > EXPORT_VERSION:
-            raise ValueError(f"{meta_path} was written by a newer anomalens (format {metadata['format_version']})")
+        metadata = read_format_file(meta_path, EXPORT_FORMAT, EXPORT_VERSION)
         backend = backend or metadata.get("backend", "onnx")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")

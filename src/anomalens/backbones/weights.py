@@ -29,7 +29,6 @@ Online, a host that cannot be reached within a few seconds fails at once, instea
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anomalens.io.outputs import honour_umask
+from anomalens.io.outputs import honour_umask, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +153,7 @@ def _how_to_supply(component: str, source: WeightSource | None, method_hint: str
     )
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = sha256_file  # hex SHA-256 of a file (one implementation, in anomalens.io.outputs)
 
 
 def download(source: WeightSource, destination: Path | None = None) -> Path:

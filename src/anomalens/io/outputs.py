@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -11,6 +12,26 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_format_file(path: Path, format_name: str, format_version: int) -> dict[str, Any]:
+    """The JSON description file of a saved or exported folder, checked: its ``format`` must be ``format_name``
+    and its ``format_version`` at most ``format_version`` (else a ``ValueError`` naming the file)."""
+    meta = json.loads(path.read_text())
+    if meta.get("format") != format_name:
+        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {format_name!r}")
+    if meta.get("format_version", 0) > format_version:
+        raise ValueError(f"{path} was written by a newer anomalens (format {meta['format_version']})")
+    return meta
 
 
 def current_umask() -> int:
