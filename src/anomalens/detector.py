@@ -193,8 +193,10 @@ class Detector(nn.Module):
                 an exception it raises (e.g. to cancel) stops the fit.
             false_alarm_rate: ``α`` in (0, 1): the threshold is the conformal quantile of held-out reference scores,
                 so that a normal image is flagged with probability at most ``α`` (see :mod:`anomalens.thresholds`).
-            calibration: How references are held out for ``false_alarm_rate``: ``"leave-one-out"``, ``"split"``
-                (the detector stays fitted on the others only) or ``"auto"``.
+            calibration: How references are held out: ``"leave-one-out"``, ``"k-fold"`` (five seeded folds, the
+                detector then fitted on all), ``"split"`` (the detector stays fitted on the others only; with
+                ``false_alarm_rate``) or ``"auto"`` (leave-one-out up to 16 references; above, split with
+                ``false_alarm_rate`` and k-fold for the leave-one-out rule).
             calibration_size: References held out by ``"split"`` (default ``max(ceil(1/α) - 1, min(n // 2, 100))``).
             pixel_threshold: ``"auto"``: the image rule applied to held-out maps' maxima (none without held-out
                 references); a number; or ``None``.

@@ -9,8 +9,6 @@ import sys
 import threading
 import time
 
-import torch
-
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -74,7 +72,8 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         self._kernel = _reset_kernel_peak()
         self.peak_bytes = current_rss_bytes()
-        if torch.cuda.is_available():
+        torch = _torch()
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -87,7 +86,8 @@ class PeakMemory:
         self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
         if self._kernel:
             self.peak_bytes = max(self.peak_bytes, _kernel_peak_bytes())
-        if torch.cuda.is_available():
+        torch = _torch()
+        if torch is not None and torch.cuda.is_available():
             self.peak_device_mb = torch.cuda.max_memory_allocated() / 2**20
 
     @property
@@ -95,8 +95,19 @@ class PeakMemory:
         return self.peak_bytes / 2**20
 
 
+def _torch():
+    """torch if it can be imported (the torch-free runtime measures itself with :class:`PeakMemory` too)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def machine_info() -> dict[str, object]:
     """What a benchmark ran on: CPU, cores, threads, memory, torch build, accelerator."""
+    import torch
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
