@@ -527,11 +527,6 @@ class Detector(nn.Module):
 THRESHOLD_RULES = ("auto", "leave-one-out")
 
 
-def check_threshold(threshold: float | str | None, references: int) -> str:
-    """Validate ``fit()``'s ``threshold`` and say which rule applies: ``given``, ``leave-one-out`` or ``none``."""
-    return plan_thresholds(threshold, references).rule
-
-
 def check_pixel_threshold(pixel_threshold: float | str | None) -> None:
     if pixel_threshold is None or pixel_threshold == "auto":
         return

@@ -29,7 +29,6 @@ A method exports by implementing ``export_spec()`` returning an :class:`ExportSp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -253,5 +252,4 @@ def _metadata(detector: Detector, spec: ExportSpec, model_file: str, backend: st
         "verified_max_abs_difference": difference,
         "anomalens_version": __version__,
         "torch_version": torch.__version__,
-        "config_digest": hashlib.sha256(json.dumps(described["config"], sort_keys=True).encode()).hexdigest()[:16],
     }

@@ -60,7 +60,6 @@ THRESHOLD_RULES_TEXT = {
     "conformal": "conformal: the ceil((m+1)(1-alpha))-th smallest of m held-out reference scores "
     "(see threshold_calibration for the guarantee and its assumptions)",
 }
-THRESHOLD_RULE = THRESHOLD_RULES_TEXT["leave-one-out"]
 TEST_FOLDER_NAMES = ("test", "test_public", "test_private", "validation", "val")
 
 
@@ -71,13 +70,9 @@ def leave_one_out_threshold(detector: Any, reference_images: Sequence[Any], clas
 
     Each reference is scored by the detector fitted on the others; the threshold is the largest of those scores,
     the lowest at which no held-out reference is flagged. Returns ``None`` (and logs why) with fewer than two.
+    This is :func:`fit_and_threshold` without a given threshold.
     """
-    references = list(reference_images)
-    if len(references) < 2:
-        logger.warning("a default threshold needs at least 2 reference images (got %d); no labels", len(references))
-        detector.fit(references, class_name=class_name, threshold=None, progress=progress)
-        return None
-    detector.fit(references, class_name=class_name, threshold="leave-one-out", progress=progress)
+    fit_and_threshold(detector, reference_images, class_name, None, progress)
     return detector.threshold
 
 
