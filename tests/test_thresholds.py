@@ -135,3 +135,15 @@ def test_default_rule_holds_many_references_out_in_folds_not_one_by_one():
         scores = [result.score for result in by_hand.predict([references[index] for index in fold])]  # one batch
         assert [detector.held_out_scores[index] for index in fold] == pytest.approx(scores, rel=1e-5)
     assert detector.threshold == pytest.approx(max(detector.held_out_scores))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "high", True])
+def test_a_bad_pixel_threshold_is_refused_on_every_path(value):
+    from anomalens.engines.core import fit_and_threshold
+
+    references = _references(3)
+    with pytest.raises(ValueError, match="pixel_threshold=.* must be a finite number"):
+        anomalens.create("patchcore", **TINY_CONFIGS["patchcore"]).fit(references, pixel_threshold=value)
+    fitted = anomalens.create("patchcore", **TINY_CONFIGS["patchcore"]).fit(references)
+    with pytest.raises(ValueError, match="pixel_threshold=.* must be a finite number"):
+        fit_and_threshold(fitted, [], pixel_threshold=value)  # a fitted (saved) detector, no refit

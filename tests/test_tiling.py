@@ -121,3 +121,9 @@ def test_tiled_references_and_leave_one_out_threshold(tmp_path):
     assert restored.config.tiling == TileConfig(size=0)
     query = _elongated_part(rng, 24, 100)
     assert restored.predict(query)[0].score == pytest.approx(detector.predict(query)[0].score, rel=1e-6)
+
+
+def test_too_many_tiles_is_refused_before_any_work():
+    """Tiny tiles on a large image (e.g. a hostile config) would mean ~170,000 model passes: refused, with numbers."""
+    with pytest.raises(ValueError, match=r"cuts a 5000 x 5000 image into 173889 tiles, more than 4096"):
+        tile_boxes(5000, 5000, TileConfig(size=16))

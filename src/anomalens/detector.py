@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -45,7 +44,7 @@ from anomalens.io.outputs import honour_umask, read_format_file
 from anomalens.nn.maps import resize_map
 from anomalens.nn.state import clear_embedding_caches
 from anomalens.results import AnomalyResult, pool_order
-from anomalens.thresholds import ThresholdPlan, describe_plan, plan_thresholds, threshold_from
+from anomalens.thresholds import ThresholdPlan, check_pixel_threshold, describe_plan, plan_thresholds, threshold_from
 from anomalens.tiling import MapStitcher, tile_boxes
 
 logger = logging.getLogger(__name__)
@@ -525,15 +524,6 @@ class Detector(nn.Module):
 
 
 THRESHOLD_RULES = ("auto", "leave-one-out")
-
-
-def check_pixel_threshold(pixel_threshold: float | str | None) -> None:
-    if pixel_threshold is None or pixel_threshold == "auto":
-        return
-    if isinstance(pixel_threshold, bool) or not isinstance(pixel_threshold, (int, float)) or not math.isfinite(
-        pixel_threshold
-    ):
-        raise ValueError(f"pixel_threshold={pixel_threshold!r} must be a finite number, None or 'auto'")
 
 
 def map_scale(pixel_threshold: float | None, held_out_maps: Sequence[np.ndarray]) -> tuple[float, float] | None:

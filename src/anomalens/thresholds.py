@@ -93,6 +93,16 @@ def conformal_threshold(held_out_scores: Sequence[float], alpha: float) -> float
     return float(scores[rank - 1])
 
 
+def check_pixel_threshold(pixel_threshold: float | str | None) -> None:
+    """Refuse a ``pixel_threshold`` that is not ``None``, ``"auto"`` or a finite number (NaN included)."""
+    if pixel_threshold is None or pixel_threshold == "auto":
+        return
+    if isinstance(pixel_threshold, bool) or not isinstance(pixel_threshold, (int, float)) or not math.isfinite(
+        pixel_threshold
+    ):
+        raise ValueError(f"pixel_threshold={pixel_threshold!r} must be a finite number, None or 'auto'")
+
+
 def check_alpha(alpha: Any) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"false_alarm_rate={alpha!r} must be a number in (0, 1), e.g. 0.05")

@@ -30,6 +30,7 @@ import numpy as np
 
 TILE_SCORES = ("map_max", "tile_max")
 TILE_ASPECTS = ("keep",)
+MAX_TILES = 4096  # tiles per image; more is a mistake (tiny tiles on a large image), refused before any work
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,13 @@ def tile_boxes(height: int, width: int, config: TileConfig) -> list[tuple[int, i
     """
     side = min(config.size or min(height, width), height, width)
     stride = config.stride or max(1, int(round(side * (1.0 - config.overlap))))
-    return [(top, left, top + side, left + side)
-            for top in tile_starts(height, side, stride) for left in tile_starts(width, side, stride)]  # fmt: skip
+    rows, columns = tile_starts(height, side, stride), tile_starts(width, side, stride)
+    if len(rows) * len(columns) > MAX_TILES:
+        raise ValueError(
+            f"tiling size={config.size} (stride {stride}) cuts a {height} x {width} image into "
+            f"{len(rows) * len(columns)} tiles, more than {MAX_TILES}: use larger tiles or less overlap"
+        )
+    return [(top, left, top + side, left + side) for top in rows for left in columns]
 
 
 def blend_weights(side: int, ramp: int) -> np.ndarray:

@@ -45,6 +45,7 @@ from anomalens.io.outputs import (
     png_bytes,
     raw_map_bytes,
 )
+from anomalens.thresholds import check_pixel_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def fit_and_threshold(
         detector.fit(references or None, class_name=class_name, threshold=threshold, progress=progress, **options)
         return detector.threshold_source
     if pixel_threshold is not None:
+        check_pixel_threshold(pixel_threshold)
         detector.pixel_threshold = float(pixel_threshold)
     if threshold is not None:
         detector.threshold, detector.threshold_source = float(threshold), "given"
