@@ -2,8 +2,9 @@
 
 The real command runs in its own process: PatchCore on TAEF2 (real weights), fitted on 4 MVTec AD bottle
 train/good images, with an API key. Clients send 200 requests at 4 and then at 8 concurrent clients. Each good
-request carries one bottle test image and asks for the heatmap overlay, as the page does. Every 10th request is an
-attack from the issue's list, in turn:
+request carries one bottle test image and asks for the heatmap overlay, as the page does (``--maps``: also the
+lossless PNG overlay, or no map, each run in turn, for the cost of the maps). Every 10th request is an attack from
+the issue's list, in turn:
 
 - a 9.8 KB 1 x 2,500,000 PNG;
 - a 109 KB 30000 x 30000 1-bit PNG;
@@ -21,6 +22,8 @@ the expected refusal), and the server's resident memory (VmRSS) before and after
 end the detector must be unchanged: generation 0 and the original threshold.
 
     python3 benchmarks/serve_load.py [--shared ../shared] [--out benchmarks/results/serve-load-attacks.json]
+    python3 benchmarks/serve_load.py --clients 4 --maps none heatmap heatmap-png --requests 120 \
+        --out benchmarks/results/serve-load-heatmaps.json
 """
 
 from __future__ import annotations
@@ -118,7 +121,16 @@ def _gif(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _run(url: str, key: str, payloads: list[tuple[str, bytes]], requests: int, clients: int) -> dict:
+MAP_MODES = {  # what each good request asks for: form fields, and the payload key that must come back
+    "heatmap": ({"include_maps": "true"}, "heatmap_jpeg"),  # the page's request (JPEG overlay, the default)
+    "heatmap-png": ({"include_maps": "true", "heatmap_format": "png"}, "heatmap_png"),  # lossless overlay
+    "none": ({"include_maps": "false"}, None),  # scores and labels only
+}
+
+
+def _run(url: str, key: str, payloads: list[tuple[str, bytes]], requests: int, clients: int,
+         maps: str = "heatmap") -> dict:  # fmt: skip
+    fields, expected_key = MAP_MODES[maps]
     attacks = _attacks(url, key, payloads[0][1])
     latencies, errors, attack_results = [], [], []
 
@@ -145,9 +157,9 @@ def _run(url: str, key: str, payloads: list[tuple[str, bytes]], requests: int, c
             began = time.perf_counter()
             try:
                 response = client.post(f"{url}/v1/predict", files=[("files", (name, data, "image/png"))],
-                                       data={"include_maps": "true"}, headers={"X-API-Key": key})  # fmt: skip
+                                       data=fields, headers={"X-API-Key": key})  # fmt: skip
                 body = response.json()
-                if response.status_code != 200 or not body["results"][0].get("heatmap_png"):
+                if response.status_code != 200 or (expected_key and not body["results"][0].get(expected_key)):
                     errors.append(f"{response.status_code}: {response.text[:200]}")
                     return
             except (httpx.HTTPError, ValueError, KeyError) as error:
@@ -160,6 +172,8 @@ def _run(url: str, key: str, payloads: list[tuple[str, bytes]], requests: int, c
         list(pool.map(one, range(requests)))
     elapsed = time.perf_counter() - started
     return {
+        "maps": maps,
+        "request_fields": fields,
         "clients": clients,
         "requests": requests,
         "good_requests": len(latencies) + len(errors),
@@ -181,6 +195,8 @@ def main() -> None:
     parser.add_argument("--shared", default=os.environ.get("ANOMALENS_SHARED", "../shared"))
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--maps", nargs="+", choices=list(MAP_MODES), default=["heatmap"],
+                        help="what good requests ask for; each mode is run at each client count, in turn")
     parser.add_argument("--out", default="benchmarks/results/serve-load-attacks.json")
     args = parser.parse_args()
     bottle = Path(args.shared) / "datasets" / "mvtec" / "bottle"
@@ -210,15 +226,20 @@ def main() -> None:
             time.sleep(0.5)
         before_detector = httpx.get(f"{url}/v1/detector", headers={"X-API-Key": key}).json()
         memory_before = _memory(server.pid)
-        runs = [_run(url, key, payloads, args.requests, clients) for clients in args.clients]
+        runs = [_run(url, key, payloads, args.requests, clients, maps)
+                for clients in args.clients for maps in args.maps]  # fmt: skip
         memory_after = _memory(server.pid)
         after_detector = httpx.get(f"{url}/v1/detector", headers={"X-API-Key": key}).json()
     finally:
         server.terminate()
         server.wait(timeout=60)
+    baseline = {run["clients"]: run["latency_p95_ms"] for run in runs if run["maps"] == "none"}
+    for run in runs:
+        if run["clients"] in baseline:
+            run["p95_vs_no_maps"] = round(run["latency_p95_ms"] / baseline[run["clients"]], 3)
     result = {
         "benchmark": "anomalens serve on loopback with attacks mixed in: PatchCore-TAEF2 (real weights), 4 bottle "
-        "references, one bottle test image per good request with the heatmap overlay (as the page asks)",
+        "references, one bottle test image per good request, asking for what each run's maps mode says",
         "server_command": " ".join(command[1:]) + " (API key from ANOMALENS_API_KEY)",
         "runs": runs,
         "server_memory_before": memory_before,

@@ -309,3 +309,46 @@ def test_single_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"cannot load the single-file diffusion checkpoint .*model.safetensors"):
         DiffusionBackbone(str(bogus))
+
+
+def test_presets_expand_to_their_fields_and_unknown_ones_list_the_valid():
+    from anomalens.config import build_config
+    from anomalens.methods.clipfusion import CLIPFusionConfig
+
+    fast = build_config(CLIPFusionConfig, {"preset": "fast"}, method="clipfusion")
+    assert (fast.diffusion_image_size, tuple(fast.attention_resolutions), fast.precision) == (256, (8, 16), "bfloat16")
+    overridden = build_config(CLIPFusionConfig, {"preset": "fast", "precision": "float32"}, method="clipfusion")
+    assert overridden.precision == "float32" and overridden.diffusion_image_size == 256
+    assert build_config(CLIPFusionConfig, {"preset": "paper"}, method="clipfusion") == CLIPFusionConfig()
+    valid = "paper, fast, fast-fp32, fast-tiny"
+    with pytest.raises(ValueError, match=f"unknown preset 'fastest' for method 'clipfusion'; valid presets: {valid}"):
+        build_config(CLIPFusionConfig, {"preset": "fastest"}, method="clipfusion")
+    with pytest.raises(ValueError, match="method 'patchcore' has no presets"):
+        anomalens.create("patchcore", preset="fast")
+
+
+def test_tiny_autoencoder_makes_the_latents_when_asked(diffusion, tmp_path):
+    import diffusers
+
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(3)
+    levels = len(diffusion.vae.config.block_out_channels)  # the tiny SD's VAE downsamples levels - 1 times
+    widths = (8,) * levels
+    saved = diffusers.AutoencoderTiny(encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+                                      num_encoder_blocks=(1,) * levels, num_decoder_blocks=(1,) * levels,
+                                      latent_channels=4)  # fmt: skip
+    saved.save_pretrained(tmp_path / "taesd")
+    tiny = DiffusionBackbone(None, architecture="tiny", encoder="tiny", tiny_autoencoder=str(tmp_path / "taesd"))
+    assert tiny.vae.encoder is None and tiny.tiny_encoder.decoder is None  # only the tiny encoder runs
+    with torch.no_grad():
+        latents = tiny.encode_images(images)
+        expected = saved.eval().encode(images).latents  # diffusers' own forward on the saved weights
+        assert latents.shape == diffusion.encode_images(images).shape
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown diffusion encoder 'taesd'; valid: sd, tiny"):
+        DiffusionBackbone(None, architecture="tiny", encoder="taesd")
+    detector = tiny_detector("clipfusion", diffusion_encoder="tiny", tiny_autoencoder=None)  # random weights
+    result = detector.fit().predict([textured_image(np.random.default_rng(0), 40, 48)])[0]
+    assert result.anomaly_map.shape == (40, 48) and np.isfinite(result.anomaly_map).all()
+    with pytest.raises(ValueError, match="diffusion_encoder"):
+        anomalens.create("clipfusion", **TINY_CONFIGS["clipfusion"], diffusion_encoder="vae")

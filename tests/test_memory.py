@@ -77,6 +77,22 @@ def test_coreset_is_greedy_k_center():
     assert len(set(indices.tolist())) == 25
 
 
+@pytest.mark.parametrize("candidates", [1, 2, 7, 64, 5000])
+@pytest.mark.parametrize(("total", "count"), [(300, 60), (40, 40), (1, 1)])
+def test_batched_lazy_coreset_picks_what_the_one_at_a_time_loop_picks(candidates, total, count):
+    # Clustered points (blobs of different spreads), so batches, refreshes and their bounds are all exercised.
+    generator = torch.Generator().manual_seed(total + candidates)
+    centres = torch.randn(6, 5, generator=generator) * 4
+    points = centres[torch.arange(total) % 6] + torch.randn(total, 5, generator=generator) * torch.rand(
+        total, 1, generator=generator
+    )
+    indices = greedy_coreset_indices(points, count, projection_dim=None, candidates=candidates,
+                                     generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert indices.tolist() == _brute_force_greedy(points, count, int(indices[0]))
+    with pytest.raises(ValueError, match="candidates must be >= 1, got 0"):
+        greedy_coreset_indices(points, 1, candidates=0)
+
+
 def test_coreset_is_seeded_and_projected():
     points = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
     first = greedy_coreset_indices(points, 40, projection_dim=8, generator=torch.Generator().manual_seed(5))

@@ -61,9 +61,17 @@ def test_fit_then_predict(client, images):
     ok, bad = result["results"]
     assert bad["score"] > ok["score"] and bad["threshold"] == body["threshold"]
     assert ok["label"] in ("normal", "anomalous") and {"queue_ms", "inference_ms", "total_ms"} <= set(ok["timing"])
-    heatmap = Image.open(io.BytesIO(base64.b64decode(bad["heatmap_png"])))
+    heatmap = Image.open(io.BytesIO(base64.b64decode(bad["heatmap_jpeg"])))  # JPEG by default: cheap to encode
     raw = np.asarray(Image.open(io.BytesIO(base64.b64decode(bad["map_png"]))))
-    assert heatmap.size == (48, 40) and raw.dtype == np.uint16 and raw.max() == 65535
+    assert heatmap.format == "JPEG" and heatmap.size == (48, 40) and "heatmap_png" not in bad
+    assert raw.dtype == np.uint16 and raw.max() == 65535
+    as_png = client.post("/v1/predict", files=_files(("bad.png", defective)), data={"heatmap_format": "png"}).json()
+    lossless = np.asarray(Image.open(io.BytesIO(base64.b64decode(as_png["results"][0]["heatmap_png"]))))
+    assert lossless.shape == (40, 48, 3) and "heatmap_jpeg" not in as_png["results"][0]
+    # the JPEG is the same overlay up to compression
+    assert np.abs(np.asarray(heatmap, dtype=np.float32) - lossless).mean() < 4.0
+    refused = client.post("/v1/predict", files=_files(("bad.png", defective)), data={"heatmap_format": "gif"})
+    assert refused.status_code == 422 and "'gif' is not one of jpeg, png" in refused.json()["error"]
     described = client.get("/v1/detector").json()
     assert described["method"] == "patchcore" and described["limits"]["max_pixels"] == 100_000
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]

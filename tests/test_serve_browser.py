@@ -96,7 +96,7 @@ def test_page_end_to_end(mvtec_root, tmp_path):
             assert len(set(cards.evaluate_all("items => items.map(item => item.dataset.id)"))) == len(tests)
             assert page.evaluate("state.results.every(result => result.map_png === undefined)")  # raw maps on demand
             heatmap = cards.first.locator("img.heatmap")
-            assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
+            assert heatmap.get_attribute("src").startswith("data:image/jpeg;base64,")
             assert heatmap.evaluate("image => image.naturalWidth") == 48
             scores = [float(text) for text in page.locator("#results .score").all_inner_texts()]
             assert scores == sorted(scores, reverse=True)  # most anomalous first

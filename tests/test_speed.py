@@ -31,7 +31,9 @@ def test_full_size_settings_cover_every_registered_method():
 
     assert {setting["method"] for setting in FULL_SIZE_SETTINGS} == set(anomalens.list_methods())
     for setting in check_settings(FULL_SIZE_SETTINGS):  # options are real config fields of their method
-        assert set(setting["options"]) <= set(config_fields(anomalens.get_method(setting["method"]).config_class))
+        assert set(setting["options"]) - {"preset"} <= set(
+            config_fields(anomalens.get_method(setting["method"]).config_class)
+        )
 
 
 def test_check_settings_names_the_bad_entry():
@@ -189,7 +191,10 @@ def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(caps
 def test_benchmark_speed_errors_and_listing(capsys, tmp_path):
     assert main(["-q", "benchmark-speed", "--list"]) == 0
     listing = capsys.readouterr().out
-    assert listing.count("-shot") == len(FULL_SIZE_SETTINGS) and "clipfusion (SD 256 px) 0-shot" in listing
+    assert (
+        listing.count("-shot") == len(FULL_SIZE_SETTINGS)
+        and "clipfusion (preset fast-fp32: SD 256 px) 0-shot" in listing
+    )
     assert main(["-q", "benchmark-speed", "--methods", "winclop"]) == 2
     assert "unknown method(s) ['winclop'] for benchmark-speed; valid: patchcore, winclip" in capsys.readouterr().err
     assert main(["-q", "benchmark-speed", "--settings", "99"]) == 2

@@ -42,6 +42,38 @@ def test_windows_cover_every_patch(grid, scale):
     assert counts.tolist() == expected
 
 
+@pytest.mark.parametrize(
+    ("grid", "scale", "stride"), [((15, 15), 2, 2), ((15, 15), 3, 2), ((7, 9), 3, 3), ((6, 6), 2, 1)]
+)
+def test_strided_windows_are_the_listed_starts_and_cover_every_patch(grid, scale, stride):
+    height, width = grid
+    windows = sliding_windows(grid, scale, stride)
+    # brute force: starts every `stride`, plus the last start if the stride skips it
+    row_starts = sorted(set(range(0, height - scale + 1, stride)) | {height - scale})
+    col_starts = sorted(set(range(0, width - scale + 1, stride)) | {width - scale})
+    expected = [
+        [(r + i) * width + c + j for i in range(scale) for j in range(scale)] for r in row_starts for c in col_starts
+    ]
+    assert windows.tolist() == expected
+    assert (torch.bincount(windows.reshape(-1), minlength=height * width) > 0).all()
+    for bad in (0, scale + 1):
+        with pytest.raises(ValueError, match=rf"window stride must be in \[1, {scale}\].*got {bad}"):
+            sliding_windows(grid, scale, bad)
+
+
+def test_window_stride_and_tokens_per_call_options():
+    image = [textured_image(np.random.default_rng(1), 48, 48)]
+    create = anomalens.create
+    base = create("winclip", backbone=TINY_CLIP, pretrained=None, image_size=48).fit()
+    chunked = create("winclip", backbone=TINY_CLIP, pretrained=None, image_size=48, window_tokens_per_call=7).fit()
+    strided = create("winclip", backbone=TINY_CLIP, pretrained=None, image_size=48, window_stride=2).fit()
+    assert chunked.predict(image)[0].score == pytest.approx(base.predict(image)[0].score, rel=1e-5)
+    assert all(len(strided.windows[s]) < len(base.windows[s]) for s in base.windows)
+    assert np.isfinite(strided.predict(image)[0].anomaly_map).all()
+    with pytest.raises(ValueError, match="window_stride"):
+        create("winclip", backbone=TINY_CLIP, pretrained=None, window_stride=0)
+
+
 def test_harmonic_aggregation_matches_a_direct_loop():
     grid, scale = (4, 5), 2
     windows = sliding_windows(grid, scale)

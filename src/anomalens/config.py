@@ -144,15 +144,24 @@ def build_config(config_cls: type[ConfigT], options: dict[str, Any], *, method: 
 
     Args:
         config_cls: The method's config dataclass.
-        options: Field values by name; strings are coerced to the field's type.
+        options: Field values by name; strings are coerced to the field's type. ``preset``, for a config class
+            with a ``PRESETS`` table, names a set of field values; options given beside it override them.
         method: The method's registered name, used in error messages.
 
     Returns:
         The config instance (its ``__post_init__`` validates values).
 
     Raises:
-        ValueError: An unknown option (the message lists the valid ones) or a value of the wrong type.
+        ValueError: An unknown option or preset (the message lists the valid ones) or a value of the wrong type.
     """
+    if "preset" in options:
+        presets: dict[str, dict[str, Any]] = getattr(config_cls, "PRESETS", {})
+        options = dict(options)
+        name = options.pop("preset")
+        if name not in presets:
+            valid_presets = ", ".join(presets) if presets else f"none: method {method!r} has no presets"
+            raise ValueError(f"unknown preset {name!r} for method {method!r}; valid presets: {valid_presets}")
+        options = {**presets[name], **options}
     valid = config_fields(config_cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -386,12 +386,22 @@ class CLIPBackbone(nn.Module):
 
 
 def sliding_windows(grid: tuple[int, int], scale: int, stride: int = 1) -> torch.Tensor:
-    """Patch indices of every ``scale x scale`` window over an ``(h, w)`` grid, row-major: ``(W, scale**2)``."""
+    """Patch indices of the ``scale x scale`` windows over an ``(h, w)`` grid, row-major: ``(W, scale**2)``.
+
+    Windows start every ``stride`` patches; the last row and column of windows are always included, so every patch
+    is covered whatever the stride (with ``stride=1``: every window)."""
     height, width = grid
     if not 1 <= scale <= min(height, width):
         raise ValueError(f"window scale must be in [1, {min(height, width)}] for a {height}x{width} grid, got {scale}")
-    rows = torch.arange(0, height - scale + 1, stride)
-    cols = torch.arange(0, width - scale + 1, stride)
+    if not 1 <= stride <= scale:
+        raise ValueError(f"window stride must be in [1, {scale}] (the window side; larger leaves patches uncovered), "
+                         f"got {stride}")  # fmt: skip
+
+    def starts_along(side: int) -> torch.Tensor:
+        starts = torch.arange(0, side - scale + 1, stride)
+        return starts if int(starts[-1]) == side - scale else torch.cat([starts, torch.tensor([side - scale])])
+
+    rows, cols = starts_along(height), starts_along(width)
     offsets = (torch.arange(scale)[:, None] * width + torch.arange(scale)[None, :]).reshape(-1)
     starts = (rows[:, None] * width + cols[None, :]).reshape(-1)
     return starts[:, None] + offsets[None, :]

@@ -100,6 +100,8 @@ TINY_TEXT_CONFIG = {
 }
 
 
+ENCODERS = ("sd", "tiny")  # what makes the latents: the VAE's own encoder, or a tiny autoencoder (TAESD)
+
 @dataclass(frozen=True)
 class DiffusionArchitecture:
     """Configs to build a Stable-Diffusion-shaped model with random weights."""
@@ -167,6 +169,10 @@ class DiffusionBackbone(nn.Module):
         weights_dir: Searched first for local folders.
         method_hint: The method asking, named in a missing-weights error.
         init_seed: Seed of the random initialisation.
+        encoder: ``"sd"``: the VAE's own encoder; ``"tiny"``: a diffusers ``AutoencoderTiny`` encoder (TAESD,
+            about 1/40 of the SD encoder's FLOPs) makes the latents instead; the SD encoder is then dropped.
+        tiny_autoencoder: With ``encoder="tiny"``: its repo id or local folder (TAESD, ``madebyollin/taesd``, for
+            SD 1.x / 2.x latents); ``None`` builds it with random weights.
     """
 
     def __init__(
@@ -178,8 +184,12 @@ class DiffusionBackbone(nn.Module):
         weights_dir: str | os.PathLike | None = None,
         method_hint: str | None = None,
         init_seed: int = 0,
+        encoder: str = "sd",
+        tiny_autoencoder: str | None = None,
     ):
         super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown diffusion encoder {encoder!r}; valid: {', '.join(ENCODERS)}")
         diffusers = require_diffusers()
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -215,12 +225,37 @@ class DiffusionBackbone(nn.Module):
         self.scheduler = sd_noise_scheduler()
         # Only the encoder half of the VAE is ever used: dropping the decoder saves ~190 MB at SD size.
         self.vae.decoder = self.vae.post_quant_conv = None
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.eval().requires_grad_(False)
+        self.tiny_encoder = None
+        if encoder == "tiny":
+            self.tiny_encoder = self._tiny_autoencoder(diffusers, tiny_autoencoder, weights_dir, method_hint, init_seed)
+            self.vae.encoder = self.vae.quant_conv = None
+        for module in (self.unet, self.vae, self.text_encoder, self.tiny_encoder):
+            if module is not None:
+                module.eval().requires_grad_(False)
         self.text_cache = EmbeddingCache()  # prompt -> (T, D) hidden states, follows .to() like the weights
         self.latent_side = self.image_size // 8
         # Parkable in a temporary file once a method's prompts are cached (see anomalens.nn.offload).
         self.text_weights = ParkedTensors(self.text_encoder, "diffusion text encoder", device_module=self.unet)
+
+    def _tiny_autoencoder(self, diffusers, weights: str | None, weights_dir, method_hint, init_seed: int) -> nn.Module:
+        """An ``AutoencoderTiny`` matching the VAE's latents (channels, downsampling), its decoder dropped."""
+        if weights is not None:
+            tiny = diffusers.AutoencoderTiny.from_pretrained(resolve(weights, weights_dir=weights_dir,
+                                                                     method_hint=method_hint))  # fmt: skip
+        else:
+            levels = len(self.vae.config.block_out_channels)  # the VAE downsamples levels - 1 times
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                tiny = diffusers.AutoencoderTiny(encoder_block_out_channels=(64,) * levels,
+                                                 decoder_block_out_channels=(64,) * levels,
+                                                 num_encoder_blocks=(1,) + (3,) * (levels - 1),
+                                                 num_decoder_blocks=(3,) * (levels - 1) + (1,),
+                                                 latent_channels=self.vae.config.latent_channels)  # fmt: skip
+        if tiny.config.latent_channels != self.vae.config.latent_channels:
+            raise ValueError(f"the tiny autoencoder makes {tiny.config.latent_channels}-channel latents; the UNet "
+                             f"takes {self.vae.config.latent_channels}")  # fmt: skip
+        tiny.decoder = None
+        return tiny.to(memory_format=torch.channels_last)
 
     def _load_single_file(self, path, diffusers) -> None:
         """Load an original-format single checkpoint (e.g. ``v2-1_512-ema-pruned.safetensors``) through diffusers.
@@ -249,6 +284,10 @@ class DiffusionBackbone(nn.Module):
 
         One image at a time by default (see :func:`vae_encode_in_chunks`).
         """
+        if self.tiny_encoder is not None:  # TAESD's latents are SD's scaled ones already (its scaling_factor is 1)
+            latents = [self.tiny_encoder.encode(chunk.contiguous(memory_format=torch.channels_last)).latents
+                       for chunk in images.split(chunk_size)]  # fmt: skip
+            return torch.cat(latents).contiguous() * self.tiny_encoder.config.scaling_factor
         return vae_encode_in_chunks(self.vae, images, chunk_size) * self.vae.config.scaling_factor
 
     def add_noise(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 # Full-size architectures with random weights. Each setting is one row group of the table (one row per batch
 # size); "variant" rows show an option's effect in the same run.
 _CLIPFUSION = {"backbone": "ViT-L-14-336", "pretrained": None, "diffusion": None}
-_CLIPFUSION_256 = {**_CLIPFUSION, "diffusion_image_size": 256, "attention_resolutions": [8, 16]}
+_CLIPFUSION_256 = {**_CLIPFUSION, "preset": "fast-fp32"}  # SD at 256 px (the preset's fields)
 _WINCLIP = {"backbone": "ViT-B-16-plus-240", "pretrained": None}
 _VLMDIFF = {
     "architecture": {
@@ -70,13 +70,23 @@ FULL_SIZE_SETTINGS: list[dict[str, Any]] = [
     {"method": "ensemble", "shots": 2, "options": {"members": [
         {"method": "patchcore", "backbone": "wide_resnet50_2", "pretrained": None},
         {"method": "winclip", **_WINCLIP}]}},
-    # the faster CLIPFusion: SD at 256 px, the same UNet layers (their feature sides halve to 8 and 16)
-    {"method": "clipfusion", "shots": 0, "variant": "SD 256 px", "options": _CLIPFUSION_256},
+    # the faster CLIPFusion presets: SD at 256 px, the same UNet layers (their feature sides halve to 8 and 16)
+    {"method": "clipfusion", "shots": 0, "variant": "preset fast-fp32: SD 256 px", "options": _CLIPFUSION_256},
     # bfloat16 autocast (the precision option), for CPUs with native bf16 (AVX512-BF16 / AMX) and GPUs
     {"method": "winclip", "shots": 0, "variant": "bf16", "options": {**_WINCLIP, "precision": "bfloat16"}},
     {"method": "clipfusion", "shots": 0, "variant": "bf16", "options": {**_CLIPFUSION, "precision": "bfloat16"}},
-    {"method": "clipfusion", "shots": 0, "variant": "SD 256 px, bf16",
+    {"method": "clipfusion", "shots": 0, "variant": "preset fast: SD 256 px, bf16",
      "options": {**_CLIPFUSION_256, "precision": "bfloat16"}},
+    # TAESD's encoder (diffusers AutoencoderTiny, random weights here) making SD's latents, at 512 and 256 px
+    {"method": "clipfusion", "shots": 0, "variant": "tiny VAE encoder",
+     "options": {**_CLIPFUSION, "diffusion_encoder": "tiny", "tiny_autoencoder": None}},
+    {"method": "clipfusion", "shots": 0, "variant": "preset fast-tiny: SD 256 px, tiny VAE encoder",
+     "options": {**_CLIPFUSION, "preset": "fast-tiny", "tiny_autoencoder": None}},
+    # WinCLIP's window passes: windows every 2 patches instead of the paper's every patch (changes the maps), and
+    # 4x larger transformer calls over the windows (same maps)
+    {"method": "winclip", "shots": 0, "variant": "window stride 2", "options": {**_WINCLIP, "window_stride": 2}},
+    {"method": "winclip", "shots": 0, "variant": "8192 window tokens per call",
+     "options": {**_WINCLIP, "window_tokens_per_call": 8192}},
 ]  # fmt: skip
 STAGE_GROUPS = {  # the table's stage columns -> the detectors' stage names
     "image encoder": ("clip", "image_encoder", "features"),

@@ -94,10 +94,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 RGB/gray or uint16 gray array as PNG."""
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
+    """Encode a uint8 RGB/gray or uint16 gray array as PNG (lossless; ``compress_level`` 1 is about 2.5x faster than
+    the default 6 on a 900 x 900 overlay, for a file about 7 % larger)."""
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
+    """Encode a uint8 RGB/gray array as JPEG (lossy, for display: about 50x faster than PNG on an overlay). Colour is
+    kept at full resolution (4:4:4), so thin coloured peaks and the white defect outline stay sharp."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality, subsampling=0)
     return buffer.getvalue()
 
 
@@ -301,7 +310,7 @@ def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 100) 
     return regions
 
 
-def raw_map_bytes(anomaly_map: np.ndarray, raw_format: str) -> tuple[bytes, dict[str, float]]:
+def raw_map_bytes(anomaly_map: np.ndarray, raw_format: str, compress_level: int = 6) -> tuple[bytes, dict[str, float]]:
     """Encode a float map exactly (``npy``) or as a 16-bit PNG (``png16``) with the scale to undo it.
 
     For ``png16``, ``value = pixel / 65535 * scale_max`` where ``scale_max`` is returned in the metadata.
@@ -313,5 +322,5 @@ def raw_map_bytes(anomaly_map: np.ndarray, raw_format: str) -> tuple[bytes, dict
     if raw_format == "png16":
         scale_max = float(max(anomaly_map.max(), 1e-12))
         pixels = np.clip(np.rint(np.clip(anomaly_map, 0, None) / scale_max * 65535.0), 0, 65535).astype(np.uint16)
-        return png_bytes(pixels), {"map_scale_max": scale_max}
+        return png_bytes(pixels, compress_level), {"map_scale_max": scale_max}
     raise ValueError(f"unknown raw map format {raw_format!r}; valid formats: npy, png16")

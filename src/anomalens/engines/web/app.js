@@ -197,7 +197,7 @@ function card(result) {
   image.src = result.image;
   image.alt = `${result.name}`;
   const heatmap = document.createElement("img");
-  heatmap.src = `data:image/png;base64,${result.heatmap_png}`;
+  heatmap.src = `data:image/jpeg;base64,${result.heatmap_jpeg}`;
   heatmap.alt = `heatmap of ${result.name}`;
   heatmap.className = "heatmap";
   pair.append(image, heatmap);
@@ -218,7 +218,7 @@ function openViewer(result) {
   state.viewing = result;
   $("viewer-image").src = result.image || "";
   $("viewer-image").alt = result.name;
-  $("viewer-heatmap").src = `data:image/png;base64,${result.heatmap_png}`;
+  $("viewer-heatmap").src = `data:image/jpeg;base64,${result.heatmap_jpeg}`;
   $("viewer-heatmap").alt = `heatmap of ${result.name}`;
   $("viewer").showModal();
   $("viewer-close").focus();

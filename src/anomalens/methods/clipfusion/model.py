@@ -51,6 +51,7 @@ from anomalens.backbones.clip import CLIPBackbone
 from anomalens.backbones.diffusion import (
     ARCHITECTURES,
     DEFAULT_REPO,
+    ENCODERS,
     DiffusionBackbone,
     capture_block_outputs,
     capture_cross_attention,
@@ -80,7 +81,18 @@ class CLIPFusionConfig(CLIPConfig):
     """
 
     method: ClassVar[str] = "clipfusion"
-    weight_fields: ClassVar[tuple[str, ...]] = ("pretrained", "diffusion")
+    weight_fields: ClassVar[tuple[str, ...]] = ("pretrained", "diffusion", "tiny_autoencoder")
+    # Named sets of fields (``preset=...``, ``--set preset=fast``); fields given beside a preset override it. At fp32
+    # no setting that keeps the default maps is as fast as WinCLIP: CLIP and the UNet alone take longer
+    # (benchmarks/results/speed-cpu-2threads-round2.md), so the fast presets change the maps, by the amounts the
+    # README's map-resolution bound gives for SD at 256 px.
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "paper": {},  # the defaults: SD at its native 512 px, float32
+        "fast": {"diffusion_image_size": 256, "attention_resolutions": (8, 16), "precision": "bfloat16"},
+        "fast-fp32": {"diffusion_image_size": 256, "attention_resolutions": (8, 16)},  # for CPUs without native bf16
+        # and TAESD's encoder instead of SD's (latents approximated: maps differ beyond SD 256 px's)
+        "fast-tiny": {"diffusion_image_size": 256, "attention_resolutions": (8, 16), "diffusion_encoder": "tiny"},
+    }
 
     batch_size: int = 4  # images per forward pass
     clip_layers: tuple[int, ...] = (5, 11, 17, 23)  # 0-based blocks whose patch tokens are used (6/12/18/24 of 24)
@@ -92,6 +104,8 @@ class CLIPFusionConfig(CLIPConfig):
     diffusion: str | None = DEFAULT_REPO  # diffusers repo id or local folder; None builds diffusion_architecture
     diffusion_architecture: str = "sd-2-1-base"  # architecture built with random weights when diffusion is None
     diffusion_image_size: int | None = None  # SD input side; None = the model's native size (512 for SD 2.1-base)
+    diffusion_encoder: str = "sd"  # what makes the latents: "sd" (the VAE's encoder, the paper's) or "tiny" (TAESD)
+    tiny_autoencoder: str | None = "madebyollin/taesd"  # diffusers AutoencoderTiny for "tiny"; None = random weights
     timesteps: tuple[int, ...] = (100,)  # noise levels t of the single UNet pass (averaged when several)
     noise_draws: int = 1  # seeded noise draws per timestep (averaged)
     attention_resolutions: tuple[int, ...] = (16, 32)  # feature-map sides of captured cross-attention layers
@@ -131,6 +145,7 @@ class CLIPFusionConfig(CLIPConfig):
             ),
             "timesteps": (bool(self.timesteps) and all(0 <= t < 1000 for t in self.timesteps), "in [0, 999]"),
             "noise_draws": (self.noise_draws >= 1, ">= 1"),
+            "diffusion_encoder": (self.diffusion_encoder in ENCODERS, f"one of {', '.join(ENCODERS)}"),
             "alpha": (0.0 <= self.alpha <= 1.0, "in [0, 1]"),
             "attention_map": (self.attention_map in ATTENTION_MAPS, f"one of {', '.join(ATTENTION_MAPS)}"),
             "fusion_normalisation": (
@@ -200,6 +215,8 @@ class CLIPFusion(OffloadMixin, Detector):
                 weights_dir=weights_dir,
                 method_hint="clipfusion",
                 init_seed=config.seed,
+                encoder=config.diffusion_encoder,
+                tiny_autoencoder=config.tiny_autoencoder if load_pretrained else None,
             )
             sides = self.diffusion.cross_attention_layers()
             self.attention_layers = [name for name, side in sides.items() if side in config.attention_resolutions]
@@ -220,6 +237,8 @@ class CLIPFusion(OffloadMixin, Detector):
         needed = clip_weights_of(config)
         if {"diffusion_language", "diffusion_vision"} & set(config.components):
             needed.append(config.diffusion)
+            if config.diffusion_encoder == "tiny":
+                needed.append(config.tiny_autoencoder)
         if config.clip_projection == "trained":
             needed.append(config.clip_projection_weights)
         return [reference for reference in needed if reference]
