@@ -1,0 +1,228 @@
+"""The shape of the code base, measured the same way before and after a redesign (architecture round two).
+
+Writes one JSON file with:
+
+- ``module_tree``: every module under ``src/anomalens`` with its line count;
+- ``long_functions``: library functions over 60 lines (from the AST), and whether a reason is written beside
+  them (a comment ``# over 60 lines: ...`` on the ``def`` line or the line above);
+- ``import_cycles``: cycles between top-level modules and packages (every import, function-level ones included:
+  a lazy import still ties two parts together), as strongly connected components of the import graph;
+- ``upward_imports``: imports that run against the layer order, when the code declares one
+  (``anomalens.LAYERS``);
+- ``threshold_files``: files that write threshold state (an assignment to a threshold attribute) or state a
+  threshold rule (the label rule ``score > threshold``, rule and calibration names, the fold loop);
+- ``help_import``: ``python -X importtime -m anomalens --help`` (``-m anomalens.cli`` where the package has no
+  ``__main__``): its wall time over runs (median, min, max), whether torch was imported, and the top entries
+  by cumulative import time;
+- ``readme_lines``.
+
+Usage: ``python benchmarks/architecture.py --out benchmarks/results/architecture-round2-after.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "anomalens"
+LIMIT = 60
+REASON = re.compile(r"#\s*over 60 lines:")
+THRESHOLD_WRITES = re.compile(
+    r"\.(threshold|threshold_source|pixel_threshold|held_out_scores|threshold_calibration|map_scale|calibration)"
+    r"\s*(,[^=\n]*)?=(?!=)"
+)
+THRESHOLD_RULES = re.compile(
+    r"score\s*>\s*\S*threshold|THRESHOLD_RULES\s*=|CALIBRATIONS\s*=|LOO_LIMIT\s*=|def (plan_thresholds|"
+    r"parse_threshold|resolve_threshold_source|fit_and_threshold|held_out_plan|_fit_with_plan|threshold_from)\b|"
+    r"for fold in \S*folds"
+)
+
+
+def module_tree() -> dict[str, int]:
+    return {str(path.relative_to(SRC.parent)): len(path.read_text().splitlines()) for path in sorted(SRC.rglob("*.py"))}
+
+
+def long_functions() -> list[dict]:
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        stack: list[tuple[ast.AST, str]] = [(tree, "")]
+        while stack:
+            node, prefix = stack.pop()
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    name = f"{prefix}{child.name}"
+                    if not isinstance(child, ast.ClassDef):
+                        length = child.end_lineno - child.lineno + 1
+                        if length > LIMIT:
+                            start = child.decorator_list[0].lineno if child.decorator_list else child.lineno
+                            nearby = " ".join(lines[max(0, start - 2) : child.lineno])
+                            found.append({"function": f"{path.relative_to(SRC.parent)}:{name}", "lines": length,
+                                          "reason_written": bool(REASON.search(nearby))})  # fmt: skip
+                    stack.append((child, f"{name}."))
+                else:
+                    stack.append((child, prefix))
+    return sorted(found, key=lambda item: -item["lines"])
+
+
+def _unit(module: str) -> str | None:
+    """The top-level module or package a module name belongs to (``anomalens.engines.serve`` -> ``engines``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "anomalens" else None
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        relative = path.relative_to(SRC.parent).with_suffix("")
+        module = ".".join(relative.parts).removesuffix(".__init__")
+        unit = _unit(module)
+        if unit is None:
+            continue
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        edges = graph.setdefault(unit, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative import
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    names = [".".join(base + ([node.module] if node.module else []))]
+                else:
+                    names = [node.module or ""]
+                if node.module in (None, "anomalens") or names == ["anomalens"]:  # from anomalens import x
+                    names = [f"anomalens.{alias.name}" for alias in node.names]
+            for name in names:
+                target = _unit(name)
+                if target and target != unit and ((SRC / target).is_dir() or (SRC / f"{target}.py").is_file()):
+                    edges.add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one node (Tarjan)."""
+    index, low, on_stack, stack, result, counter = {}, {}, set(), [], [], [0]
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                item = stack.pop()
+                on_stack.discard(item)
+                component.append(item)
+                if item == node:
+                    break
+            if len(component) > 1:
+                result.append(sorted(component))
+
+    sys.setrecursionlimit(10_000)
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(result)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str] | None:
+    sys.path.insert(0, str(SRC.parent))
+    import anomalens
+
+    layers = getattr(anomalens, "LAYERS", None)
+    if layers is None:
+        return None
+    rank = {unit: number for number, group in enumerate(layers) for unit in group}
+    return sorted(f"{unit} -> {target}" for unit, targets in graph.items() for target in targets
+                  if unit in rank and target in rank and rank[target] > rank[unit])  # fmt: skip
+
+
+def threshold_files() -> dict[str, dict[str, int]]:
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        writes, rules = len(THRESHOLD_WRITES.findall(text)), len(THRESHOLD_RULES.findall(text))
+        if writes or rules:
+            found[str(path.relative_to(SRC.parent))] = {"state_writes": writes, "rule_sites": rules}
+    return found
+
+
+def help_import(runs: int) -> dict:
+    entry = "anomalens" if (SRC / "__main__.py").exists() else "anomalens.cli"
+    command = [sys.executable, "-X", "importtime", "-m", entry, "--help"]
+    walls, stderr = [], ""
+    for _ in range(runs):
+        began = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+        walls.append(time.perf_counter() - began)
+        stderr = done.stderr
+    rows = []
+    for line in stderr.splitlines():
+        match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
+        if match:
+            rows.append({"module": match.group(4), "cumulative_ms": int(match.group(2)) / 1000,
+                         "depth": len(match.group(3)) // 2})  # fmt: skip
+    top_level = sorted((row for row in rows if row["depth"] == 0), key=lambda row: -row["cumulative_ms"])
+    modules = {row["module"] for row in rows}
+    return {
+        "command": " ".join(["python", "-X", "importtime", "-m", entry, "--help"]),
+        "wall_seconds": {"median": statistics.median(walls), "min": min(walls), "max": max(walls), "runs": runs},
+        "imports_torch": "torch" in modules,
+        "training_modules": sorted(name for name in modules if name.endswith(".training")),
+        "modules_imported": len(modules),
+        "top_cumulative": top_level[:12],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--runs", type=int, default=5, help="runs of the --help timing")
+    args = parser.parse_args()
+    graph = import_graph()
+    result = {
+        "command": "python benchmarks/architecture.py " + " ".join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},  # fmt: skip
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=ROOT, check=False).stdout.strip(),  # fmt: skip
+        "module_tree": module_tree(),
+        "total_lines": sum(module_tree().values()),
+        "long_functions": long_functions(),
+        "import_graph": {unit: sorted(targets) for unit, targets in sorted(graph.items())},
+        "import_cycles": cycles(graph),
+        "upward_imports": upward_imports(graph),
+        "threshold_files": threshold_files(),
+        "help_import": help_import(args.runs),
+        "readme_lines": len((ROOT / "README.md").read_text().splitlines()),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({key: result[key] for key in ("total_lines", "import_cycles", "upward_imports", "readme_lines")},
+                     indent=1))  # fmt: skip
+    print("long functions:", [(item["function"], item["lines"]) for item in result["long_functions"]])
+    print("threshold files:", list(result["threshold_files"]))
+    print("help:", result["help_import"]["wall_seconds"], "torch:", result["help_import"]["imports_torch"])
+
+
+if __name__ == "__main__":
+    main()
