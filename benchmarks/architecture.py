@@ -5,12 +5,14 @@ Writes one JSON file with:
 - ``module_tree``: every module under ``src/anomalens`` with its line count;
 - ``long_functions``: library functions over 60 lines (from the AST), and whether a reason is written beside
   them (a comment ``# over 60 lines: ...`` on the ``def`` line or the line above);
-- ``import_cycles``: cycles between top-level modules and packages (every import, function-level ones included:
-  a lazy import still ties two parts together), as strongly connected components of the import graph;
+- ``import_cycles``: cycles between top-level modules and packages (every import that runs, function-level ones
+  included: a lazy import still ties two parts together; ``if TYPE_CHECKING:`` imports left out), as strongly
+  connected components of the import graph;
 - ``upward_imports``: imports that run against the layer order, when the code declares one
   (``anomalens.LAYERS``);
-- ``threshold_files``: files that write threshold state (an assignment to a threshold attribute) or state a
-  threshold rule (the label rule ``score > threshold``, rule and calibration names, the fold loop);
+- ``threshold_files``: files that write threshold state (an assignment to a threshold attribute, or of the whole
+  calibration object) or state a threshold rule (the label rule ``score > threshold``, rule and calibration names,
+  the fold loop), counted apart;
 - ``help_import``: ``python -X importtime -m anomalens --help`` (``-m anomalens.cli`` where the package has no
   ``__main__``): its wall time over runs (median, min, max), whether torch was imported, and the top entries
   by cumulative import time;
@@ -36,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "anomalens"
 LIMIT = 60
 REASON = re.compile(r"#\s*over 60 lines:")
-THRESHOLD_WRITES = re.compile(
-    r"\.(threshold|threshold_source|pixel_threshold|held_out_scores|threshold_calibration|map_scale|calibration)"
-    r"\s*(,[^=\n]*)?=(?!=)"
+THRESHOLD_WRITES = re.compile(  # an assignment statement whose target (or one of its targets) is such an attribute
+    r"^[ \t]*(?:[\w.]+\s*,\s*)*[\w.]+\.(threshold|threshold_source|pixel_threshold|held_out_scores|"
+    r"threshold_calibration|map_scale|calibration)\s*(?:,\s*[\w.]+\s*)*=(?!=)",
+    re.MULTILINE,
 )
 THRESHOLD_RULES = re.compile(
     r"score\s*>\s*\S*threshold|THRESHOLD_RULES\s*=|CALIBRATIONS\s*=|LOO_LIMIT\s*=|def (plan_thresholds|"
@@ -91,7 +94,11 @@ def import_graph() -> dict[str, set[str]]:
             continue
         package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
         edges = graph.setdefault(unit, set())
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):  # type-checking-only imports never run: left out, as the layer test does
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                node.body = []
+        for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -220,7 +227,9 @@ def main() -> None:
     print(json.dumps({key: result[key] for key in ("total_lines", "import_cycles", "upward_imports", "readme_lines")},
                      indent=1))  # fmt: skip
     print("long functions:", [(item["function"], item["lines"]) for item in result["long_functions"]])
-    print("threshold files:", list(result["threshold_files"]))
+    files = result["threshold_files"]
+    print("threshold state written in:", [name for name, row in files.items() if row["state_writes"]])
+    print("threshold rules stated in:", [name for name, row in files.items() if row["rule_sites"]])
     print("help:", result["help_import"]["wall_seconds"], "torch:", result["help_import"]["imports_torch"])
 
 

@@ -192,3 +192,22 @@ class BrightnessDetector(anomalens.Detector):
             raise RuntimeError(f"cannot handle width {self.config.fail_on_width}")
         maps = torch.stack([torch.full((4, 4), float(image.mean())) for image in images])
         return maps.flatten(1).amax(1), maps
+
+
+def predict_local(detector, inputs, out, progress=None, **settings):
+    """The local engine over ``inputs``, with the predict request built as the command line builds it."""
+    from anomalens.engines.local import run_predict
+    from anomalens.engines.request import OutputSettings, PredictRequest
+
+    request = PredictRequest.prepare(inputs, OutputSettings(out=str(out), **settings))
+    return run_predict(detector, request.calibrated(detector), progress)
+
+
+def predict_ray(detector_or_path, inputs, out, *, batch_size=None, overwrite=False, progress=None, **engine):
+    """The Ray engine over ``inputs`` (URIs included), resuming an earlier run in ``out`` as the command line does."""
+    from anomalens.engines.ray import list_inputs, score
+    from anomalens.engines.request import OutputSettings, PredictRequest
+
+    request = PredictRequest.prepare(inputs, OutputSettings(out=str(out), overwrite=overwrite), batch_size=batch_size,
+                                     lister=list_inputs, resumable=True)  # fmt: skip
+    return score(detector_or_path, request, progress=progress, **engine)

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,6 +173,75 @@ def test_config_file_print_config_and_overrides(tmp_path, capsys):
     assert "unknown option(s) ['colour']" in error and "raw_format" in error
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["list"], ["predict", "--help"]])
+def test_help_and_list_import_neither_torch_nor_training_code(argv):
+    """The top-level help and ``list`` read names only; a command's help imports only its own option classes
+    (``predict``'s are torch-free too). Run in a fresh interpreter, which is what a user starts."""
+    script = (f"import sys\nfrom anomalens.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+              "print(sorted(name for name in sys.modules if name == 'torch' or name.endswith('.training')))")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and completed.stdout.strip().splitlines()[-1] == "[]", completed.stdout
+
+
+def _comment_lines(cls) -> list[str]:
+    """The comments of a dataclass body that document fields, read independently of the help generator: every
+    comment token outside the methods, at any depth, except those of (or right above) a ``ClassVar`` and formatter
+    pragmas."""
+    import inspect
+    import io
+    import tokenize
+
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    methods = [range(node.lineno, node.end_lineno + 1) for node in ast.walk(ast.parse(source))
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]  # fmt: skip
+    found = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        text = token.string.lstrip("# ").strip()
+        if token.type != tokenize.COMMENT or text.startswith(("fmt:", "noqa", "type:")):
+            continue
+        if any(token.start[0] in lines_of for lines_of in methods):
+            continue
+        statement = next((line for line in lines[token.start[0] - 1 :] if not line.strip().startswith("#")), "")
+        if "ClassVar" not in statement:
+            found.append(text)
+    return found
+
+
+def test_no_option_help_is_cut_short():
+    """Every comment in an options dataclass reaches the help of one of its options (a comment wrapped onto a
+    second line used to be dropped), and every option has help."""
+    from anomalens.cli.options import field_comments
+    from anomalens.cli.parser import COMMANDS, build_parser
+
+    build_parser()  # every command's options build
+    classes = {cls for command in COMMANDS.values() for cls in command.option_classes().values()}
+    classes |= {field.type if isinstance(field.type, type) else None for cls in list(classes)
+                for field in dataclasses.fields(cls) if dataclasses.is_dataclass(field.type)} - {None}  # fmt: skip
+    for cls in sorted(classes, key=lambda item: item.__name__):
+        helps = field_comments(cls)
+        text = " ".join(helps.values())
+        for field in dataclasses.fields(cls):
+            assert helps.get(field.name) or field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help"
+        for klass in cls.__mro__:
+            if dataclasses.is_dataclass(klass) and klass is not object:
+                for line in _comment_lines(klass):
+                    assert line in text, f"{klass.__name__}: comment {line!r} reaches no option's help"
+
+
+def test_choices_come_from_the_declarations(capsys):
+    from anomalens.cli.parser import build_parser
+    from anomalens.thresholds import CALIBRATIONS
+
+    with pytest.raises(SystemExit):
+        build_parser(only="predict").parse_args(["predict", "--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (and words at their hyphens)
+    assert "".join(f"(one of: {', '.join(CALIBRATIONS)})".split()) in help_text and "k-fold" in help_text
+    with pytest.raises(SystemExit):
+        build_parser(only="benchmark").parse_args(["benchmark", "--help"])
+    assert "(oneof:folder,mvtec,realiad,visa)" in "".join(capsys.readouterr().out.split())
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["--version"])
@@ -246,7 +316,11 @@ def test_a_memory_bank_of_any_size_loads_with_plain_load_state_dict():
 
 
 # ---------------------------------------------------------------------------------------------------- layers
-LAYERS = ["io", "nn", "backbones", "methods", "engines", "evaluation", "cli"]  # each imports only from earlier ones
+def _parts() -> list[str]:
+    """Every top-level module and package of anomalens (the package's own __init__ and __main__ aside)."""
+    return sorted(path.stem if path.is_file() else path.name for path in SRC.iterdir()
+                  if (path.suffix == ".py" and path.stem not in ("__init__", "__main__"))
+                  or (path.is_dir() and (path / "__init__.py").exists()))  # fmt: skip
 
 
 def _imports(path: Path) -> set[str]:
@@ -264,15 +338,41 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_layers_import_only_downwards(layer):
-    higher = LAYERS[LAYERS.index(layer) + 1 :]
-    if layer in ("io", "nn", "backbones"):
-        higher = [*higher, "detector", "registry"]
-    for path in (SRC / layer).rglob("*.py"):
+def _files(part: str) -> list[Path]:
+    return sorted((SRC / part).rglob("*.py")) if (SRC / part).is_dir() else [SRC / f"{part}.py"]
+
+
+def test_every_part_has_a_layer():
+    declared = [part for row in anomalens.LAYERS for part in row]
+    assert sorted(declared) == _parts() and len(declared) == len(set(declared))
+
+
+@pytest.mark.parametrize("part", [part for row in anomalens.LAYERS for part in row])
+def test_parts_import_only_downwards(part):
+    rank = {name: number for number, row in enumerate(anomalens.LAYERS) for name in row}
+    for path in _files(part):
         for name in _imports(path):
-            top = name.split(".")[1]
-            assert top not in higher, f"{path.relative_to(SRC)} imports {name} from a higher layer"
+            target = name.split(".")[1]
+            assert rank[target] <= rank[part], f"{path.relative_to(SRC)} imports {name} from a higher layer"
+
+
+def test_no_import_cycles_between_parts():
+    """Follows from the layers; stated on its own so a cycle is reported by name (a depth-first search)."""
+    graph = {part: {name.split(".")[1] for path in _files(part) for name in _imports(path)} - {part}
+             for part in _parts()}  # fmt: skip
+    state: dict[str, str] = {}
+
+    def visit(part: str, trail: list[str]) -> None:
+        state[part] = "open"
+        for target in sorted(graph[part]):
+            assert state.get(target) != "open", f"import cycle: {' -> '.join([*trail, part, target])}"
+            if target not in state:
+                visit(target, [*trail, part])
+        state[part] = "done"
+
+    for part in _parts():
+        if part not in state:
+            visit(part, [])
 
 
 def test_the_registry_does_not_import_the_detector():

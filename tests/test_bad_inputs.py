@@ -176,14 +176,12 @@ def test_serve_scores_the_good_and_rejects_the_bad(corpus):
 @pytest.mark.heavy
 def test_ray_engine_scores_the_good_and_reports_the_bad(corpus, tmp_path):
     ray = pytest.importorskip("ray")
-    from anomalens.engines.ray import score
-
-    from conftest import tiny_detector
+    from conftest import predict_ray, tiny_detector
 
     detector = tiny_detector("patchcore").fit([corpus / "rgb.png"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        summary = score(detector, [corpus], tmp_path / "out", batch_size=4)
+        summary = predict_ray(detector, [corpus], tmp_path / "out", batch_size=4)
     finally:
         ray.shutdown()
     assert (summary.scored, summary.skipped) == (len(GOOD), len(BAD))

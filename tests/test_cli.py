@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from anomalens.cli import main
-from anomalens.engines.core import leave_one_out_threshold, output_names
+from anomalens.engines.run_folder import output_names
+from anomalens.thresholds import ThresholdOptions, apply_threshold_options
 
 from conftest import tiny_detector
 
@@ -103,7 +104,7 @@ def test_fit_then_predict_with_saved_detector(capsys, mvtec_root, tmp_path):
     code, stdout, _ = _run(capsys, "predict", "--detector", str(tmp_path / "det"), test, "--out", str(tmp_path / "o"))
     assert code == 0 and "scored 6 image(s)" in stdout
     run = json.loads((tmp_path / "o" / "run.json").read_text())
-    assert run["threshold"] is not None and run["threshold_source"] == "detector"
+    assert run["threshold"] is not None and run["threshold_source"] == "leave-one-out"  # the saved rule, kept
 
 
 def test_predict_errors_are_one_line(capsys, mvtec_root, tmp_path):
@@ -180,14 +181,17 @@ def test_leave_one_out_threshold_rule():
 
     references = [textured_image(rng, 32, 32) for _ in range(3)]
     detector = tiny_detector("patchcore", coreset_ratio=1.0)
-    threshold = leave_one_out_threshold(detector, references)
+    apply_threshold_options(detector, references, None, ThresholdOptions())  # the command line's default rule
+    threshold = detector.threshold
     held_out = []
     for index in range(3):
         others = references[:index] + references[index + 1 :]
         held_out.append(tiny_detector("patchcore", coreset_ratio=1.0).fit(others).predict([references[index]])[0].score)
     assert threshold == pytest.approx(max(held_out))
     assert len(detector.memory) == 3 * 64  # ends fitted on all references
-    assert leave_one_out_threshold(tiny_detector("patchcore"), references[:1]) is None
+    single = tiny_detector("patchcore")
+    apply_threshold_options(single, references[:1], None, ThresholdOptions())
+    assert single.threshold is None
 
 
 def test_output_names_avoid_collisions(tmp_path):

@@ -15,9 +15,8 @@ import pytest
 
 import anomalens
 from anomalens.cli import main
-from anomalens.engines.local import run_predict
 
-from conftest import TINY_CONFIGS, tiny_detector
+from conftest import TINY_CONFIGS, predict_local, predict_ray, tiny_detector
 
 ray = pytest.importorskip("ray", reason="Ray is in the test extras: pip install -e '.[test]'")
 
@@ -42,15 +41,14 @@ def _records(out):
 
 @pytest.mark.heavy  # a Ray cluster
 def test_ray_engine_matches_local_engine_and_resumes(local_ray, mvtec_root, tmp_path):
-    from anomalens.engines.ray import score
 
     references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
     detector = tiny_detector("patchcore").fit(references)
     detector.threshold = 0.4
     folder = _inputs(mvtec_root, tmp_path)
-    run_predict(detector, [folder], tmp_path / "local")
+    predict_local(detector, [folder], tmp_path / "local")
     saved = detector.save(tmp_path / "detector")
-    summary = score(saved, [folder], tmp_path / "ray", num_workers=2, batch_size=2)
+    summary = predict_ray(saved, [folder], tmp_path / "ray", num_workers=2, batch_size=2)
     assert (summary.scored, summary.skipped) == (6, 1)
     local, distributed = _records(tmp_path / "local"), _records(tmp_path / "ray")
     assert local.keys() == distributed.keys()
@@ -70,35 +68,36 @@ def test_ray_engine_matches_local_engine_and_resumes(local_ray, mvtec_root, tmp_
     # Resume: drop two records, re-run into the same folder: only those two are scored again.
     lines = (tmp_path / "ray" / "scores.jsonl").read_text().splitlines()
     (tmp_path / "ray" / "scores.jsonl").write_text("\n".join(lines[:4]) + "\n")
-    resumed = score(detector, [folder], tmp_path / "ray", num_workers=1, batch_size=4)
+    resumed = predict_ray(detector, [folder], tmp_path / "ray", num_workers=1, batch_size=4)
     run = json.loads((tmp_path / "ray" / "run.json").read_text())
     assert resumed.scored == 6 and run["resumed_from"] == 4 and run["status"] == "complete"
     assert _records(tmp_path / "ray").keys() == local.keys()
     other = tiny_detector("patchcore", seed=9).fit(references)
     with pytest.raises(ValueError, match="different detector: method and config"):
-        score(other, [folder], tmp_path / "ray")
+        predict_ray(other, [folder], tmp_path / "ray")
     # Same method and config, other references: the fitted state's fingerprint differs.
     refit = tiny_detector("patchcore").fit(references[:2])
     refit.threshold = 0.4
     with pytest.raises(ValueError, match=r"fitted state \(references\)"):
-        score(refit, [folder], tmp_path / "ray")
+        predict_ray(refit, [folder], tmp_path / "ray")
+    detector.threshold = 0.5
     with pytest.raises(ValueError, match=r"threshold \(0.4 then, 0.5 now\)"):
-        score(detector, [folder], tmp_path / "ray", threshold=0.5)
+        predict_ray(detector, [folder], tmp_path / "ray")
+    detector.threshold = 0.4
     # A killed run leaves half a line: it is removed before resuming, and the image is scored again.
     lines = (tmp_path / "ray" / "scores.jsonl").read_text().splitlines()
     (tmp_path / "ray" / "scores.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
-    resumed = score(detector, [folder], tmp_path / "ray", num_workers=1, batch_size=4)
+    resumed = predict_ray(detector, [folder], tmp_path / "ray", num_workers=1, batch_size=4)
     assert resumed.scored == 6 and json.loads((tmp_path / "ray" / "run.json").read_text())["resumed_from"] == 3
     # A damaged line before the last is no interrupted write: refused, naming the file and line.
     lines = (tmp_path / "ray" / "scores.jsonl").read_text().splitlines()
     (tmp_path / "ray" / "scores.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=r"scores.jsonl line 2 is not a JSON record"):
-        score(detector, [folder], tmp_path / "ray")
+        predict_ray(detector, [folder], tmp_path / "ray")
 
 
 @pytest.mark.heavy  # a Ray cluster
 def test_interrupted_run_is_marked_and_resumes(local_ray, mvtec_root, tmp_path):
-    from anomalens.engines.ray import score
 
     detector = tiny_detector("patchcore").fit(sorted((mvtec_root / "widget" / "train" / "good").glob("*.png")))
     folder = mvtec_root / "widget" / "test"
@@ -107,12 +106,12 @@ def test_interrupted_run_is_marked_and_resumes(local_ray, mvtec_root, tmp_path):
         raise KeyboardInterrupt  # what Ctrl+C (or SIGTERM, see below) raises in the driver
 
     with pytest.raises(KeyboardInterrupt):
-        score(detector, [folder], tmp_path / "out", batch_size=2, progress=stop)
+        predict_ray(detector, [folder], tmp_path / "out", batch_size=2, progress=stop)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["status"] == "interrupted"
     kept = len((tmp_path / "out" / "scores.jsonl").read_text().splitlines())
     assert 1 <= kept < 6
-    resumed = score(detector, [folder], tmp_path / "out", batch_size=2)
+    resumed = predict_ray(detector, [folder], tmp_path / "out", batch_size=2)
     assert resumed.scored == 6 and json.loads((tmp_path / "out" / "run.json").read_text())["resumed_from"] == kept
 
 
@@ -120,15 +119,13 @@ def test_interrupted_run_is_marked_and_resumes(local_ray, mvtec_root, tmp_path):
 def test_ensemble_runs_on_ray_like_locally(local_ray, mvtec_root, tmp_path):
     """An ensemble ships to the actors like any detector; its records (defect regions included, which cross the
     Ray frame as JSON text) equal the local engine's."""
-    from anomalens.engines.local import run_predict
-    from anomalens.engines.ray import score
 
     members = ({"method": "patchcore", **TINY_CONFIGS["patchcore"]}, {"method": "winclip", **TINY_CONFIGS["winclip"]})
     references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
     detector = anomalens.create("ensemble", members=members).fit(references, class_name="widget")
     folder = mvtec_root / "widget" / "test"
-    score(detector, [folder], tmp_path / "ray", batch_size=2, num_workers=2)
-    run_predict(detector, [folder], tmp_path / "local")
+    predict_ray(detector, [folder], tmp_path / "ray", batch_size=2, num_workers=2)
+    predict_local(detector, [folder], tmp_path / "local")
     by_path = {}
     for engine in ("ray", "local"):
         for line in (tmp_path / engine / "scores.jsonl").read_text().splitlines():
@@ -143,7 +140,7 @@ def test_ensemble_runs_on_ray_like_locally(local_ray, mvtec_root, tmp_path):
 def test_sigterm_becomes_an_interrupt():
     import signal
 
-    from anomalens.engines.core import terminate_as_interrupt
+    from anomalens.engines.run_folder import terminate_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), terminate_as_interrupt():
@@ -211,7 +208,6 @@ def loopback_cluster():
 
 @pytest.mark.heavy  # a Ray cluster
 def test_two_node_cluster_on_loopback(loopback_cluster, mvtec_root, tmp_path):
-    from anomalens.engines.ray import score
 
     references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
     detector = tiny_detector("patchcore").fit(references)
@@ -224,7 +220,7 @@ def test_two_node_cluster_on_loopback(loopback_cluster, mvtec_root, tmp_path):
         ray.shutdown()
         time.sleep(1)
     assert len([node for node in ray.nodes() if node["Alive"]]) == 2
-    summary = score(saved, [mvtec_root / "widget" / "test"], tmp_path / "out", num_workers=2, batch_size=1)
+    summary = predict_ray(saved, [mvtec_root / "widget" / "test"], tmp_path / "out", num_workers=2, batch_size=1)
     assert summary.scored == 6 and summary.skipped == 0
     expected = {result.source: result.score for result in detector.predict(summary_paths(tmp_path / "out"))}
     for path, record in _records(tmp_path / "out").items():

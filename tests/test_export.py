@@ -107,7 +107,7 @@ def test_runtime_runs_where_torch_cannot_be_imported(tmp_path):
     script = f"""
 import sys
 sys.modules["torch"] = None  # any import of torch now fails
-import anomalens.runtime as runtime
+import anomalens.cli.runtime as runtime
 try:
     import torch
 except ImportError:

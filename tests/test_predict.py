@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalens.engines.core import prepare_out_dir
-from anomalens.engines.local import run_predict
+from anomalens.engines.run_folder import prepare_out_dir
 
-from conftest import BrightnessConfig, BrightnessDetector
+from conftest import BrightnessConfig, BrightnessDetector, predict_local
 
 
 def test_failing_batch_is_retried_image_by_image(tmp_path):
@@ -21,7 +20,7 @@ def test_failing_batch_is_retried_image_by_image(tmp_path):
         Image.fromarray(np.full((8, width, 3), 20 * index, np.uint8)).save(folder / f"{index}.png")
     detector = BrightnessDetector(BrightnessConfig(fail_on_width=13)).fit()
     detector.threshold = 50.0
-    summary = run_predict(detector, [folder], tmp_path / "out")
+    summary = predict_local(detector, [folder], tmp_path / "out")
     assert (summary.scored, summary.skipped, summary.flagged) == (4, 1, 2)
     errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert errors == [{"path": str(folder / "1.png"), "error": "scoring failed: cannot handle width 13"}]
@@ -44,15 +43,13 @@ def test_outputs_honour_the_umask(tmp_path, umask, file_mode, folder_mode):
     import os
     import stat
 
-    from anomalens.engines.local import run_predict
-
     from conftest import BrightnessConfig, BrightnessDetector, write_noise_images
 
     inputs = write_noise_images(tmp_path / "in", 2)
     previous = os.umask(umask)
     try:
         detector = BrightnessDetector(BrightnessConfig()).fit()
-        run_predict(detector, [inputs], tmp_path / "out")
+        predict_local(detector, [inputs], tmp_path / "out")
         detector.save(tmp_path / "saved")
     finally:
         os.umask(previous)
@@ -75,6 +72,6 @@ def test_interrupted_local_run_is_marked_and_keeps_its_records(tmp_path):
             raise KeyboardInterrupt  # what Ctrl+C, or SIGTERM through terminate_as_interrupt, raises
 
     with pytest.raises(KeyboardInterrupt):
-        run_predict(detector, [inputs], tmp_path / "out", progress=stop)
+        predict_local(detector, [inputs], tmp_path / "out", progress=stop)
     assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "interrupted"
     assert len((tmp_path / "out" / "scores.jsonl").read_text().splitlines()) == 4

@@ -7,13 +7,12 @@ import csv
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import anomalens
-from anomalens.engines.core import true_label
+from anomalens.engines.run_folder import true_label
 from anomalens.evaluation.benchmark import run_benchmark
 from anomalens.evaluation.metrics import auroc
 from anomalens.io.outputs import (
@@ -22,8 +21,8 @@ from anomalens.io.outputs import (
     footer_height,
     heatmap_overlay,
     jet_colormap,
-    overlay_scale,
 )
+from anomalens.thresholds import Calibration
 
 from conftest import TINY_CONFIGS
 
@@ -57,16 +56,15 @@ def test_overlay_uses_a_fixed_scale_not_each_maps_own_range():
     assert annotated.shape == (10 + footer_height(12), 12, 3) and footer_height(12) == FOOTER_HEIGHT
 
 
-def test_overlay_scale_precedence():
-    detector = SimpleNamespace(map_scale=(0.2, 1.0), pixel_threshold=0.6, zero_shot=False)
-    assert overlay_scale(detector, (0, 5)) == ((0.0, 5.0), "given")
-    assert overlay_scale(detector) == ((0.2, 1.0), "references")
-    assert overlay_scale(SimpleNamespace(map_scale=None, pixel_threshold=0.6, zero_shot=False)) == (
-        (0.0, 1.2), "pixel-threshold")  # fmt: skip
-    assert overlay_scale(SimpleNamespace(map_scale=None, pixel_threshold=None, zero_shot=True)) == ((0, 1), "fixed")
-    assert overlay_scale(SimpleNamespace(map_scale=None, pixel_threshold=None, zero_shot=False)) == (None, "per-image")
-    with pytest.raises(ValueError, match=r"map range \(2, 1\) must be two finite numbers LOW < HIGH"):
-        overlay_scale(detector, (2, 1))
+def test_map_scale_precedence():
+    references = Calibration(map_scale=(0.2, 1.0), pixel_threshold=0.6)
+    assert references.map_scale_for((0, 5)) == ((0.0, 5.0), "given")
+    assert references.map_scale_for() == ((0.2, 1.0), "references")
+    assert Calibration(pixel_threshold=0.6).map_scale_for() == ((0.0, 1.2), "pixel-threshold")
+    assert Calibration().map_scale_for(zero_shot=True) == ((0, 1), "fixed")
+    assert Calibration().map_scale_for() == (None, "per-image")
+    with pytest.raises(ValueError, match=r"map scale \(2, 1\) must be two finite numbers LOW < HIGH"):
+        references.map_scale_for((2, 1))
 
 
 def test_true_label_from_the_layout(tmp_path):

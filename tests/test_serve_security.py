@@ -247,3 +247,22 @@ def test_scoring_errors_are_reported_per_image_without_internals():
         assert "width" not in rejected["error"] and "Traceback" not in response.text
         alone = client.post("/v1/predict", files=_files(("bad.png", bad)))
         assert alone.status_code == 500 and "cannot handle" not in alone.text
+
+
+def test_an_image_over_the_memory_limit_is_413_as_documented(pngs):
+    """Over the pipeline-memory limit is "too large" (413), like over the pixel limit; judged from the header."""
+    settings = ServerSettings(max_image_memory_bytes=100_000)  # a 40 x 48 image needs about 129 kB to score
+    with TestClient(create_app(_fitted_patchcore(pngs), settings), base_url=LOCAL) as client:
+        response = client.post("/v1/predict", files=_files(("big.png", pngs[0])))
+        assert response.status_code == 413 and "MiB" in response.json()["error"], response.text
+
+
+def test_a_saved_detector_is_served_with_the_rule_that_chose_its_threshold(pngs, tmp_path):
+    """Right after start the server reports how the threshold was chosen (leave-one-out), not a stand-in."""
+    import anomalens
+
+    saved = _fitted_patchcore(pngs).save(tmp_path / "saved")
+    with TestClient(create_app(anomalens.load(saved)), base_url=LOCAL) as client:
+        described = client.get("/v1/detector").json()
+    assert described["threshold_source"] == "leave-one-out" and described["generation"] == 0
+    assert described["threshold"] == max(described["held_out_scores"])

@@ -10,7 +10,13 @@ import pytest
 
 import anomalens
 from anomalens.cli import main
-from anomalens.thresholds import conformal_threshold, plan_thresholds, required_references
+from anomalens.thresholds import (
+    ThresholdOptions,
+    apply_threshold_options,
+    conformal_threshold,
+    plan_thresholds,
+    required_references,
+)
 
 from conftest import TINY_CONFIGS, textured_image
 
@@ -46,13 +52,13 @@ def test_false_alarm_rate_is_within_the_bound_by_simulation(alpha, count):
 
 def test_too_few_references_for_alpha_says_how_many():
     with pytest.raises(ValueError, match=r"false_alarm_rate=0.05 needs at least 19 reference images.*got 5.*0.167"):
-        plan_thresholds("auto", 5, false_alarm_rate=0.05)
+        plan_thresholds(ThresholdOptions(false_alarm_rate=0.05), 5)
     with pytest.raises(ValueError, match=r"false_alarm_rate=1.5 must be a number in \(0, 1\)"):
-        plan_thresholds("auto", 5, false_alarm_rate=1.5)
+        plan_thresholds(ThresholdOptions(false_alarm_rate=1.5), 5)
     with pytest.raises(ValueError, match=r"calibration='jackknife' must be one of auto, leave-one-out, k-fold"):
-        plan_thresholds("auto", 5, false_alarm_rate=0.5, calibration="jackknife")
+        plan_thresholds(ThresholdOptions(false_alarm_rate=0.5, calibration="jackknife"), 5)
     with pytest.raises(ValueError, match=r"split calibration needs at least 4 reference images"):
-        plan_thresholds("auto", 3, false_alarm_rate=0.5, calibration="split", calibration_size=3)
+        plan_thresholds(ThresholdOptions(false_alarm_rate=0.5, calibration="split", calibration_size=3), 3)
 
 
 def _references(count: int) -> list[np.ndarray]:
@@ -127,7 +133,7 @@ def test_default_rule_holds_many_references_out_in_folds_not_one_by_one():
     detector._fit_encoded = lambda encoded, class_name: fits.append(len(encoded)) or fit_encoded(encoded, class_name)
     detector.fit(references)
     assert detector.threshold_calibration["calibration"] == "k-fold" and len(fits) == 5 + 1 and fits[-1] == 18
-    plan = plan_thresholds("auto", 18, seed=detector.config.seed)
+    plan = plan_thresholds(ThresholdOptions(), 18, seed=detector.config.seed)
     assert sorted(index for fold in plan.folds for index in fold) == list(range(18)) and len(plan.folds) == 5
     for fold in plan.folds:
         others = [image for index, image in enumerate(references) if index not in fold]
@@ -139,11 +145,9 @@ def test_default_rule_holds_many_references_out_in_folds_not_one_by_one():
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "high", True])
 def test_a_bad_pixel_threshold_is_refused_on_every_path(value):
-    from anomalens.engines.core import fit_and_threshold
-
     references = _references(3)
     with pytest.raises(ValueError, match="pixel_threshold=.* must be a finite number"):
         anomalens.create("patchcore", **TINY_CONFIGS["patchcore"]).fit(references, pixel_threshold=value)
     fitted = anomalens.create("patchcore", **TINY_CONFIGS["patchcore"]).fit(references)
     with pytest.raises(ValueError, match="pixel_threshold=.* must be a finite number"):
-        fit_and_threshold(fitted, [], pixel_threshold=value)  # a fitted (saved) detector, no refit
+        apply_threshold_options(fitted, [], None, ThresholdOptions(pixel_threshold=value))  # a fitted detector

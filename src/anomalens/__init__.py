@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 _LAZY = {  # public name -> (module, attribute)
     "AnomalyResult": ("anomalens.results", "AnomalyResult"),
+    "Calibration": ("anomalens.thresholds", "Calibration"),
     "Detector": ("anomalens.detector", "Detector"),
     "DetectorConfig": ("anomalens.config", "DetectorConfig"),
     "ImageLimits": ("anomalens.io.images", "ImageLimits"),
@@ -32,10 +33,31 @@ _LAZY = {  # public name -> (module, attribute)
     "get_method": ("anomalens.registry", "get_method"),
     "list_methods": ("anomalens.registry", "list_methods"),
     "load_image": ("anomalens.io.images", "load_image"),
+    "register_dataset": ("anomalens.io.datasets", "register_dataset"),
     "register_method": ("anomalens.registry", "register_method"),
+    "ThresholdOptions": ("anomalens.thresholds", "ThresholdOptions"),
 }
 
-__all__ = [*_LAZY, "__version__", "load"]
+# The parts of the package, lowest first: each imports only from the rows before it (tests/test_architecture.py
+# checks every import, function-level ones included). ``anomalens/__init__.py`` itself only names things lazily.
+LAYERS = (
+    ("checks", "results"),  # the validation helper; what every method returns
+    ("io",),  # images, datasets, output files
+    ("tiling",),  # tiles and stitching
+    ("config", "thresholds"),  # method configs; threshold rules, options and the Calibration
+    ("runtime",),  # exported detectors without torch
+    ("nn",),  # torch building blocks
+    ("backbones",),  # pretrained networks, their registry and weight sources
+    ("registry",),  # method names to classes (imported by path on first use)
+    ("persistence", "export"),  # saving and loading; ONNX / OpenVINO export
+    ("detector",),  # the Detector base class
+    ("methods",),  # the methods
+    ("engines",),  # predict requests, run folders, the local and Ray engines, the server
+    ("evaluation",),  # benchmarks, metrics, speed
+    ("cli",),  # the command lines
+)
+
+__all__ = [*_LAZY, "LAYERS", "__version__", "load"]
 
 def load(path: Any, map_location: Any = "cpu") -> Any:
     """Load any saved detector (``Detector.load``); an exported one (``anomalens export``) loads through the

@@ -18,28 +18,15 @@ import hashlib
 import json
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, Union
 
+from anomalens.checks import check_options
 from anomalens.tiling import TileConfig
 
 ConfigT = TypeVar("ConfigT")
 PRECISIONS = ("float32", "bfloat16", "float16")  # values of every method config's ``precision`` field
 RUNTIME_FIELDS = ("device",)  # fields that change where a detector runs, not what it computes (not hashed)
-
-
-def check_options(owner: str, config: Any, rules: Mapping[str, tuple[bool, str]]) -> None:
-    """Raise ``ValueError`` for the first broken rule: ``"{owner} option {name}={value!r} must be {rule}"``.
-
-    Args:
-        owner: Who the options belong to (a method name, ``"serve"``, ...), named in the message.
-        config: The dataclass holding the values.
-        rules: ``name -> (holds, rule in words)``.
-    """
-    for name, (holds, rule) in rules.items():
-        if not holds:
-            raise ValueError(f"{owner} option {name}={getattr(config, name)!r} must be {rule}")
 
 
 @dataclass
@@ -105,6 +92,15 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(inner)
     if inner is TileConfig:
         return TileConfig.parse(value)
+    if origin in (Union, types.UnionType):  # e.g. float | str: text becomes the first type that reads it, str last
+        if not isinstance(value, str):
+            return value  # left to the dataclass's own validation
+        for member in sorted(typing.get_args(inner), key=lambda member: member is str):
+            try:
+                return _coerce(name, value, member)
+            except ValueError:
+                continue
+        raise ValueError(f"option {name!r}: cannot read {value!r} as {inner}")
     try:
         if inner is bool:
             if isinstance(value, str):

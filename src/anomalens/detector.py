@@ -1,33 +1,45 @@
 """The detector API every method implements.
 
-A :class:`Detector` is a plain ``torch.nn.Module``: fitted state (memory banks, adapters) lives in
-buffers and parameters, so ``state_dict`` captures a fitted detector and :meth:`Detector.save` writes
-it as safetensors beside a JSON config. Methods implement two hooks:
+A :class:`Detector` is a plain ``torch.nn.Module``: fitted state (memory banks, adapters) lives in buffers and
+parameters, so ``state_dict`` captures a fitted detector. This module does the detecting that every method shares
+(loading inputs, batching, precision, maps back to each image's size, results); the rest lives beside its rules:
+thresholds and the fold loop in :mod:`anomalens.thresholds` (a detector carries one
+:class:`~anomalens.thresholds.Calibration`), tiles in :mod:`anomalens.tiling`, saving and loading in
+:mod:`anomalens.persistence`, export in :mod:`anomalens.export`.
 
-- ``_fit(reference_images, class_name)``: build state from ``(H, W, 3)`` uint8 references (may be empty
-  for zero-shot methods);
-- ``_predict_batch(images)``: score a batch, returning image scores ``(B,)`` and anomaly maps at any
-  common resolution ``(B, h, w)``; the base class resizes each map back to its image's own size.
+The hooks a method implements (``docs/architecture.md`` walks through adding one):
 
-Everything else (input loading and validation, batching, result type, persistence) is shared here.
+- ``config_class``: a dataclass subclassing :class:`~anomalens.config.DetectorConfig` (batch size, seed, precision,
+  smoothing, device, tiling) with one comment per field; validation in its ``__post_init__``; ``weight_fields``
+  (the fields naming pretrained weights, ``None`` = random) and ``saved_before_the_field`` (values older saved
+  configs lacked).
+- ``_encode_references(images) -> list``: one item per ``(H, W, 3)`` uint8 reference holding what fitting needs
+  from it (its backbone features), so that held-out folds refit without running the backbone again; the default
+  keeps the images.
+- ``_fit_encoded(items, class_name)``: build fitted state from those items (default: ``_fit(images, class_name)``,
+  the simpler hook for a method whose fit needs the images themselves).
+- ``_predict_batch(images) -> (scores (B,), maps (B, h, w))``: score a batch; maps at any common resolution.
+- ``_map_to_image(map (h, w), (H, W)) -> (H, W)``: bring a map back to its image (default: bilinear resize;
+  override when the method crops or pads).
+- ``required_weights(config) -> list[str]`` (classmethod): the weight references a config loads, for
+  ``anomalens weights download``.
+- ``export_spec() -> ExportSpec``: the graph to export (:mod:`anomalens.export`); a method that cannot be exported
+  sets ``cannot_export`` to the reason instead.
+- Class flags: ``zero_shot`` (fit may get no references), ``few_shot`` (fit takes references), ``pooled`` (the
+  images of one call are scored jointly, as each other's references).
+- Advanced: ``predict_arrays`` and ``_fit_and_hold_out`` may be overridden by a method made of other detectors
+  (the ensemble).
 
-Rules for a method author, all stated here:
-
-- ``config_class`` is a dataclass subclassing :class:`~anomalens.config.DetectorConfig` (batch size, seed,
-  precision, smoothing, device) with one comment per field; validation goes in its ``__post_init__``.
-- Fitted state lives in buffers and parameters (``state_dict`` saves it). A buffer whose shape follows the data
-  belongs to a :class:`~anomalens.nn.state.ResizableBuffers` module; cached prompt embeddings go in an
-  :class:`~anomalens.nn.state.EmbeddingCache`; parked weights need :class:`~anomalens.nn.offload.OffloadMixin`.
-- ``self.timed(stage)`` adds a block's time to ``stage_seconds``; ``stage`` is one of :data:`STAGES`.
+Rules for a method author: a buffer whose shape follows the data belongs to a
+:class:`~anomalens.nn.state.ResizableBuffers` module; cached prompt embeddings go in an
+:class:`~anomalens.nn.state.EmbeddingCache`; parked weights need :class:`~anomalens.nn.offload.OffloadMixin`;
+``self.timed(stage)`` adds a block's time to ``stage_seconds`` (``stage`` one of :data:`STAGES`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,21 +50,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens.config import PRECISIONS, DetectorConfig, build_config, config_hash, config_to_dict
-from anomalens.io.images import ImageLike, describe, load_image
-from anomalens.io.outputs import honour_umask, read_format_file
+from anomalens.config import PRECISIONS, DetectorConfig, config_hash, config_to_dict
+from anomalens.io.images import ImageLike, image_source, load_image
 from anomalens.nn.maps import resize_map
 from anomalens.nn.state import clear_embedding_caches
+from anomalens.persistence import fingerprint, load_detector, save_detector
 from anomalens.results import AnomalyResult, pool_order
-from anomalens.thresholds import ThresholdPlan, check_pixel_threshold, describe_plan, plan_thresholds, threshold_from
-from anomalens.tiling import MapStitcher, tile_boxes
+from anomalens.thresholds import Calibrated, Calibration, ThresholdOptions, ThresholdPlan, fit_holding_out
+from anomalens.tiling import score_tiled, tiles_of
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "anomalens-detector"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-TENSORS_FILE = "model.safetensors"
 STAGES = (  # stage names of Detector.timed(); the speed tables group them into columns
     "image_encoder",  # a CNN / ViT image feature pass (PatchCore, Dual-Image CLIP)
     "clip",  # CLIP image passes (WinCLIP, CLIPFusion)
@@ -68,16 +76,20 @@ STAGES = (  # stage names of Detector.timed(); the speed tables group them into 
 __all__ = ["PRECISIONS", "STAGES", "AnomalyResult", "Detector"]
 
 
-class Detector(nn.Module):
-    """Base class of all anomaly detectors.
-
-    Subclasses set ``method_name`` and ``config_class`` and implement ``_fit`` and ``_predict_batch``.
+class Detector(Calibrated, nn.Module):
+    """Base class of all anomaly detectors (the hooks a method implements: the module docstring).
 
     Args:
         config: The method's config dataclass instance.
         weights_dir: Folder searched first for pretrained weights (see :mod:`anomalens.backbones.weights`).
-        load_pretrained: ``False`` builds the architecture only (used by :meth:`load`, which restores
-            every tensor from the saved file).
+        load_pretrained: ``False`` builds the architecture only (used when loading a saved detector, whose file
+            restores every tensor).
+
+    Example:
+        >>> import anomalens
+        >>> detector = anomalens.create("patchcore", backbone="taef2", pretrained=None, image_size=32)
+        >>> detector.fit([np.full((32, 32, 3), 128, np.uint8)] * 3).threshold_source
+        'leave-one-out'
     """
 
     method_name: ClassVar[str] = ""
@@ -85,6 +97,7 @@ class Detector(nn.Module):
     zero_shot: ClassVar[bool] = False  # whether fit() may be called without references
     few_shot: ClassVar[bool] = True  # whether fit() accepts reference images
     pooled: ClassVar[bool] = False  # whether images of one predict call are scored jointly (as each other's references)
+    cannot_export: ClassVar[str | None] = "the method implements no export_spec()"  # why not, or None: it exports
 
     def __init__(
         self, config: DetectorConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True
@@ -99,12 +112,7 @@ class Detector(nn.Module):
         self.weights_dir = weights_dir
         self.load_pretrained = load_pretrained
         self.class_name: str | None = None
-        self.threshold: float | None = None
-        self.threshold_source = "none"  # how ``threshold`` was chosen: given, leave-one-out, conformal, none (fit())
-        self.pixel_threshold: float | None = None  # map value above which a pixel is marked defective
-        self.held_out_scores: list[float] = []  # scores of held-out references behind the thresholds (fit())
-        self.threshold_calibration: dict[str, Any] = {}  # how the thresholds were chosen (rule, guarantee, sizes)
-        self.map_scale: tuple[float, float] | None = None  # (low, high) colour scale of overlays, from references
+        self.calibration = Calibration()  # thresholds, their source and record, the overlays' colour scale (fit())
         self.stage_seconds: dict[str, float] = {}  # time spent per named stage, summed since last cleared
         self.register_buffer("_is_fitted", torch.tensor(False))
 
@@ -174,24 +182,25 @@ class Detector(nn.Module):
         calibration: str = "auto",
         calibration_size: int | None = None,
         pixel_threshold: float | str | None = "auto",
+        options: ThresholdOptions | None = None,
     ) -> Detector:
         """Prepare the detector for a product class, and set its image and pixel thresholds.
 
         Each reference passes through the backbone once (as its tiles, with ``tiling``); held-out folds reuse those
         features, so leave-one-out costs one more pass per reference (for the held-out score), not a refit from
-        images per fold. The rules and their guarantees are described in :mod:`anomalens.thresholds`.
+        images per fold. The rules and their guarantees: :mod:`anomalens.thresholds`.
 
         Args:
             reference_images: Normal images (paths, PIL images or arrays). Zero-shot methods accept none;
                 few-shot methods need at least one.
             class_name: The product's name (e.g. ``"bottle"``), used by language-guided methods.
             threshold: ``"auto"`` (default): conformal if ``false_alarm_rate`` is given, else leave-one-out with
-                two or more references, else no threshold. ``"leave-one-out"``: the largest score of each
-                reference against the others (needs two or more). A finite number: that threshold. ``None``: none.
+                two or more references, else no threshold. ``"leave-one-out"`` (or another registered rule): that
+                rule (needs two or more). A finite number: that threshold. ``None``: none.
             progress: Called as ``progress(done, total)`` after each reference encoded and each held-out score;
                 an exception it raises (e.g. to cancel) stops the fit.
             false_alarm_rate: ``α`` in (0, 1): the threshold is the conformal quantile of held-out reference scores,
-                so that a normal image is flagged with probability at most ``α`` (see :mod:`anomalens.thresholds`).
+                so that a normal image is flagged with probability at most ``α``.
             calibration: How references are held out: ``"leave-one-out"``, ``"k-fold"`` (five seeded folds, the
                 detector then fitted on all), ``"split"`` (the detector stays fitted on the others only; with
                 ``false_alarm_rate``) or ``"auto"`` (leave-one-out up to 16 references; above, split with
@@ -199,17 +208,29 @@ class Detector(nn.Module):
             calibration_size: References held out by ``"split"`` (default ``max(ceil(1/α) - 1, min(n // 2, 100))``).
             pixel_threshold: ``"auto"``: the image rule applied to held-out maps' maxima (none without held-out
                 references); a number; or ``None``.
+            options: All of the threshold arguments above as one :class:`~anomalens.thresholds.ThresholdOptions`
+                (replacing them).
 
         Returns:
-            ``self``, fitted. ``threshold``, ``threshold_source``, ``pixel_threshold``, ``held_out_scores``,
-            ``threshold_calibration`` and ``map_scale`` describe the thresholds (all saved with the detector).
+            ``self``, fitted; ``calibration`` says what was chosen and how (saved with the detector).
 
         Raises:
             ValueError: References given to a zero-shot-only method, none given to a method that needs
                 them, a reference that is not a readable image, an invalid threshold option, or too few
                 references for the rule or ``false_alarm_rate`` asked (the message says how many are needed).
         """
+        options = options or ThresholdOptions(threshold, false_alarm_rate, calibration, calibration_size,
+                                              pixel_threshold)  # fmt: skip
         references = list(reference_images or [])
+        self._check_references(references, class_name)
+        plan = options.plan(len(references), self.config.seed)
+        arrays = [load_image(image) for image in references]
+        self.class_name = class_name
+        held_out = self._fit_and_hold_out(arrays, class_name, plan, progress or (lambda done, total: None))
+        self.calibration = Calibration.from_held_out(plan, held_out, len(arrays), options.pixel_threshold)
+        return self
+
+    def _check_references(self, references: list, class_name: str | None) -> None:
         if references and not self.few_shot:
             raise ValueError(f"method {self.method_name!r} is zero-shot and takes no reference images")
         if not references and not self.zero_shot:
@@ -219,48 +240,19 @@ class Detector(nn.Module):
             )
         if class_name is not None and not isinstance(class_name, str):
             raise ValueError(f"class_name must be a string, got {class_name!r}")
-        plan = plan_thresholds(threshold, len(references), false_alarm_rate=false_alarm_rate, calibration=calibration,
-                               calibration_size=calibration_size, seed=self.config.seed)  # fmt: skip
-        check_pixel_threshold(pixel_threshold)
-        arrays = [load_image(image) for image in references]
-        self.class_name = class_name
-        held_out = self._fit_with_plan(arrays, class_name, plan, progress or (lambda done, total: None))
-        self._set_thresholds(plan, held_out, len(arrays), pixel_threshold)
-        return self
 
-    def _fit_with_plan(self, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
-                       report: Callable[[int, int], None]) -> list[AnomalyResult]:  # fmt: skip
-        """Fit on ``arrays`` as ``plan`` says; return the held-out references' results (maps included), in the
-        order of ``plan.calibration_indices`` (none without calibration)."""
-        held = plan.calibration_indices if plan.calibration else []
-        total = len(arrays) + len(held)
-        encoded = self._encode_tiled(arrays, report, total)
-        held_out: list[AnomalyResult] = []
-        if plan.folds:  # leave-one-out or k-fold: each fold scored by the detector fitted on the others
-            by_index: dict[int, AnomalyResult] = {}
-            for fold in plan.folds:
-                chosen = set(fold)
-                self._fit_on([group for index, group in enumerate(encoded) if index not in chosen], class_name)
-                for start in range(0, len(fold), self.config.batch_size):
-                    chunk = fold[start : start + self.config.batch_size]
-                    by_index.update(zip(chunk, self.predict_arrays([arrays[index] for index in chunk])))
-                    report(len(arrays) + len(by_index), total)
-            held_out = [by_index[index] for index in plan.calibration_indices]
-        keep = plan.fit_indices(len(arrays))
-        self._fit_on([encoded[index] for index in keep], class_name, empty=not arrays)
-        if plan.calibration == "split":
-            for start in range(0, len(held), self.config.batch_size):
-                chunk = held[start : start + self.config.batch_size]
-                held_out.extend(self.predict_arrays([arrays[index] for index in chunk]))
-                report(len(arrays) + len(held_out), total)
-        return held_out
+    def _fit_and_hold_out(self, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
+                          report: Callable[[int, int], None]) -> list[AnomalyResult]:  # fmt: skip
+        """Fit as ``plan`` says; the held-out references' results (:func:`anomalens.thresholds.fit_holding_out`)."""
+        return fit_holding_out(self, arrays, class_name, plan, report, self.config.batch_size)
 
     def _encode_tiled(self, arrays: list[np.ndarray], report: Callable[[int, int], None], total: int) -> list[list]:
         """:meth:`_encode_references` over every reference's tiles (the whole image without tiling), in batches;
-        one list of encoded tiles per reference."""
+        one list of encoded tiles per reference. ``report(done, total)`` after each batch (``done``: references
+        whose tiles are all encoded)."""
         owners, tiles = [], []
         for owner, array in enumerate(arrays):
-            for tile in self._tiles_of(array):
+            for tile in tiles_of(array, self.config.tiling):
                 owners.append(owner)
                 tiles.append(tile)
         grouped: list[list] = [[] for _ in arrays]
@@ -269,8 +261,9 @@ class Detector(nn.Module):
                 chunk = range(start, min(start + self.config.batch_size, len(tiles)))
                 for index, item in zip(chunk, self._encode_references([tiles[index] for index in chunk])):
                     grouped[owners[index]].append(item)
-                report(sum(owner < owners[chunk[-1]] for owner in range(len(arrays))) + (
-                    chunk[-1] + 1 == len(tiles) or owners[chunk[-1] + 1] != owners[chunk[-1]]), total)
+                last = chunk[-1]
+                complete = last + 1 == len(tiles) or owners[last + 1] != owners[last]
+                report(owners[last] + complete, total)
         return grouped
 
     def _fit_on(self, encoded: list[list], class_name: str | None, empty: bool = False) -> None:
@@ -279,22 +272,6 @@ class Detector(nn.Module):
             items = [item for group in encoded for item in group]
             self._fit_encoded(self._encode_references([]) if empty else items, class_name)
         self._is_fitted.fill_(True)
-
-    def _set_thresholds(self, plan: ThresholdPlan, held_out: list[AnomalyResult], references: int,
-                        pixel_threshold: float | str | None) -> None:  # fmt: skip
-        """The image and pixel thresholds, the overlays' colour scale and the record of how they were chosen."""
-        self.held_out_scores = [float(result.score) for result in held_out]
-        maxima = [float(result.anomaly_map.max()) for result in held_out]
-        self.threshold = plan.given if plan.rule == "given" else threshold_from(plan, self.held_out_scores)
-        self.threshold_source = plan.rule if self.threshold is not None else "none"
-        if isinstance(pixel_threshold, (int, float)) and not isinstance(pixel_threshold, bool):
-            self.pixel_threshold = float(pixel_threshold)
-        elif pixel_threshold == "auto" and held_out:
-            self.pixel_threshold = threshold_from(plan, maxima)
-        else:
-            self.pixel_threshold = None
-        self.threshold_calibration = describe_plan(plan, references) if plan.rule != "none" else {}
-        self.map_scale = map_scale(self.pixel_threshold, [result.anomaly_map for result in held_out])
 
     def predict(self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None) -> list[AnomalyResult]:
         """Score images.
@@ -310,8 +287,7 @@ class Detector(nn.Module):
             RuntimeError: The detector is not fitted.
             ImageLoadError: An input is not a readable image (the message names it).
         """
-        if not self.is_fitted:
-            raise RuntimeError(f"{self.method_name} detector is not fitted: call fit() first (or load a saved one)")
+        self._check_fitted()
         if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, Sequence):
             images = [images]
         size = batch_size or self.config.batch_size
@@ -323,175 +299,71 @@ class Detector(nn.Module):
         for start in range(0, len(images), size):
             chunk = order[start : start + size]
             arrays = [load_image(images[index]) for index in chunk]
-            scored = self.predict_arrays(arrays, [describe(images[index]) for index in chunk])
+            scored = self.predict_arrays(arrays, [image_source(images[index]) for index in chunk])
             for index, result in zip(chunk, scored):
                 results[index] = result
         return results  # type: ignore[return-value]
 
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list[AnomalyResult]:
         """Score already-loaded ``(H, W, 3)`` uint8 arrays as one batch (the batch commands' entry point); with
-        ``tiling``, as the tiles of every image (see :mod:`anomalens.tiling`)."""
-        if not self.is_fitted:
-            raise RuntimeError(f"{self.method_name} detector is not fitted: call fit() first (or load a saved one)")
+        ``tiling``, as the tiles of every image (:func:`anomalens.tiling.score_tiled`)."""
+        self._check_fitted()
+        arrays = list(arrays)
         if not arrays:
             return []
-        if self.config.tiling is not None:
-            return self._predict_tiled(list(arrays), sources)
+        tiling = self.config.tiling
+        if tiling is None:
+            scored = self._score_images(arrays)
+        else:  # a pooled method pools all tiles of the call
+            tiles = sum(len(tiles_of(array, tiling)) for array in arrays) if self.pooled else self.config.batch_size
+            scored = score_tiled(arrays, tiling, self._score_images, tiles)
+        return [self._result(score, anomaly_map, sources[index] if sources else "")
+                for index, (score, anomaly_map) in enumerate(scored)]  # fmt: skip
+
+    def _score_images(self, images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
+        """``(score, (H, W) float32 map)`` of each image, from one :meth:`_predict_batch` call."""
         with torch.inference_mode():
             with self.autocast():
-                scores, maps = self._predict_batch(list(arrays))
-            scores = scores.detach().float().cpu()
-            maps = maps.detach().float()
-            results = []
-            for index, array in enumerate(arrays):
-                full = self._map_to_image(maps[index], array.shape[:2]).cpu().numpy().astype(np.float32, copy=False)
-                results.append(self._result(float(scores[index]), full, sources[index] if sources else ""))
-        return results
+                scores, maps = self._predict_batch(images)
+            scores, maps = scores.detach().float().cpu(), maps.detach().float()
+            return [(float(scores[index]), self._map_to_image(maps[index], image.shape[:2]).cpu().numpy()
+                     .astype(np.float32, copy=False)) for index, image in enumerate(images)]  # fmt: skip
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise RuntimeError(f"{self.method_name} detector is not fitted: call fit() first (or load a saved one)")
 
     def _result(self, score: float, anomaly_map: np.ndarray, source: str) -> AnomalyResult:
-        label = None if self.threshold is None else bool(score > self.threshold)
-        return AnomalyResult(score=score, anomaly_map=anomaly_map, label=label, threshold=self.threshold,
-                             source=source, pixel_threshold=self.pixel_threshold)  # fmt: skip
-
-    def _tiles_of(self, array: np.ndarray) -> list[np.ndarray]:
-        """The tiles of one ``(H, W, 3)`` image (the image itself without ``tiling``)."""
-        if self.config.tiling is None:
-            return [array]
-        return [np.ascontiguousarray(array[top:bottom, left:right])
-                for top, left, bottom, right in tile_boxes(*array.shape[:2], self.config.tiling)]  # fmt: skip
-
-    def _predict_tiled(self, arrays: list[np.ndarray], sources: Sequence[str] | None) -> list[AnomalyResult]:
-        """Score every tile of every image (in batches; a pooled method pools all tiles of the call), stitch."""
-        tiling = self.config.tiling
-        boxes = [tile_boxes(*array.shape[:2], tiling) for array in arrays]
-        stitchers = [MapStitcher(*array.shape[:2], image_boxes) for array, image_boxes in zip(arrays, boxes)]
-        tile_scores: list[list[float]] = [[] for _ in arrays]
-        work = [(owner, box) for owner, image_boxes in enumerate(boxes) for box in image_boxes]
-        size = len(work) if self.pooled else self.config.batch_size
-        with torch.inference_mode():
-            for start in range(0, len(work), size):
-                chunk = work[start : start + size]
-                crops = [np.ascontiguousarray(arrays[owner][top:bottom, left:right])
-                         for owner, (top, left, bottom, right) in chunk]  # fmt: skip
-                with self.autocast():
-                    scores, maps = self._predict_batch(crops)
-                scores, maps = scores.detach().float().cpu(), maps.detach().float()
-                for index, (owner, box) in enumerate(chunk):
-                    size_yx = (box[2] - box[0], box[3] - box[1])
-                    stitchers[owner].add(box, self._map_to_image(maps[index], size_yx).cpu().numpy())
-                    tile_scores[owner].append(float(scores[index]))
-        results = []
-        for owner, stitcher in enumerate(stitchers):
-            anomaly_map = stitcher.result()
-            score = float(anomaly_map.max()) if tiling.score == "map_max" else max(tile_scores[owner])
-            results.append(self._result(score, anomaly_map, sources[owner] if sources else ""))
-        return results
-
-    def fingerprint(self) -> str:
-        """16 hex digits that change when anything deciding a score changes, the threshold aside: the method, its
-        config, the class name and every persistent buffer (the fitted state, e.g. memory banks built from the
-        references). Weights are named by the config; a resumed run compares fingerprints."""
-        import hashlib
-
-        digest = hashlib.sha256(f"{self.config_hash}|{self.class_name}".encode())
-        parameters = {name for name, _ in self.named_parameters()}
-        for name, tensor in self.state_dict().items():
-            if name in parameters:
-                continue
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        return digest.hexdigest()[:16]
+        calibration = self.calibration
+        return AnomalyResult(score=score, anomaly_map=anomaly_map, label=calibration.label(score),
+                             threshold=calibration.threshold, source=source,
+                             pixel_threshold=calibration.pixel_threshold)  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready description: method, config, class name, threshold, fitted state."""
-        return {
-            "method": self.method_name,
-            "config": config_to_dict(self.config),
-            "config_hash": self.config_hash,
-            "class_name": self.class_name,
-            "threshold": self.threshold,
-            "threshold_source": self.threshold_source if self.threshold is not None else "none",
-            "threshold_calibration": self.threshold_calibration,
-            "held_out_scores": self.held_out_scores,
-            "pixel_threshold": self.pixel_threshold,
-            "map_scale": list(self.map_scale) if self.map_scale else None,
-            "fitted": self.is_fitted,
-        }
+        """JSON-ready description: method, config, class name, calibration, fitted state."""
+        return {"method": self.method_name, "config": config_to_dict(self.config), "config_hash": self.config_hash,
+                "class_name": self.class_name, **self.calibration.to_dict(), "fitted": self.is_fitted}  # fmt: skip
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ saving, loading, exporting
+    def fingerprint(self) -> str:
+        """16 hex digits naming everything that decides a score, the threshold aside
+        (:func:`anomalens.persistence.fingerprint`)."""
+        return fingerprint(self)
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the detector to folder ``path`` (``config.json`` + ``model.safetensors``), atomically.
-
-        The file holds every tensor of the module (backbone and fitted state), so :meth:`load`
-        needs no network and no other weights.
-        """
-        from safetensors.torch import save_file
-
-        target = Path(path)
-        if target.exists() and not (target / CONFIG_FILE).exists():
-            if not target.is_dir() or any(target.iterdir()):
-                raise ValueError(f"cannot save detector to {target}: it exists and is not a saved detector")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        honour_umask(staging, directory=True)
-        try:
-            meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.describe()}
-            meta["anomalens_version"] = _package_version()
-            meta["fingerprint"] = self.fingerprint()
-            (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-            save_file(_unshare(tensors), str(staging / TENSORS_FILE), metadata={"format": FORMAT_NAME})
-            honour_umask(staging / TENSORS_FILE)  # safetensors writes 0600 whatever the umask
-            if target.exists():
-                backup = target.with_name(f".{target.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(target, backup)
-                os.replace(staging, target)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        logger.info("saved %s detector to %s", self.method_name, target)
-        return target
+        """Write the detector to folder ``path`` (``config.json`` + ``model.safetensors``), atomically
+        (:func:`anomalens.persistence.save_detector`); loading it needs no network and no other weights."""
+        return save_detector(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Detector:
-        """Load a detector written by :meth:`save`, checking every tensor's name and shape (``anomalens.load``).
-
-        ``Detector.load`` loads any method; a subclass (``PatchCore.load``) refuses a folder of another method.
-        """
-        from safetensors.torch import load_file
-
-        from anomalens.backbones.weights import load_state_dict_checked
-        from anomalens.registry import get_method
-
-        meta = config_from_saved(path)
-        method = get_method(meta["method"])
-        if cls is not Detector and not issubclass(method, cls):
-            raise ValueError(f"{path} holds a {meta['method']!r} detector, not {cls.method_name!r}")
-        options = {key: value for key, value in meta["config"].items() if key != "device"}
-        for key, value in method.config_class.saved_before_the_field.items():
-            options.setdefault(key, value)
-        detector = method(build_config(method.config_class, options, method=meta["method"]), load_pretrained=False)
-        state = load_file(str(Path(path) / TENSORS_FILE), device="cpu")
-        load_state_dict_checked(detector, state, source=str(path))
-        detector.class_name = meta.get("class_name")
-        detector.threshold = meta.get("threshold")
-        detector.threshold_source = meta.get("threshold_source") or (
-            "given" if detector.threshold is not None else "none"
-        )
-        detector.pixel_threshold = meta.get("pixel_threshold")
-        detector.held_out_scores = list(meta.get("held_out_scores") or [])
-        detector.threshold_calibration = dict(meta.get("threshold_calibration") or {})
-        detector.map_scale = tuple(meta["map_scale"]) if meta.get("map_scale") else None
-        detector.config.device = str(torch.device(map_location))
-        return detector.to(map_location)
+        """Load a detector written by :meth:`save`, checking its files' SHA-256 and every tensor's name and shape
+        (``anomalens.load``). ``Detector.load`` loads any method; ``PatchCore.load`` refuses another method's."""
+        return load_detector(path, None if cls is Detector else cls, map_location)
 
     def export(self, out_dir: str | os.PathLike, format: str = "onnx", **options: Any) -> Path:
         """Export the fitted detector to ONNX (or OpenVINO) for the torch-free runtime; see
-        :func:`anomalens.export.export_detector` (which methods export, and the options)."""
+        :func:`anomalens.export.export_detector` (the options)."""
         from anomalens.export import export_detector
 
         return export_detector(self, out_dir, format=format, **options)
@@ -503,11 +375,11 @@ class Detector(nn.Module):
         return []
 
     def _fit(self, reference_images: list[np.ndarray], class_name: str | None) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} implements neither _fit_encoded nor _fit")
 
     def _encode_references(self, reference_images: list[np.ndarray]) -> list[Any]:
         """One item per reference holding what fitting needs from it (its backbone features), so that the
-        leave-one-out folds refit without running the backbone again. Default: the images themselves."""
+        held-out folds refit without running the backbone again. Default: the images themselves."""
         return list(reference_images)
 
     def _fit_encoded(self, encoded: list[Any], class_name: str | None) -> None:
@@ -516,49 +388,12 @@ class Detector(nn.Module):
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Score a batch. Returns scores ``(B,)`` and maps ``(B, h, w)`` at one common resolution."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} implements no _predict_batch")
 
     def _map_to_image(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bring one ``(h, w)`` map from the model's input geometry to its image's ``(H, W)``."""
         return resize_map(anomaly_map, size)
 
-
-THRESHOLD_RULES = ("auto", "leave-one-out")
-
-
-def map_scale(pixel_threshold: float | None, held_out_maps: Sequence[np.ndarray]) -> tuple[float, float] | None:
-    """The overlays' colour scale ``(low, high)``: ``low`` is the typical value of normal maps (the mean of the
-    held-out references' map medians; 0 without them) and the pixel threshold sits in the middle of the palette,
-    ``high = 2 * pixel_threshold - low``. ``None`` without a pixel threshold above ``low``."""
-    if pixel_threshold is None:
-        return None
-    low = float(np.mean([np.median(item) for item in held_out_maps])) if len(held_out_maps) else 0.0
-    if pixel_threshold <= low:
-        return None
-    return low, 2.0 * pixel_threshold - low
-
-
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Clone tensors that share storage, which safetensors refuses to write."""
-    seen: dict[int, str] = {}
-    result = {}
-    for name, tensor in tensors.items():
-        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -id(tensor)
-        result[name] = tensor.clone() if pointer in seen else tensor
-        seen.setdefault(pointer, name)
-    return result
-
-
-def _package_version() -> str:
-    from anomalens import __version__
-
-    return __version__
-
-
-def config_from_saved(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check the ``config.json`` of a saved detector folder."""
-    folder = Path(path)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file() or not (folder / TENSORS_FILE).is_file():
-        raise ValueError(f"{folder} is not a saved anomalens detector (expected {CONFIG_FILE} and {TENSORS_FILE})")
-    return read_format_file(config_path, FORMAT_NAME, FORMAT_VERSION)
+    def export_spec(self) -> Any:
+        """The graph and preprocessing to export (:class:`anomalens.export.ExportSpec`); see ``cannot_export``."""
+        raise ValueError(f"method {self.method_name!r} cannot be exported: {self.cannot_export}")

@@ -24,7 +24,8 @@ Which methods export:
 - ``ensemble``: not exported (each member would be its own graph; export the members).
 - ``tiling``: not exported in-graph; export the detector without tiling.
 
-A method exports by implementing ``export_spec()`` returning an :class:`ExportSpec`.
+A method exports by implementing ``export_spec()`` returning an :class:`ExportSpec` and setting its class
+attribute ``cannot_export = None``; one that cannot sets ``cannot_export`` to the reason, which the error quotes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from torch import nn
 
 from anomalens.config import config_to_dict
 from anomalens.io.outputs import honour_umask, sha256_file
-from anomalens.runtime import EXPORT_FORMAT, EXPORT_VERSION, METADATA_FILE
+from anomalens.registry import get_method, list_methods
+from anomalens.runtime import EXPORT_FORMAT, EXPORT_VERSION, METADATA_FILE, open_session
 
 if TYPE_CHECKING:
     from anomalens.detector import Detector
@@ -55,16 +57,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "openvino")
-NOT_EXPORTABLE = {  # method -> why its graph cannot be exported (see the module docstring)
-    "dual_image_clip": "its images are scored against each other in pools of variable size, and its test-time "
-    "adaptation takes gradient steps on every pool",
-    "clipfusion": "its diffusion branch samples noise and reads the UNet's cross-attention through attention "
-    "processors, and the SD VAE + UNet exceed ONNX's 2 GB protobuf limit",
-    "vlmdiff": "scoring runs a DDIM reconstruction loop (VAE, several caption-conditioned UNet steps) per image",
-    "ensemble": "each member is its own graph: export the members",
-}
-
-
 @dataclass
 class ExportSpec:
     """What a method exports: its graph and the preprocessing the runtime repeats."""
@@ -117,23 +109,8 @@ def export_detector(
             ``tolerance``.
         ImportError: onnx / onnxruntime / openvino missing; the message gives the install command.
     """
-    if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; valid formats: {', '.join(FORMATS)}")
-    if not detector.is_fitted:
-        raise ValueError(f"{detector.method_name} detector is not fitted: fit it (and set its threshold) first")
-    if detector.method_name in NOT_EXPORTABLE or not hasattr(detector, "export_spec"):
-        reason = NOT_EXPORTABLE.get(detector.method_name, "the method does not implement export_spec()")
-        raise ValueError(f"method {detector.method_name!r} cannot be exported: {reason}; exportable: "
-                         "patchcore, winclip")
-    if detector.config.tiling is not None:
-        raise ValueError("a tiled detector cannot be exported yet: export it with tiling=None")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
     target = Path(out_dir)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"output folder {target} is not empty; choose another --out or pass --overwrite")
-    _require("onnx", "onnx")
-    _require("onnxruntime", "onnxruntime")
+    _check_exportable(detector, format, batch_size, target, overwrite)
     detector = detector.float().eval()
     spec = detector.export_spec()
     example = torch.rand(batch_size, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
@@ -141,23 +118,7 @@ def export_detector(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        onnx_path = staging / "model.onnx"
-        with torch.inference_mode(False), torch.no_grad(), _without_mha_fastpath(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on constants (fitted state is constant by design)
-            expected_maps, expected_scores = spec.graph(example.clone())
-            torch.onnx.export(spec.graph, (example,), str(onnx_path), input_names=["pixels"],
-                              output_names=["anomaly_map", "score"], opset_version=opset, dynamo=False,
-                              do_constant_folding=True)  # fmt: skip
-        difference = _verify(onnx_path, example.numpy(), expected_maps.numpy(), expected_scores.numpy())
-        if difference > tolerance:
-            raise ValueError(f"the exported graph differs from the torch detector by {difference:.2e} (> {tolerance})")
-        model_file, backend = "model.onnx", "onnx"
-        if format == "openvino":
-            model_file, backend = _to_openvino(onnx_path, staging), "openvino"
-            difference = max(difference, _verify_openvino(staging / model_file, example.numpy(),
-                                                          expected_maps.numpy(), expected_scores.numpy()))
-            if difference > tolerance:
-                raise ValueError(f"the OpenVINO model differs from the torch detector by {difference:.2e}")
+        model_file, backend, difference = _write_model(spec, example, staging, format, opset, tolerance)
         for item in staging.iterdir():
             honour_umask(item)
         metadata = _metadata(detector, spec, model_file, backend, batch_size, opset, difference, staging)
@@ -171,6 +132,50 @@ def export_detector(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("exported %s detector to %s (max |difference| %.2e)", detector.method_name, target, difference)
     return target
+
+
+def _check_exportable(detector: Detector, format: str, batch_size: int, target: Path, overwrite: bool) -> None:
+    """Refuse, before any work, what cannot be exported (each reason in the message)."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid formats: {', '.join(FORMATS)}")
+    if not detector.is_fitted:
+        raise ValueError(f"{detector.method_name} detector is not fitted: fit it (and set its threshold) first")
+    if detector.cannot_export is not None:
+        exportable = [name for name in list_methods() if get_method(name).cannot_export is None]
+        raise ValueError(f"method {detector.method_name!r} cannot be exported: {detector.cannot_export}; "
+                         f"exportable: {', '.join(exportable)}")  # fmt: skip
+    if detector.config.tiling is not None:
+        raise ValueError("a tiled detector cannot be exported yet: export it with tiling=None")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {target} is not empty; choose another --out or pass --overwrite")
+    _require("onnx", "onnx")
+    _require("onnxruntime", "onnxruntime")
+
+
+def _write_model(spec: ExportSpec, example: torch.Tensor, staging: Path, format: str, opset: int,
+                 tolerance: float) -> tuple[str, str, float]:  # fmt: skip
+    """Trace ``spec.graph`` to ONNX in ``staging`` (then OpenVINO if asked), verified against torch on
+    ``example``; returns ``(model file, backend, largest difference)``."""
+    onnx_path = staging / "model.onnx"
+    with torch.inference_mode(False), torch.no_grad(), _without_mha_fastpath(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on constants (fitted state is constant by design)
+        expected_maps, expected_scores = spec.graph(example.clone())
+        torch.onnx.export(spec.graph, (example,), str(onnx_path), input_names=["pixels"],
+                          output_names=["anomaly_map", "score"], opset_version=opset, dynamo=False,
+                          do_constant_folding=True)  # fmt: skip
+    expected = (example.numpy(), expected_maps.numpy(), expected_scores.numpy())
+    difference = _verify(onnx_path, *expected)
+    if difference > tolerance:
+        raise ValueError(f"the exported graph differs from the torch detector by {difference:.2e} (> {tolerance})")
+    if format != "openvino":
+        return "model.onnx", "onnx", difference
+    model_file = _to_openvino(onnx_path, staging)
+    difference = max(difference, _verify_openvino(staging / model_file, *expected))
+    if difference > tolerance:
+        raise ValueError(f"the OpenVINO model differs from the torch detector by {difference:.2e}")
+    return model_file, "openvino", difference
 
 
 @contextmanager
@@ -205,9 +210,7 @@ def _verify(onnx_path: Path, pixels: np.ndarray, maps: np.ndarray, scores: np.nd
 
 
 def _verify_openvino(model_path: Path, pixels: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> float:
-    from anomalens.runtime import _open_session
-
-    outputs = _open_session(model_path, "openvino")(pixels)
+    outputs = open_session(model_path, "openvino")(pixels)
     return float(max(np.abs(outputs["anomaly_map"] - maps).max(), np.abs(outputs["score"] - scores).max()))
 
 
@@ -235,12 +238,11 @@ def _metadata(detector: Detector, spec: ExportSpec, model_file: str, backend: st
         "model_file": model_file,
         "sha256": sha256_file(staging / model_file),
         "files_sha256": {name: sha256_file(staging / name) for name in files},
-        **{key: described[key] for key in ("method", "config", "config_hash", "class_name", "threshold",
-                                           "threshold_source", "threshold_calibration", "held_out_scores",
-                                           "pixel_threshold", "map_scale")},  # fmt: skip
+        **{key: described[key] for key in ("method", "config", "config_hash", "class_name")},
+        **detector.calibration.to_dict(),
         "config": {**config_to_dict(detector.config), "batch_size": batch_size},
         "fingerprint": detector.fingerprint(),
-        "zero_shot": bool(detector.zero_shot and not detector.held_out_scores),
+        "zero_shot": bool(detector.zero_shot and not detector.calibration.held_out_scores),
         "input_size": spec.input_size,
         "batch_size": batch_size,
         "resize": spec.resize,

@@ -16,18 +16,17 @@ SHA-256 differs from the metadata's is refused.
     detector = ExportedDetector.load("bottle-onnx")
     results = detector.predict(["part.png"])  # anomalens.AnomalyResult, as from a torch detector
 
-Command line (torch-free): ``anomalens-runtime predict bottle-onnx incoming/ --out runs/today`` writes the same
-run folder as ``anomalens predict`` (which itself uses this runtime for an exported folder).
+Command line (torch-free, :mod:`anomalens.cli.runtime`): ``anomalens-runtime predict bottle-onnx incoming/ --out
+runs/today`` writes the same run folder as ``anomalens predict`` (which itself uses this runtime for an exported
+folder).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from anomalens.io.images import ImageLike, describe, load_image
+from anomalens.io.images import ImageLike, image_source, load_image
 from anomalens.io.outputs import read_format_file, sha256_file
 from anomalens.results import AnomalyResult, pool_order
+from anomalens.thresholds import Calibrated, Calibration
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +155,11 @@ def restore_map(anomaly_map: np.ndarray, size: tuple[int, int], mode: str) -> np
 
 
 # ---------------------------------------------------------------------------------------------------- the model
-class ExportedDetector:
+class ExportedDetector(Calibrated):
     """A detector exported by ``anomalens export``, run by onnxruntime (or OpenVINO); no torch needed.
 
     It has the parts of :class:`~anomalens.detector.Detector` the batch commands use: ``predict``,
-    ``predict_arrays``, ``threshold``, ``pixel_threshold``, ``map_scale``, ``describe()``.
+    ``predict_arrays``, ``calibration`` (and its ``threshold``, ``pixel_threshold``, ...), ``describe()``.
     """
 
     few_shot = False  # an exported detector cannot be refitted: fit (and threshold) before exporting
@@ -175,11 +175,7 @@ class ExportedDetector:
         self.config_hash = metadata["config_hash"]
         self.config = SimpleNamespace(**metadata["config"])
         self.class_name = metadata.get("class_name")
-        self.threshold = metadata.get("threshold")
-        self.threshold_source = metadata.get("threshold_source", "none")
-        self.pixel_threshold = metadata.get("pixel_threshold")
-        self.map_scale = tuple(metadata["map_scale"]) if metadata.get("map_scale") else None
-        self.held_out_scores = list(metadata.get("held_out_scores") or [])
+        self.calibration = Calibration.from_dict(metadata)
         self.zero_shot = bool(metadata.get("zero_shot", False))
         self.pooled = False
         self.stage_seconds: dict[str, float] = {}
@@ -216,13 +212,12 @@ class ExportedDetector:
                     f"{folder / name} does not match {METADATA_FILE} (SHA-256 {digest[:16]}..., expected "
                     f"{wanted[:16]}...): the model was changed or damaged after export; export it again"
                 )
-        return cls(folder, metadata, _open_session(model_path, backend, threads), backend)
+        return cls(folder, metadata, open_session(model_path, backend, threads), backend)
 
     def describe(self) -> dict[str, Any]:
-        keys = ("method", "config", "config_hash", "class_name", "threshold", "threshold_source",
-                "threshold_calibration", "held_out_scores", "pixel_threshold", "map_scale")  # fmt: skip
-        return {**{key: self.metadata.get(key) for key in keys}, "fitted": True, "exported": True,
-                "backend": self.backend, "model_sha256": self.metadata["sha256"]}  # fmt: skip
+        keys = ("method", "config", "config_hash", "class_name")
+        return {**{key: self.metadata.get(key) for key in keys}, **self.calibration.to_dict(), "fitted": True,
+                "exported": True, "backend": self.backend, "model_sha256": self.metadata["sha256"]}  # fmt: skip
 
     def fit(self, *args: Any, **kwargs: Any) -> ExportedDetector:
         raise ValueError(
@@ -238,7 +233,8 @@ class ExportedDetector:
         results: list[AnomalyResult] = []
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
-            results.extend(self.predict_arrays([load_image(image) for image in chunk], [describe(i) for i in chunk]))
+            arrays = [load_image(image) for image in chunk]
+            results.extend(self.predict_arrays(arrays, [image_source(image) for image in chunk]))
         return results
 
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list[AnomalyResult]:
@@ -254,10 +250,9 @@ class ExportedDetector:
         for index, array in enumerate(arrays):
             full = restore_map(maps[index], array.shape[:2], meta["resize_mode"])
             score = float(scores[index])
-            label = None if self.threshold is None else bool(score > self.threshold)
-            results.append(AnomalyResult(score=score, anomaly_map=full, label=label, threshold=self.threshold,
-                                         source=sources[index] if sources else "",
-                                         pixel_threshold=self.pixel_threshold))  # fmt: skip
+            results.append(AnomalyResult(score=score, anomaly_map=full, label=self.calibration.label(score),
+                                         threshold=self.calibration.threshold, source=sources[index] if sources else "",
+                                         pixel_threshold=self.calibration.pixel_threshold))  # fmt: skip
         return results
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -279,7 +274,8 @@ class ExportedDetector:
         return np.concatenate(all_maps), np.concatenate(all_scores)
 
 
-def _open_session(model_path: Path, backend: str, threads: int | None = None) -> Any:
+def open_session(model_path: Path, backend: str, threads: int | None = None) -> Any:
+    """An inference session over an exported model file: OpenVINO's compiled model or onnxruntime's session."""
     if backend == "openvino":
         try:
             import openvino
@@ -303,41 +299,4 @@ def _open_session(model_path: Path, backend: str, threads: int | None = None) ->
     return onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
-# ---------------------------------------------------------------------------------------------------- command line
-def main(argv: Sequence[str] | None = None) -> int:
-    """``anomalens-runtime predict MODEL_DIR INPUT... --out DIR``: score with an exported detector, no torch."""
-    parser = argparse.ArgumentParser(prog="anomalens-runtime", description="Run an exported anomalens detector.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    predict = commands.add_parser("predict", help="score images; write heatmaps, raw maps, masks and scores")
-    predict.add_argument("model", help="a folder written by anomalens export")
-    predict.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    predict.add_argument("--out", required=True, help="output folder")
-    predict.add_argument("--threshold", type=float, default=None, help="override the exported threshold")
-    predict.add_argument("--batch-size", type=int, default=None, help="images per model call")
-    predict.add_argument("--raw-format", choices=("npy", "png16"), default="npy")
-    predict.add_argument("--no-overlays", action="store_true", help="write only raw maps, masks and scores")
-    predict.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    predict.add_argument("--backend", choices=BACKENDS, default=None, help="default: the one exported")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from anomalens.engines.local import run_predict
-
-        detector = ExportedDetector.load(args.model, args.backend)
-        summary = run_predict(detector, args.inputs, args.out, threshold=args.threshold, batch_size=args.batch_size,
-                              raw_format=args.raw_format, overwrite=args.overwrite,
-                              write_overlays=not args.no_overlays,
-                              run_info={"command": "anomalens-runtime " + " ".join(sys.argv[1:])})  # fmt: skip
-    except (ValueError, ImportError, OSError) as error:
-        print(f"anomalens-runtime: error: {error}", file=sys.stderr)  # noqa: T201 (the command line reports)
-        return 2
-    for item in summary.skipped_inputs:
-        print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)  # noqa: T201
-    print(summary.line())  # noqa: T201
-    return 0
-
-
-__all__ = ["ExportedDetector", "is_exported", "main", "pool_order", "preprocess", "restore_map", "resize_axis"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["ExportedDetector", "is_exported", "open_session", "pool_order", "preprocess", "restore_map", "resize_axis"]

@@ -1,7 +1,8 @@
-"""Choosing a threshold from normal references: the rules, their guarantees, and pure helpers.
+"""Thresholds in one place: the rules and their guarantees, the options that choose one, the fold loop that holds
+references out, and the :class:`Calibration` a detector carries. Needs numpy only (the torch-free runtime uses it).
 
 The threshold rules (``Detector.fit(threshold=..., false_alarm_rate=...)``, ``--threshold`` /
-``--false-alarm-rate`` on the command line):
+``--false-alarm-rate`` on the command line; one declaration for both, :class:`ThresholdOptions`):
 
 - **conformal** (``false_alarm_rate=α``): the threshold is the ``k``-th smallest of ``m`` held-out reference
   scores, ``k = ceil((m + 1)(1 - α))``. If a new normal image and the ``m`` held-out references are exchangeable
@@ -12,7 +13,7 @@ The threshold rules (``Detector.fit(threshold=..., false_alarm_rate=...)``, ``--
   quantile does not exist and the error says how many are needed. The guarantee is marginal: it averages over
   the draw of the references, so one run's measured rate may exceed α by chance.
 
-  Held-out scores come from one of two calibration schemes:
+  Held-out scores come from one of these calibration schemes (:data:`CALIBRATIONS`):
 
   - ``split``: ``m`` references (a seeded draw) are held out, the detector is fitted on the others **and stays
     fitted on them only**; each held-out reference is scored once. The guarantee above holds exactly.
@@ -22,10 +23,10 @@ The threshold rules (``Detector.fit(threshold=..., false_alarm_rate=...)``, ``--
     ``coreset_ratio=1`` and ``image_score=max``): adding the test image to the bank could only lower the
     references' scores, so the threshold is conservative. For other methods it is cross-conformal, close to
     ``α`` in practice but with no finite-sample proof (the benchmark's false-alarm table measures it).
-  - ``k-fold``: the references are split into ``folds`` seeded folds; each fold is scored by the detector fitted
-    on the others, and the detector is then fitted on all. Cross-conformal: like leave-one-out (its special case)
-    at the cost of ``folds`` refits; held-out scores come from detectors fitted on fewer references, which makes
-    the threshold conservative rather than loose.
+  - ``k-fold``: the references are split into :data:`FOLDS` seeded folds; each fold is scored by the detector
+    fitted on the others, and the detector is then fitted on all. Cross-conformal: like leave-one-out (its
+    special case) at the cost of ``FOLDS`` refits; held-out scores come from detectors fitted on fewer
+    references, which makes the threshold conservative rather than loose.
   - ``auto``: leave-one-out with up to :data:`LOO_LIMIT` references (one refit per reference), else split (the
     guarantee, at the cost of the held-out references in the memory).
 
@@ -36,18 +37,23 @@ The threshold rules (``Detector.fit(threshold=..., false_alarm_rate=...)``, ``--
 
 The pixel threshold (for defect masks) follows the same rule applied to the held-out references' map maxima: a
 normal image then gets any pixel marked with probability at most ``α``.
+
+A rule that chooses a threshold from held-out values is a :class:`HeldOutRule` in :data:`RULES`;
+:func:`register_threshold_rule` adds one, which ``fit(threshold=NAME)`` and ``--threshold NAME`` then accept.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-CALIBRATIONS = ("auto", "leave-one-out", "k-fold", "split")
+from anomalens.checks import check_options
+
+CALIBRATIONS = ("auto", "leave-one-out", "k-fold", "split")  # how references are held out
 LOO_LIMIT = 16  # "auto" calibration: leave-one-out up to this many references (one refit each), above: split
 FOLDS = 5  # folds of "k-fold" calibration (and of the default rule above LOO_LIMIT references)
 GUARANTEE = {
@@ -63,8 +69,10 @@ ASSUMPTIONS = (
     "references not chosen by their scores)",
     "the guarantee is marginal over the draw of the references: one run's false-alarm rate can exceed alpha",
 )
+MAX_TEXT = 64  # characters of a threshold given as text (a form field, a command-line value)
 
 
+# ---------------------------------------------------------------------------------------------------- pure helpers
 def required_references(alpha: float) -> int:
     """Fewest held-out scores ``m`` for which the conformal quantile at ``alpha`` exists: ``ceil(1/α) - 1``."""
     return max(1, math.ceil(1.0 / alpha - 1e-9) - 1)
@@ -93,29 +101,140 @@ def conformal_threshold(held_out_scores: Sequence[float], alpha: float) -> float
     return float(scores[rank - 1])
 
 
-def check_pixel_threshold(pixel_threshold: float | str | None) -> None:
-    """Refuse a ``pixel_threshold`` that is not ``None``, ``"auto"`` or a finite number (NaN included)."""
-    if pixel_threshold is None or pixel_threshold == "auto":
-        return
-    if isinstance(pixel_threshold, bool) or not isinstance(pixel_threshold, (int, float)) or not math.isfinite(
-        pixel_threshold
-    ):
-        raise ValueError(f"pixel_threshold={pixel_threshold!r} must be a finite number, None or 'auto'")
-
-
 def check_alpha(alpha: Any) -> float:
+    """``alpha`` as a float in (0, 1), or a ``ValueError`` naming it."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"false_alarm_rate={alpha!r} must be a number in (0, 1), e.g. 0.05")
     return float(alpha)
 
 
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) with a finite value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------------- the rules
+@dataclass(frozen=True)
+class HeldOutRule:
+    """A rule choosing a threshold from held-out values (reference scores, or their maps' maxima)."""
+
+    name: str  # what fit(threshold=NAME), --threshold NAME and a calibration's source say
+    choose: Callable[[np.ndarray, float | None], float]  # (held-out values, alpha) -> the threshold
+    text: str  # the rule in words, for run.json
+    needs_alpha: bool = False  # whether it takes false_alarm_rate (conformal) or not (leave-one-out)
+    describe: Callable[[int, int, float | None], dict] = lambda held_out, references, alpha: {}  # extra record
+
+
+def _describe_conformal(held_out: int, references: int, alpha: float | None) -> dict:
+    return {"false_alarm_rate": alpha, "rank": conformal_rank(held_out, alpha),  # type: ignore[arg-type]
+            "assumptions": list(ASSUMPTIONS),
+            "false_alarm_bound": [max(0.0, alpha - 1.0 / (held_out + 1)), alpha]}  # type: ignore[operator]  # fmt: skip
+
+
+RULES: dict[str, HeldOutRule] = {
+    "leave-one-out": HeldOutRule(
+        "leave-one-out", lambda values, alpha: float(np.max(values)),
+        "leave-one-out: max over references of the score of each reference against the others "
+        "(the conformal rule at alpha = 1/(n+1))",
+        describe=lambda held_out, references, alpha: {
+            "equivalent_false_alarm_rate": 1.0 / (references + 1),
+            "note": "the largest held-out score: the conformal rule at alpha = 1/(n+1)"},
+    ),
+    "conformal": HeldOutRule(
+        "conformal", lambda values, alpha: conformal_threshold(values, alpha),  # type: ignore[arg-type]
+        "conformal: the ceil((m+1)(1-alpha))-th smallest of m held-out reference scores "
+        "(see threshold_calibration for the guarantee and its assumptions)",
+        needs_alpha=True, describe=_describe_conformal,
+    ),
+}  # fmt: skip
+
+
+def register_threshold_rule(rule: HeldOutRule) -> HeldOutRule:
+    """Add a held-out rule; ``fit(threshold=rule.name)`` and ``--threshold NAME`` accept it from then on.
+
+    Raises:
+        ValueError: The name is taken by a rule or by one of the words ``auto``, ``given``, ``none``.
+    """
+    if rule.name in RULES or rule.name in ("auto", "given", "none"):
+        raise ValueError(f"threshold rule {rule.name!r} exists already; taken: auto, given, none, {', '.join(RULES)}")
+    RULES[rule.name] = rule
+    return rule
+
+
+def threshold_sources() -> tuple[str, ...]:
+    """Every value a calibration's ``source`` can take: ``given``, ``none`` and the rules' names."""
+    return ("given", "none", *RULES)
+
+
+# ---------------------------------------------------------------------------------------------------- the options
+@dataclass
+class ThresholdOptions:
+    """How ``fit`` chooses the image and pixel thresholds; the command line's ``--threshold`` options are generated
+    from this one declaration (``ReferenceOptions`` extends it)."""
+
+    owner: ClassVar[str] = "fit"  # named in error messages
+
+    threshold: float | str | None = "auto"  # auto, leave-one-out (or another rule), a finite number, or none
+    false_alarm_rate: float | None = None  # alpha: a normal image is flagged with probability <= alpha (conformal)
+    calibration: str = field(default="auto", metadata={"choices": CALIBRATIONS})  # how references are held out
+    calibration_size: int | None = None  # references held out by split calibration; default: see the docs
+    pixel_threshold: float | str | None = "auto"  # map value above which pixels are defective: auto, a number, none
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, str) and self.threshold.strip().lower() in ("none", ""):
+            self.threshold = None
+        if isinstance(self.pixel_threshold, str) and self.pixel_threshold.strip().lower() in ("none", ""):
+            self.pixel_threshold = None
+        rules = ", ".join(RULES)
+        alpha = self.false_alarm_rate
+        named = self.threshold if isinstance(self.threshold, str) else None
+        check_options(self.owner, self, {
+            "threshold": (self.threshold is None or named in ("auto", *RULES) or is_finite_number(self.threshold),
+                          f"a finite number, none, auto or a rule ({rules})"),
+            "false_alarm_rate": (alpha is None or (is_finite_number(alpha) and 0 < alpha < 1), "a number in (0, 1)"),
+            "calibration": (self.calibration in CALIBRATIONS, f"one of {', '.join(CALIBRATIONS)}"),
+            "calibration_size": (self.calibration_size is None or (isinstance(self.calibration_size, int)
+                                 and not isinstance(self.calibration_size, bool) and self.calibration_size >= 1),
+                                 "an integer >= 1 or none"),
+            "pixel_threshold": (self.pixel_threshold in (None, "auto") or is_finite_number(self.pixel_threshold),
+                                "a finite number, none or auto"),
+        })  # fmt: skip
+        if alpha is not None and not (named == "auto" or (named in RULES and RULES[named].needs_alpha)):
+            raise ValueError(f"false_alarm_rate={alpha} chooses the threshold; it cannot be combined with "
+                             f"threshold={self.threshold!r}")  # fmt: skip
+        if named in RULES and RULES[named].needs_alpha and alpha is None:
+            raise ValueError(f"threshold={named!r} needs false_alarm_rate=ALPHA (e.g. 0.05)")
+
+    def plan(self, references: int, seed: int = 0) -> ThresholdPlan:
+        """What fitting on ``references`` images does for these options (see :func:`plan_thresholds`)."""
+        return plan_thresholds(self, references, seed)
+
+
+def threshold_from_text(text: str) -> ThresholdOptions:
+    """The options of a threshold given as text (a form field): ``auto``, a rule name, a finite number or ``none``.
+
+    Raises:
+        ValueError: Longer than :data:`MAX_TEXT` characters, or not one of those (the message says which).
+    """
+    text = text.strip()
+    if len(text) > MAX_TEXT:
+        raise ValueError(f"threshold {text[:MAX_TEXT]!r}... must be a finite number, none, auto or a rule "
+                         f"({', '.join(RULES)}) of at most {MAX_TEXT} characters")  # fmt: skip
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    return ThresholdOptions(threshold=value)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
 @dataclass
 class ThresholdPlan:
     """What :meth:`Detector.fit` will do to choose its thresholds, decided (and validated) before any work."""
 
-    rule: str  # "given", "leave-one-out" (the max rule), "conformal" or "none"
-    calibration: str | None = None  # "leave-one-out" or "split" when references are held out, else None
-    alpha: float | None = None  # the false-alarm rate asked (conformal only)
+    rule: str  # "given", "none" or a held-out rule's name (RULES)
+    calibration: str | None = None  # "leave-one-out", "k-fold" or "split" when references are held out
+    alpha: float | None = None  # the false-alarm rate asked (a rule that needs one)
     calibration_indices: list[int] = field(default_factory=list)  # references held out (split), else all
     given: float | None = None  # the given threshold
     folds: list[list[int]] = field(default_factory=list)  # leave-one-out / k-fold: the references of each fold
@@ -125,72 +244,65 @@ class ThresholdPlan:
         held = set(self.calibration_indices) if self.calibration == "split" else set()
         return [index for index in range(count) if index not in held]
 
+    def holding_out(self, references: int, seed: int) -> ThresholdPlan:
+        """This plan, or where it holds nothing out, the same rule with every reference held out once
+        (leave-one-out up to :data:`LOO_LIMIT`, k-fold above): for a method that needs held-out references
+        whatever the threshold rule (an ensemble's common scale)."""
+        if self.calibration is not None or references < 2:
+            return self
+        scheme = "leave-one-out" if references <= LOO_LIMIT else "k-fold"
+        return replace(held_out_plan(self.rule, scheme, references, seed, self.alpha), given=self.given)
 
-def plan_thresholds(
-    threshold: float | str | None,
-    references: int,
-    *,
-    false_alarm_rate: float | None = None,
-    calibration: str = "auto",
-    calibration_size: int | None = None,
-    seed: int = 0,
-) -> ThresholdPlan:
-    """Validate the threshold options of ``fit()`` against the number of references and say what to do.
+
+def plan_thresholds(options: ThresholdOptions, references: int, seed: int = 0) -> ThresholdPlan:
+    """Check ``options`` against the number of references and say what fitting will do.
 
     Raises:
-        ValueError: An invalid value, or too few references for the rule or the ``false_alarm_rate`` asked (the
-            message names the value and the number needed).
+        ValueError: Too few references for the rule or the ``false_alarm_rate`` asked (the message names the value
+            and the number needed).
     """
-    from anomalens.detector import THRESHOLD_RULES
-
-    rules = (*THRESHOLD_RULES, "conformal")
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"calibration={calibration!r} must be one of {', '.join(CALIBRATIONS)}")
-    if false_alarm_rate is not None:
-        alpha = check_alpha(false_alarm_rate)
-        if threshold not in ("auto", "conformal"):
-            raise ValueError(f"false_alarm_rate={alpha} chooses the threshold; it cannot be combined with "
-                             f"threshold={threshold!r}")  # fmt: skip
-        needed = required_references(alpha)
-        scheme = calibration
-        if scheme == "auto":
-            scheme = "leave-one-out" if references <= LOO_LIMIT else "split"
-        if scheme in ("leave-one-out", "k-fold"):
-            if references < max(needed, 2):
-                raise ValueError(
-                    f"false_alarm_rate={alpha} needs at least {needed} reference images ({scheme} calibration), "
-                    f"got {references}; the smallest rate {references} references support is "
-                    f"{1.0 / (references + 1):.3g}" if references else
-                    f"false_alarm_rate={alpha} needs at least {needed} reference images, got none"
-                )  # fmt: skip
-            return held_out_plan("conformal", scheme, references, seed, alpha)
-        size = calibration_size if calibration_size is not None else max(needed, min(references // 2, 100))
-        if isinstance(size, bool) or not isinstance(size, int) or size < needed:
-            raise ValueError(f"calibration_size={size!r} must be an integer >= {needed} for false_alarm_rate={alpha}")
-        if references < size + 1:
-            raise ValueError(
-                f"false_alarm_rate={alpha} with split calibration needs at least {size + 1} reference images "
-                f"({size} held out, at least 1 to fit on), got {references}"
-            )
-        held = sorted(np.random.default_rng(seed).choice(references, size=size, replace=False).tolist())
-        return ThresholdPlan("conformal", "split", alpha, held)
+    threshold = options.threshold
+    if options.false_alarm_rate is not None:
+        return _alpha_plan(options, references, seed)
     if threshold is None:
         return ThresholdPlan("none")
-    if isinstance(threshold, str):
-        if threshold not in rules:
-            raise ValueError(f"threshold={threshold!r} must be a finite number, None, or one of {rules}")
-        if threshold == "conformal":
-            raise ValueError("threshold='conformal' needs false_alarm_rate=ALPHA (e.g. 0.05)")
-        if threshold == "leave-one-out" and references < 2:
-            raise ValueError(f"threshold='leave-one-out' needs at least 2 reference images, got {references}")
-        if references >= 2:
-            scheme = calibration if calibration in ("leave-one-out", "k-fold") else (
-                "leave-one-out" if references <= LOO_LIMIT else "k-fold")  # fmt: skip
-            return held_out_plan("leave-one-out", scheme, references, seed)
+    if is_finite_number(threshold):
+        return ThresholdPlan("given", given=float(threshold))
+    if threshold != "auto" and references < 2:
+        raise ValueError(f"threshold={threshold!r} needs at least 2 reference images, got {references}")
+    if references < 2:
         return ThresholdPlan("none")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise ValueError(f"threshold={threshold!r} must be a finite number, None, or one of {rules}")
-    return ThresholdPlan("given", given=float(threshold))
+    scheme = options.calibration if options.calibration in ("leave-one-out", "k-fold") else (
+        "leave-one-out" if references <= LOO_LIMIT else "k-fold")  # fmt: skip
+    return held_out_plan("leave-one-out" if threshold == "auto" else str(threshold), scheme, references, seed)
+
+
+def _alpha_plan(options: ThresholdOptions, references: int, seed: int) -> ThresholdPlan:
+    """The plan of a rule that takes a false-alarm rate (conformal by default)."""
+    alpha = check_alpha(options.false_alarm_rate)
+    rule = "conformal" if options.threshold == "auto" else str(options.threshold)
+    needed = required_references(alpha)
+    scheme = options.calibration
+    if scheme == "auto":
+        scheme = "leave-one-out" if references <= LOO_LIMIT else "split"
+    if scheme in ("leave-one-out", "k-fold"):
+        if references < max(needed, 2):
+            raise ValueError(
+                f"false_alarm_rate={alpha} needs at least {needed} reference images ({scheme} calibration), got "
+                f"{references}; the smallest rate {references} references support is {1.0 / (references + 1):.3g}"
+                if references else f"false_alarm_rate={alpha} needs at least {needed} reference images, got none"
+            )  # fmt: skip
+        return held_out_plan(rule, scheme, references, seed, alpha)
+    size = options.calibration_size if options.calibration_size is not None else max(needed, min(references // 2, 100))
+    if size < needed:
+        raise ValueError(f"calibration_size={size!r} must be an integer >= {needed} for false_alarm_rate={alpha}")
+    if references < size + 1:
+        raise ValueError(
+            f"false_alarm_rate={alpha} with split calibration needs at least {size + 1} reference images "
+            f"({size} held out, at least 1 to fit on), got {references}"
+        )
+    held = sorted(np.random.default_rng(seed).choice(references, size=size, replace=False).tolist())
+    return ThresholdPlan(rule, "split", alpha, held)
 
 
 def held_out_plan(rule: str, scheme: str, references: int, seed: int, alpha: float | None = None) -> ThresholdPlan:
@@ -204,15 +316,6 @@ def held_out_plan(rule: str, scheme: str, references: int, seed: int, alpha: flo
     return ThresholdPlan(rule, scheme, alpha, list(range(references)), folds=folds)
 
 
-def threshold_from(plan: ThresholdPlan, held_out: Sequence[float]) -> float | None:
-    """The threshold a plan gives on held-out values (scores, or map maxima for the pixel threshold)."""
-    if plan.rule == "conformal":
-        return conformal_threshold(held_out, plan.alpha)  # type: ignore[arg-type]
-    if plan.rule == "leave-one-out" and len(held_out):
-        return float(max(held_out))
-    return None
-
-
 def describe_plan(plan: ThresholdPlan, references: int) -> dict[str, Any]:
     """The JSON record of how a threshold was chosen, for ``config.json`` and ``run.json``."""
     record: dict[str, Any] = {"rule": plan.rule, "calibration": plan.calibration, "n_references": references}
@@ -223,12 +326,264 @@ def describe_plan(plan: ThresholdPlan, references: int) -> dict[str, Any]:
         record["folds"] = len(plan.folds)
     if plan.calibration == "split":
         record["held_out_indices"] = list(plan.calibration_indices)
-    if plan.rule == "conformal":
-        count = len(plan.calibration_indices)
-        record.update(false_alarm_rate=plan.alpha, rank=conformal_rank(count, plan.alpha),  # type: ignore[arg-type]
-                      guarantee=GUARANTEE[plan.calibration], assumptions=list(ASSUMPTIONS),  # type: ignore[index]
-                      false_alarm_bound=[max(0.0, plan.alpha - 1.0 / (count + 1)), plan.alpha])  # type: ignore[operator]
-    elif plan.rule == "leave-one-out":
-        record["equivalent_false_alarm_rate"] = 1.0 / (references + 1)
-        record["note"] = "the largest held-out score: the conformal rule at alpha = 1/(n+1)"
+    if plan.rule in RULES:
+        if RULES[plan.rule].needs_alpha and plan.calibration:
+            record["guarantee"] = GUARANTEE[plan.calibration]
+        record.update(RULES[plan.rule].describe(len(plan.calibration_indices), references, plan.alpha))
     return record
+
+
+# ---------------------------------------------------------------------------------------------------- the fold loop
+class Refittable(Protocol):
+    """What the fold loop needs of a detector (every :class:`~anomalens.detector.Detector` has it)."""
+
+    def _encode_tiled(self, arrays: list, report: Callable[[int, int], None], total: int) -> list[list]: ...
+
+    def _fit_on(self, encoded: list[list], class_name: str | None, empty: bool = False) -> None: ...
+
+    def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list: ...
+
+
+def fit_holding_out(detector: Refittable, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
+                    report: Callable[[int, int], None], batch_size: int) -> list:  # fmt: skip
+    """Fit ``detector`` on ``arrays`` as ``plan`` says and return the held-out references' results (maps
+    included), in the order of ``plan.calibration_indices`` (none without calibration).
+
+    Each reference is encoded once; a fold refits from those encodings (leave-one-out costs one more pass per
+    reference, for its held-out score, not a refit from images). ``report(done, total)`` follows the work.
+    """
+    held = plan.calibration_indices if plan.calibration else []
+    total = len(arrays) + len(held)
+    encoded = detector._encode_tiled(arrays, report, total)
+    by_index: dict[int, Any] = {}
+    for fold in plan.folds:  # leave-one-out or k-fold: each fold scored by the detector fitted on the others
+        chosen = set(fold)
+        detector._fit_on([group for index, group in enumerate(encoded) if index not in chosen], class_name)
+        for start in range(0, len(fold), batch_size):
+            chunk = fold[start : start + batch_size]
+            by_index.update(zip(chunk, detector.predict_arrays([arrays[index] for index in chunk])))
+            report(len(arrays) + len(by_index), total)
+    keep = plan.fit_indices(len(arrays))
+    detector._fit_on([encoded[index] for index in keep], class_name, empty=not arrays)
+    if plan.calibration == "split":
+        for start in range(0, len(held), batch_size):
+            chunk = held[start : start + batch_size]
+            by_index.update(zip(chunk, detector.predict_arrays([arrays[index] for index in chunk])))
+            report(len(arrays) + len(by_index), total)
+    return [by_index[index] for index in held]
+
+
+# ---------------------------------------------------------------------------------------------------- calibration
+@dataclass(frozen=True)
+class Calibration:
+    """Everything a detector knows about its thresholds; every path that labels an image or draws a map asks it.
+
+    Built by :meth:`from_held_out` (a fit), :meth:`from_dict` (a saved or exported detector) or
+    :meth:`with_options` (a threshold given to a fitted detector); the constructor refuses a non-finite threshold,
+    so no path can label with NaN.
+    """
+
+    threshold: float | None = None  # score above which an image is anomalous; None: no labels
+    source: str = "none"  # how it was chosen: given, none, or a rule (leave-one-out, conformal, ...)
+    pixel_threshold: float | None = None  # map value above which a pixel is defective; None: no masks
+    held_out_scores: tuple[float, ...] = ()  # held-out reference scores behind the thresholds
+    record: Mapping[str, Any] = field(default_factory=dict)  # the rule, calibration scheme, sizes and guarantee
+    map_scale: tuple[float, float] | None = None  # the overlays' colour scale (low, high), from the references
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "pixel_threshold"):
+            value = getattr(self, name)
+            if value is not None and not is_finite_number(value):
+                raise ValueError(f"{name}={value!r} must be a finite number or None")
+            object.__setattr__(self, name, None if value is None else float(value))
+        source = "none" if self.threshold is None else ("given" if self.source == "none" else self.source)
+        if source not in threshold_sources():
+            raise ValueError(f"threshold source {source!r} must be one of {', '.join(threshold_sources())}")
+        scale = self.map_scale
+        if scale is not None and not (len(scale) == 2 and all(map(is_finite_number, scale)) and scale[0] < scale[1]):
+            raise ValueError(f"map_scale={scale!r} must be two finite numbers LOW < HIGH, or None")
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "held_out_scores", tuple(float(value) for value in self.held_out_scores))
+        object.__setattr__(self, "record", dict(self.record))
+        object.__setattr__(self, "map_scale", None if scale is None else (float(scale[0]), float(scale[1])))
+
+    def label(self, score: float) -> bool | None:
+        """The one label rule: ``score > threshold`` (``None`` without a threshold)."""
+        return None if self.threshold is None else bool(score > self.threshold)
+
+    @property
+    def rule_text(self) -> str | None:
+        """The source's rule in words, if it is a held-out rule."""
+        return RULES[self.source].text if self.source in RULES else None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_held_out(cls, plan: ThresholdPlan, held_out: Sequence[Any], references: int,
+                      pixel_threshold: float | str | None = "auto") -> Calibration:  # fmt: skip
+        """The thresholds ``plan`` gives on held-out results (``score`` and ``anomaly_map`` each)."""
+        scores = np.asarray([float(result.score) for result in held_out], dtype=np.float64)
+        rule = RULES.get(plan.rule)
+        threshold = plan.given if plan.rule == "given" else (
+            rule.choose(scores, plan.alpha) if rule is not None and len(scores) else None)  # fmt: skip
+        if is_finite_number(pixel_threshold):
+            pixel: float | None = float(pixel_threshold)  # type: ignore[arg-type]
+        elif pixel_threshold == "auto" and rule is not None and len(held_out):
+            pixel = rule.choose(np.asarray([float(result.anomaly_map.max()) for result in held_out]), plan.alpha)
+        else:
+            pixel = None
+        return cls(threshold=threshold, source=plan.rule if threshold is not None else "none",
+                   pixel_threshold=pixel, held_out_scores=tuple(scores.tolist()),
+                   record=describe_plan(plan, references) if plan.rule != "none" else {},
+                   map_scale=map_scale(pixel, [result.anomaly_map for result in held_out]))  # fmt: skip
+
+    def with_options(self, options: ThresholdOptions) -> Calibration:
+        """These thresholds after ``options`` given without new references: a number replaces the threshold
+        (``given``), ``none`` removes it, ``auto`` keeps it; likewise the pixel threshold.
+
+        Raises:
+            ValueError: A rule or a false-alarm rate, which needs references to hold out.
+        """
+        if options.false_alarm_rate is not None or options.threshold not in ("auto", None) and not is_finite_number(
+            options.threshold
+        ):
+            wanted = f"false_alarm_rate={options.false_alarm_rate}" if options.false_alarm_rate is not None else (
+                f"threshold={options.threshold!r}")  # fmt: skip
+            raise ValueError(f"{wanted} needs normal reference images to hold out (--reference DIR)")
+        changed = self
+        if options.threshold is None or is_finite_number(options.threshold):
+            changed = replace(changed, threshold=options.threshold, source="given")
+        if options.pixel_threshold != "auto":
+            changed = replace(changed, pixel_threshold=options.pixel_threshold)
+        return changed
+
+    # ------------------------------------------------------------------ persistence
+    KEYS: ClassVar[tuple[str, ...]] = ("threshold", "threshold_source", "threshold_calibration", "held_out_scores",
+                                       "pixel_threshold", "map_scale")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON fields every file format writes (``config.json``, ``metadata.json``, ``run.json``)."""
+        return {"threshold": self.threshold, "threshold_source": self.source,
+                "threshold_calibration": dict(self.record), "held_out_scores": list(self.held_out_scores),
+                "pixel_threshold": self.pixel_threshold, "map_scale": list(self.map_scale) if self.map_scale else None}
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> Calibration:
+        """The calibration in a file's fields (:meth:`to_dict`'s keys; missing ones mean none).
+
+        Raises:
+            ValueError: A non-finite threshold or an unknown source (a damaged or hand-edited file).
+        """
+        threshold = fields.get("threshold")
+        return cls(threshold=threshold, source=fields.get("threshold_source") or ("given" if threshold is not None
+                   else "none"), pixel_threshold=fields.get("pixel_threshold"),
+                   held_out_scores=tuple(fields.get("held_out_scores") or ()),
+                   record=dict(fields.get("threshold_calibration") or {}),
+                   map_scale=tuple(fields["map_scale"]) if fields.get("map_scale") else None)  # fmt: skip
+
+    # ------------------------------------------------------------------ drawing
+    def map_scale_for(self, given: Sequence[float] | None = None, zero_shot: bool = False) -> tuple[
+            tuple[float, float] | None, str]:  # fmt: skip
+        """The colour scale of overlays and where it comes from, in order of precedence:
+
+        - ``"given"``: ``given`` (``--map-scale LOW HIGH``);
+        - ``"references"``: :attr:`map_scale`: ``low`` is the typical value of held-out normal references' maps,
+          the pixel threshold sits at the middle of the palette, ``high = 2 * pixel_threshold - low``;
+        - ``"pixel-threshold"``: ``(0, 2 * pixel_threshold)`` for a given pixel threshold without held-out
+          references;
+        - ``"fixed"``: ``(0, 1)`` for a method fitted without references (``zero_shot``: its maps are
+          probabilities or cosine distances);
+        - ``"per-image"``: each map's own min-max (nothing else to go by; colours then do not compare between
+          images, which ``run.json`` says).
+
+        Raises:
+            ValueError: ``given`` is not two finite numbers LOW < HIGH.
+        """
+        if given is not None:
+            values = tuple(given)
+            if not (len(values) == 2 and all(map(is_finite_number, values)) and values[0] < values[1]):
+                raise ValueError(f"map scale {given!r} must be two finite numbers LOW < HIGH")
+            return (float(values[0]), float(values[1])), "given"
+        if self.map_scale:
+            return self.map_scale, "references"
+        if self.pixel_threshold is not None and self.pixel_threshold > 0:
+            return (0.0, 2.0 * self.pixel_threshold), "pixel-threshold"
+        if zero_shot:
+            return (0.0, 1.0), "fixed"
+        return None, "per-image"
+
+
+def map_scale(pixel_threshold: float | None, held_out_maps: Sequence[np.ndarray]) -> tuple[float, float] | None:
+    """The overlays' colour scale ``(low, high)`` from held-out references: ``low`` is the typical value of normal
+    maps (the mean of their medians; 0 without them) and the pixel threshold sits in the middle of the palette,
+    ``high = 2 * pixel_threshold - low``. ``None`` without a pixel threshold above ``low``."""
+    if pixel_threshold is None:
+        return None
+    low = float(np.mean([np.median(item) for item in held_out_maps])) if len(held_out_maps) else 0.0
+    if pixel_threshold <= low:
+        return None
+    return low, 2.0 * pixel_threshold - low
+
+
+class Calibrated:
+    """The threshold attributes of a detector (torch or exported), each read from its :class:`Calibration`.
+
+    ``detector.threshold = x`` (and ``pixel_threshold``) give a threshold by hand, checked like any other.
+    """
+
+    calibration: Calibration
+
+    @property
+    def threshold(self) -> float | None:
+        return self.calibration.threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self.calibration = replace(self.calibration, threshold=value, source="given")
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        return self.calibration.pixel_threshold
+
+    @pixel_threshold.setter
+    def pixel_threshold(self, value: float | None) -> None:
+        self.calibration = replace(self.calibration, pixel_threshold=value)
+
+    @property
+    def threshold_source(self) -> str:
+        return self.calibration.source
+
+    @property
+    def held_out_scores(self) -> list[float]:
+        return list(self.calibration.held_out_scores)
+
+    @property
+    def threshold_calibration(self) -> dict[str, Any]:
+        return dict(self.calibration.record)
+
+    @property
+    def map_scale(self) -> tuple[float, float] | None:
+        return self.calibration.map_scale
+
+
+def apply_threshold_options(detector: Any, references: Sequence[Any], class_name: str | None,
+                            options: ThresholdOptions, progress: Callable[[int, int], None] | None = None) -> str:
+    """Fit ``detector`` on ``references`` where there are any and set its thresholds: the one place that decides
+    where a threshold comes from, for every engine, the server and the command line.
+
+    - With references and a few-shot method: ``fit`` by ``options`` (conformal, leave-one-out, given, none).
+    - Else a detector not fitted yet is fitted without references (zero-shot), by ``options``.
+    - Else the fitted detector keeps its calibration, changed by what ``options`` give
+      (:meth:`Calibration.with_options`).
+
+    Returns:
+        The threshold's source after it (``detector.calibration.source``).
+    """
+    references = list(references or [])
+    if references or not detector.is_fitted:  # fit() refuses references a method cannot take, in its own words
+        if not references and options.false_alarm_rate is not None:
+            raise ValueError(f"false_alarm_rate={options.false_alarm_rate} needs normal reference images to hold out "
+                             f"(--reference DIR); method {detector.method_name!r} was given none")  # fmt: skip
+        detector.fit(references or None, class_name=class_name, progress=progress, options=options)
+    else:
+        detector.calibration = detector.calibration.with_options(options)
+    return detector.calibration.source

@@ -3,7 +3,7 @@
 Every method resizes its input to a fixed square (PatchCore 256 px, WinCLIP 240 px, ...). A 500 x 1250 part
 squeezed into such a square loses its thin cracks: the long side is shrunk 2.5 times more than the short one.
 With ``tiling`` set in a method's config (``anomalens.create(..., tiling=TileConfig(size=512))`` or
-``--set tiling=size=512,overlap=0.25``) the base :class:`~anomalens.detector.Detector` instead
+``--set tiling=size=512,overlap=0.25``) the base :class:`~anomalens.detector.Detector` instead (:func:`score_tiled`)
 
 1. cuts each image (references included) into square tiles of ``size`` pixels of the image as read, so the
    part's aspect ratio is kept inside each tile; ``size=0`` uses the image's shorter side, the right choice for
@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from anomalens.checks import check_options
 
 TILE_SCORES = ("map_max", "tile_max")
 TILE_ASPECTS = ("keep",)
@@ -44,8 +47,6 @@ class TileConfig:
     score: str = "map_max"  # image score: "map_max" (maximum of the stitched map) or "tile_max" (largest tile score)
 
     def __post_init__(self) -> None:
-        from anomalens.config import check_options
-
         check_options("tiling", self, {
             "size": (isinstance(self.size, int) and self.size >= 0, "an integer >= 0 (0: the shorter side)"),
             "overlap": (isinstance(self.overlap, (int, float)) and 0 <= self.overlap < 1, "in [0, 1)"),
@@ -149,3 +150,38 @@ class MapStitcher:
 
     def result(self) -> np.ndarray:
         return (self.total / np.maximum(self.weight, 1e-12)).astype(np.float32)
+
+
+def tiles_of(array: np.ndarray, config: TileConfig | None) -> list[np.ndarray]:
+    """The tiles of one ``(H, W, 3)`` image (the image itself without tiling)."""
+    if config is None:
+        return [array]
+    return [np.ascontiguousarray(array[top:bottom, left:right])
+            for top, left, bottom, right in tile_boxes(*array.shape[:2], config)]  # fmt: skip
+
+
+ScoreImages = Callable[[list[np.ndarray]], list[tuple[float, np.ndarray]]]  # images -> (score, map at image size)
+
+
+def score_tiled(arrays: list[np.ndarray], config: TileConfig, score_images: ScoreImages,
+                batch_size: int) -> list[tuple[float, np.ndarray]]:  # fmt: skip
+    """Score every tile of every image with ``score_images`` (``batch_size`` tiles per call; a pooled method
+    passes all tiles of the call at once) and stitch each image's map; the image score is the stitched map's
+    maximum (``score="map_max"``) or the largest tile score (``"tile_max"``)."""
+    boxes = [tile_boxes(*array.shape[:2], config) for array in arrays]
+    stitchers = [MapStitcher(*array.shape[:2], image_boxes) for array, image_boxes in zip(arrays, boxes)]
+    tile_scores: list[list[float]] = [[] for _ in arrays]
+    work = [(owner, box) for owner, image_boxes in enumerate(boxes) for box in image_boxes]
+    for start in range(0, len(work), batch_size):
+        chunk = work[start : start + batch_size]
+        crops = [np.ascontiguousarray(arrays[owner][top:bottom, left:right])
+                 for owner, (top, left, bottom, right) in chunk]  # fmt: skip
+        for (owner, box), (score, tile_map) in zip(chunk, score_images(crops)):
+            stitchers[owner].add(box, tile_map)
+            tile_scores[owner].append(score)
+    results = []
+    for owner, stitcher in enumerate(stitchers):
+        anomaly_map = stitcher.result()
+        results.append((float(anomaly_map.max()) if config.score == "map_max" else max(tile_scores[owner]),
+                        anomaly_map))  # fmt: skip
+    return results

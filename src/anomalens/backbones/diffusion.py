@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -191,34 +192,13 @@ class DiffusionBackbone(nn.Module):
         if encoder not in ENCODERS:
             raise ValueError(f"unknown diffusion encoder {encoder!r}; valid: {', '.join(ENCODERS)}")
         diffusers = require_diffusers()
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         if pretrained is None:
-            if architecture not in ARCHITECTURES:
-                raise ValueError(f"unknown diffusion architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
-            spec = ARCHITECTURES[architecture]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)
-                self.unet = diffusers.UNet2DConditionModel(**spec.unet)
-                self.vae = diffusers.AutoencoderKL(**spec.vae)
-                self.text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
-            self.tokenizer = _OpenCLIPTokenizer()
-            native = spec.image_size
+            native = self._build_random(diffusers, architecture, init_seed)
         elif (path := resolve(pretrained, weights_dir=weights_dir, method_hint=method_hint)).is_file():
             self._load_single_file(path, diffusers)
             native = int(self.vae.config.sample_size)
         else:
-            folder = path
-            self.unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-            self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
-            self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-            if (folder / "tokenizer").is_dir():
-                from transformers import CLIPTokenizer
-
-                self.tokenizer = _TransformersTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
-            else:
-                self.tokenizer = _OpenCLIPTokenizer()
-            native = int(self.vae.config.sample_size)
+            native = self._load_folder(path, diffusers)
         self.image_size = int(image_size or native)
         if self.image_size % 8:
             raise ValueError(f"diffusion image_size must be a multiple of 8, got {self.image_size}")
@@ -236,6 +216,36 @@ class DiffusionBackbone(nn.Module):
         self.latent_side = self.image_size // 8
         # Parkable in a temporary file once a method's prompts are cached (see anomalens.nn.offload).
         self.text_weights = ParkedTensors(self.text_encoder, "diffusion text encoder", device_module=self.unet)
+
+    def _build_random(self, diffusers, architecture: str, init_seed: int) -> int:
+        """UNet, VAE and text encoder of ``architecture`` with random weights; returns its native image size."""
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown diffusion architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+        spec = ARCHITECTURES[architecture]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.unet = diffusers.UNet2DConditionModel(**spec.unet)
+            self.vae = diffusers.AutoencoderKL(**spec.vae)
+            self.text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+        self.tokenizer = _OpenCLIPTokenizer()
+        return spec.image_size
+
+    def _load_folder(self, folder: Path, diffusers) -> int:
+        """UNet, VAE, text encoder and tokenizer from a diffusers folder; returns its native image size."""
+        from transformers import CLIPTextModel
+
+        self.unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        self.vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+        if (folder / "tokenizer").is_dir():
+            from transformers import CLIPTokenizer
+
+            self.tokenizer = _TransformersTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
+        else:
+            self.tokenizer = _OpenCLIPTokenizer()
+        return int(self.vae.config.sample_size)
 
     def _tiny_autoencoder(self, diffusers, weights: str | None, weights_dir, method_hint, init_seed: int) -> nn.Module:
         """An ``AutoencoderTiny`` matching the VAE's latents (channels, downsampling), its decoder dropped."""

@@ -86,7 +86,6 @@ def taef2_decoder(channels: int = 64, latent_channels: int = 32) -> nn.Sequentia
 
 TAEF2_LAYERS = {"block1": 1, "block5": 5, "block9": 9, "block13": 13, "latent": 14}
 """Named encoder outputs: 64 channels at strides 1, 2, 4, 8, and the 32-channel latent at stride 8."""
-TAEF2_STRIDES = {"block1": 1, "block5": 2, "block9": 4, "block13": 8, "latent": 8}
 
 
 class TAEF2Features(nn.Module):

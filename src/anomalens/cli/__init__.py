@@ -8,7 +8,7 @@ Commands:
     fit        fit a detector on reference images and save it (for predict --detector)
     serve      an HTTP API and a browser page over one detector
     train      train learned components (PatchCLIP projections for clipfusion, VLMDiff)
-    weights    download the pretrained weights a method needs, or list where they are found
+    weights    download the pretrained weights a method needs, list where they are found, or check their sources
     list       the available methods, backbones and datasets
 
 Every option is generated from a dataclass (:mod:`anomalens.cli.parser`): method options, or any method config
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("anomalens: interrupted; results written so far are kept (re-run the command to resume a Ray run)",
               file=sys.stderr)  # fmt: skip
         return 130
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+    except (ValueError, OSError, ImportError, RuntimeError) as error:  # OSError: files, folders, links, disks
         if os.environ.get("ANOMALENS_DEBUG"):
             raise
         print(f"anomalens: error: {error}", file=sys.stderr)

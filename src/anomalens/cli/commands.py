@@ -104,14 +104,15 @@ def reference_images(entries: Sequence[str], paths: list | None = None) -> list:
 
 
 def fit_detector(detector, references: ReferenceOptions, quiet: bool = True, paths: list | None = None) -> str:
-    """Fit from ``--reference`` and set the thresholds (:func:`anomalens.engines.core.fit_and_threshold`)."""
-    from anomalens.engines.core import fit_and_threshold
+    """Fit from ``--reference`` and set the thresholds: :func:`anomalens.thresholds.apply_threshold_options`, the
+    one place that decides where a threshold comes from. Returns the threshold's source."""
+    from anomalens.thresholds import apply_threshold_options
 
     images = reference_images(references.reference, paths)
-    if images and references.threshold is None and detector.few_shot:
+    if images and detector.few_shot:
         rule = (f"conformal, false-alarm rate {references.false_alarm_rate}" if references.false_alarm_rate
-                else "leave-one-out")  # fmt: skip
-        logger.info("fitting on %d reference image(s) and deriving the threshold (%s)", len(images), rule)
+                else f"threshold {references.threshold}")  # fmt: skip
+        logger.info("fitting on %d reference image(s) (%s)", len(images), rule)
     bar = progress_bar(None, "fitting", quiet or not images, unit="step")
 
     def advance(done: int, total: int) -> None:
@@ -120,10 +121,7 @@ def fit_detector(detector, references: ReferenceOptions, quiet: bool = True, pat
         bar.refresh()
 
     try:
-        return fit_and_threshold(detector, images, references.class_name, references.threshold, advance,
-                                 false_alarm_rate=references.false_alarm_rate, calibration=references.calibration,
-                                 calibration_size=references.calibration_size,
-                                 pixel_threshold=references.pixel_threshold)  # fmt: skip
+        return apply_threshold_options(detector, images, references.class_name, references, advance)
     finally:
         bar.close()
 
@@ -134,7 +132,7 @@ def command_line() -> str:
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_predict(options: Any, quiet: bool) -> int:
-    from anomalens.io.images import ImageLimits
+    import dataclasses
 
     run = options.run
     if not options.inputs:
@@ -143,36 +141,25 @@ def cmd_predict(options: Any, quiet: bool) -> int:
             f"no inputs to score{swallowed}: give image files or folders before the options, "
             "or end the reference list with -- (anomalens predict ... --reference refs/ -- incoming/)"
         )
-    total = _count_inputs(options.inputs, run.engine)
-    if run.engine == "ray":  # resumable: check the folder's records now, not after fitting
-        from anomalens.engines.ray import check_resume
-
-        check_resume(run.out, run.overwrite)
-    else:
-        from anomalens.engines.core import check_out_dir
-
-        check_out_dir(run.out, run.overwrite)
+    request = _prepare_request(options)  # the inputs listed and the output folder checked, before any fitting
     detector = detector_from(options.method, run.detector)
     reference_paths: list[str] = []
-    source = fit_detector(detector, options.references, quiet, reference_paths)
+    fit_detector(detector, options.references, quiet, reference_paths)
     if run.save_detector:
         if not hasattr(detector, "save"):
             raise ValueError(f"--save-detector: {run.detector} is an exported detector; it is saved already")
         detector.save(run.save_detector)
-    bar = progress_bar(total, "scoring", quiet)
+    request = dataclasses.replace(request.calibrated(detector),
+                                  run_info={**request.run_info, "references": reference_paths})  # fmt: skip
+    bar = progress_bar(len(request.images), "scoring", quiet)
     finished = [0]
 
     def advance(done: int) -> None:
         bar.update(done - finished[0])
         finished[0] = done
 
-    common = {"threshold": options.references.threshold, "threshold_source": source, "raw_format": run.raw_format,
-              "overwrite": run.overwrite, "write_overlays": run.overlays, "map_range": run.map_range,
-              "run_info": {"command": command_line(), "references": reference_paths},
-              "progress": advance, "limits": ImageLimits(max_pixels=run.max_pixels,
-                                                         max_memory_bytes=run.max_image_memory_bytes)}  # fmt: skip
     try:
-        summary = _score(detector, options, common)
+        summary = _score(detector, request, run, advance)
     finally:
         bar.close()
     if summary.threshold is not None:
@@ -185,33 +172,31 @@ def cmd_predict(options: Any, quiet: bool) -> int:
     return 0
 
 
-def _count_inputs(inputs: Sequence[str], engine: str) -> int:
-    """How many images the inputs hold (Ray is checked first: a missing Ray says how to install it)."""
-    if engine == "ray":
+def _prepare_request(options: Any):
+    """The predict request of the command line: the local engine lists local files; Ray (checked first, so a
+    missing Ray says how to install it) also reads URIs and resumes an earlier run in the folder."""
+    from anomalens.engines.request import PredictRequest
+
+    lister, resumable = None, False
+    if options.run.engine == "ray":
         from anomalens.engines.ray import list_inputs, require_ray
 
         require_ray()
-        total = len(list_inputs(inputs))
-    else:
-        from anomalens.engines.core import collect_inputs
-
-        total = len(collect_inputs(inputs)[0])
-    if total == 0:
-        raise ValueError(f"no image files found in {list(inputs)}")
-    return total
+        lister, resumable = list_inputs, True
+    extra = {"lister": lister} if lister else {}
+    return PredictRequest.prepare(options.inputs, options.run, run_info={"command": command_line()},
+                                  batch_size=options.method.batch_size, resumable=resumable, **extra)  # fmt: skip
 
 
-def _score(detector, options: Any, common: dict[str, Any]):
-    run = options.run
+def _score(detector, request, run, progress):
     if run.engine == "ray":
         from anomalens.engines.ray import score
 
-        return score(detector, options.inputs, run.out, num_workers=run.num_workers,
-                     batch_size=options.method.batch_size or detector.config.batch_size,
-                     ray_address=run.ray_address, gpu_fraction=run.gpu_fraction, **common)  # fmt: skip
+        return score(detector, request, num_workers=run.num_workers, ray_address=run.ray_address,
+                     gpu_fraction=run.gpu_fraction, progress=progress)  # fmt: skip
     from anomalens.engines.local import run_predict
 
-    return run_predict(detector, options.inputs, run.out, batch_size=options.method.batch_size, **common)
+    return run_predict(detector, request, progress)
 
 
 def cmd_fit(options: Any, quiet: bool) -> int:
@@ -242,19 +227,16 @@ def cmd_export(options: Any, quiet: bool) -> int:
 
 def cmd_serve(options: Any, quiet: bool) -> int:
     from anomalens.engines.access import check_exposure, is_loopback
-    from anomalens.engines.serve import _require_fastapi, create_app
+    from anomalens.engines.serve import create_app, require_fastapi
 
-    _require_fastapi()
+    require_fastapi()
     import uvicorn
 
     serve = options.serve
     check_exposure(serve.host, options.access)  # before any model is built
     detector = detector_from(options.method, serve.detector)
-    references = options.references
-    if references.reference or (detector.zero_shot and not detector.is_fitted):
-        fit_detector(detector, references)
-    elif references.threshold is not None:
-        detector.threshold = references.threshold
+    if options.references.reference or detector.is_fitted or detector.zero_shot:
+        fit_detector(detector, options.references)  # else it waits for references posted to /v1/references
     app = create_app(detector, options.settings, class_name=options.references.class_name, access=options.access,
                      bound_host=serve.host)  # fmt: skip
     if not is_loopback(serve.host):

@@ -1,13 +1,15 @@
 """Command-line options generated from dataclasses, so every default is written once, beside its field.
 
-Each field of an options dataclass becomes ``--field-name`` (underscores as dashes), with the field's trailing
-comment as its help: ``bool`` fields become ``--name`` / ``--no-name``, tuple and list fields take one or more
-values (repeating the option adds more; a field with ``one_value_per_option`` in its metadata takes one value per
-option, so it never swallows the positional arguments after it), nested dataclass fields are flattened into the
-parent's options, and ``none`` sets an optional field to ``None``. Values are coerced and validated by the
-dataclass itself (:func:`anomalens.config.build_config` and its ``__post_init__``), so the command line, a YAML
-``--config`` file and the Python API accept exactly the same things. A field's metadata ``help`` replaces its
-comment as the help text.
+Each field of an options dataclass becomes ``--field-name`` (underscores as dashes). Its help is the field's
+comment: the comment on its line and the lines continuing it, or the block above a field without one (see
+:func:`field_comments`); a field's metadata ``help`` replaces it, and its metadata ``choices`` (a sequence, or a
+callable returning one) become the accepted values, listed in the help. ``bool`` fields become ``--name`` /
+``--no-name``, tuple and list fields take one or more values (repeating the option adds more; a field with
+``one_value_per_option`` in its metadata takes one value per option, so it never swallows the positional arguments
+after it), nested dataclass fields are flattened into the parent's options, and ``none`` sets an optional field to
+``None``. Values are coerced and validated by the dataclass itself (:func:`anomalens.config.build_config` and its
+``__post_init__``), so the command line, a YAML ``--config`` file and the Python API accept exactly the same
+things.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ MISSING = dataclasses.MISSING
 
 @functools.cache
 def field_comments(cls: type) -> dict[str, str]:
-    """``field name -> trailing comment`` of a dataclass and its bases (the comment on the field's line)."""
+    """``field name -> help`` from a dataclass's comments (and its bases'): the comment on the field's line, with the
+    comment lines that continue it below; a field without one takes the comment block right above it."""
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -38,16 +41,38 @@ def field_comments(cls: type) -> dict[str, str]:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        pending: str | None = None
-        for token in tokenize.generate_tokens(io.StringIO(source).readline):
-            if token.type == tokenize.NAME and token.start[1] == 4 and pending is None:
-                pending = token.string
-            elif token.type == tokenize.COMMENT and pending is not None:
-                comments[pending] = token.string.lstrip("# ").strip()
-            if token.type in (tokenize.NEWLINE, tokenize.NL) and pending is not None:
-                if token.type == tokenize.NEWLINE:
-                    pending = None
+        fields = {field.name for field in dataclasses.fields(klass)}
+        comments.update(_class_comments(source, fields))
     return comments
+
+
+def _class_comments(source: str, fields: set[str]) -> dict[str, str]:
+    """The help of each field in one class body's source (see :func:`field_comments`)."""
+    comments: dict[str, str] = {}
+    block: list[str] = []  # comment-only lines since the last statement
+    current, trailing, previous = None, [], None  # the field being read, its own comments, the last field read
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.NAME and token.start[1] == 4 and current is None and not trailing:
+            current = token.string if token.string in fields else ""
+        elif token.type == tokenize.COMMENT:
+            text = token.string.lstrip("# ").strip()
+            if token.line.strip().startswith("#") and current is None:
+                block.append(text)
+            elif current is not None:
+                trailing.append(text)
+        elif token.type == tokenize.NEWLINE and current is not None:
+            if current:  # a field: a comment block above one without its own comment is its help, else a
+                if not trailing:  # continuation of the previous field's
+                    comments[current] = " ".join(block)
+                else:
+                    if block and previous in comments:
+                        comments[previous] = f"{comments[previous]} {' '.join(block)}"
+                    comments[current] = " ".join(trailing)
+                previous = current
+            block, current, trailing = [], None, []
+    if block and previous in comments:  # comment lines after the last field continue it
+        comments[previous] = f"{comments[previous]} {' '.join(block)}"
+    return {name: text for name, text in comments.items() if text}
 
 
 def _default_text(field: dataclasses.Field) -> str:
@@ -98,9 +123,15 @@ def add_dataclass_options(
             add_dataclass_options(parser, annotation, exclude=exclude, flags=flags, prefix=f"{prefix}{field.name}.")
             continue
         names = list(flags.get(field.name, ["--" + field.name.replace("_", "-")]))
-        help_text = (field.metadata.get("help") or comments.get(field.name, "")) + _default_text(field)
-        help_text = help_text.replace("%", "%%")
+        choices = field.metadata.get("choices")
+        choices = list(choices() if callable(choices) else choices) if choices is not None else None
+        help_text = (field.metadata.get("help") or comments.get(field.name, ""))
+        if choices:
+            help_text += f" (one of: {', '.join(map(str, choices))})"
+        help_text = (help_text + _default_text(field)).replace("%", "%%")
         options: dict[str, Any] = {"dest": prefix + field.name, "default": argparse.SUPPRESS, "help": help_text}
+        if choices:
+            options["choices"] = choices
         if _is_optional(annotation)[1] is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif _is_sequence(annotation) and field.metadata.get("one_value_per_option"):

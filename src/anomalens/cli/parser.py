@@ -1,27 +1,29 @@
 """The ``anomalens`` commands and their options, each group of options one dataclass.
 
-Method configs, training configs, server settings and speed settings are the library's own dataclasses; the
-few options that only the command line has (where to write, which engine) are declared here the same way.
-:func:`build_parser` generates every option from them (:mod:`anomalens.cli.options`); :func:`parse` turns the
-command line, and an optional ``--config`` YAML file, into validated dataclass instances.
+Method configs, threshold options, output settings, training configs, server settings and speed settings are the
+library's own dataclasses; the few options that only the command line has (which engine, where to save) extend
+them or are declared here the same way. :func:`build_parser` generates every option from them
+(:mod:`anomalens.cli.options`); :func:`parse` turns the command line, and an optional ``--config`` YAML file, into
+validated dataclass instances.
+
+Only the chosen command's option classes are imported (a command names them by import path), so
+``anomalens --help`` and ``anomalens list`` import neither torch nor any training code.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from anomalens.checks import check_options
 from anomalens.cli.options import add_dataclass_options, build_options, check_config_keys, read_config_file
-from anomalens.config import check_options
-from anomalens.engines.access import AccessSettings
-from anomalens.engines.serve import ServerSettings
-from anomalens.evaluation.speed import SpeedOptions
-from anomalens.methods.clipfusion.training import PatchCLIPTrainConfig
-from anomalens.methods.vlmdiff.training import VLMDiffTrainConfig
+from anomalens.engines.request import OutputSettings
+from anomalens.thresholds import CALIBRATIONS, ThresholdOptions
 
 
 @dataclass
@@ -40,56 +42,29 @@ class MethodOptions:
 
 
 @dataclass
-class ReferenceOptions:
-    """Normal references, the class name and the threshold."""
+class ReferenceOptions(ThresholdOptions):
+    """Normal references, the class name, and how the thresholds are chosen (``fit()``'s own options)."""
 
     reference: tuple[str, ...] = ()  # normal reference images and/or folders (several values or repeated options)
     class_name: str | None = None  # the product's name, e.g. bottle
-    threshold: float | None = None  # score above which an image is anomalous; default: leave-one-out (>= 2 refs)
-    false_alarm_rate: float | None = None  # alpha: threshold flags a normal image with probability <= alpha (conformal)
-    calibration: str = "auto"  # references held out for --false-alarm-rate: auto, leave-one-out or split
-    calibration_size: int | None = None  # references held out by split calibration (default: see README)
-    pixel_threshold: float | None = None  # map value above which pixels are defective; default: from the references
-
-    def __post_init__(self) -> None:
-        from anomalens.thresholds import CALIBRATIONS, check_alpha
-
-        if self.false_alarm_rate is not None:
-            check_alpha(self.false_alarm_rate)
-        check_options("predict", self, {
-            "calibration": (self.calibration in CALIBRATIONS, f"one of {', '.join(CALIBRATIONS)}"),
-            "false_alarm_rate": (self.false_alarm_rate is None or self.threshold is None,
-                                 "left out when --threshold is given (one chooses the threshold)"),
-        })  # fmt: skip
 
 
 @dataclass
-class PredictOptions:
-    """Where ``predict`` writes and which engine scores."""
+class PredictOptions(OutputSettings):
+    """Where ``predict`` writes (the library's output settings) and which engine scores."""
 
-    out: str = ""  # output folder (required)
     detector: str | None = None  # a detector folder saved by `anomalens fit`
-    raw_format: str = "npy"  # format of the raw maps: npy (exact float32) or png16
-    overlays: bool = True  # write heatmap overlays (--no-overlays: only raw maps and scores)
-    overwrite: bool = False  # replace an earlier run in --out
     save_detector: str | None = None  # also save the fitted detector to this folder
-    engine: str = "local"  # where to score: local or ray
+    engine: str = dataclasses.field(default="local", metadata={"choices": ("local", "ray")})  # where to score
     ray_address: str | None = None  # Ray cluster address (default: start a local one)
     num_workers: int = 1  # Ray actors scoring in parallel
     gpu_fraction: float | None = None  # GPUs per Ray actor (default: 1 if the cluster has any)
-    max_pixels: int = 40_000_000  # larger images (width * height, read from the header) are skipped
-    max_image_memory_bytes: int = 2 * 2**30  # images needing more memory to decode, score and draw are skipped
-    map_range: tuple[float, ...] | None = None  # overlay colour scale LOW HIGH (default: from the references)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_options("predict", self, {
-            "out": (bool(self.out), "an output folder (--out DIR)"),
-            "raw_format": (self.raw_format in ("npy", "png16"), "npy or png16"),
             "engine": (self.engine in ("local", "ray"), "local or ray"),
-            "num_workers": (self.num_workers >= 1, ">= 1"),
-            "map_range": (self.map_range is None or (len(self.map_range) == 2
-                                                     and self.map_range[0] < self.map_range[1]),
-                          "two numbers LOW HIGH with LOW < HIGH"),
+            "num_workers": (isinstance(self.num_workers, int) and self.num_workers >= 1, "an integer >= 1"),
         })  # fmt: skip
 
 
@@ -131,11 +106,17 @@ class ServeOptions:
     port: int = 8000  # TCP port
 
 
+def _dataset_names() -> Sequence[str]:
+    from anomalens.io.datasets import list_datasets
+
+    return list_datasets()
+
+
 @dataclass
 class BenchmarkOptions:
     """Which dataset a benchmark runs on, and how."""
 
-    dataset: str = ""  # dataset layout: mvtec, visa, realiad or folder (required)
+    dataset: str = dataclasses.field(default="", metadata={"choices": _dataset_names})  # dataset layout (required)
     root: str = ""  # dataset root folder (required)
     category: tuple[str, ...] | None = None  # categories (default: all)
     shots: str = "1"  # reference images per category: an integer, or all
@@ -146,11 +127,11 @@ class BenchmarkOptions:
     overwrite: bool = False  # replace results already in --out (refused otherwise)
     references_from: str = "auto"  # where references come from: train, test (normal test images, left out), auto
     false_alarm_rates: tuple[float, ...] = ()  # measure the false-alarm rate of the conformal threshold at these
-    calibration: str = "auto"  # references held out for --false-alarm-rates: auto, leave-one-out or split
+    calibration: str = dataclasses.field(default="auto", metadata={"choices": CALIBRATIONS})  # held out for the rates
 
     def __post_init__(self) -> None:
         check_options("benchmark", self, {
-            "dataset": (bool(self.dataset), "a dataset layout (--dataset mvtec|visa|realiad|folder)"),
+            "dataset": (bool(self.dataset), f"a dataset layout (--dataset: one of {', '.join(_dataset_names())})"),
             "root": (bool(self.root), "the dataset's root folder (--root DIR)"),
         })  # fmt: skip
 
@@ -179,43 +160,56 @@ class WeightsCheckOptions:
 
 @dataclass
 class Command:
-    """One (sub)command: its help, option dataclasses, positional arguments and handler."""
+    """One (sub)command: its help, option dataclasses (or their ``"module:Class"`` paths, imported only when the
+    command is chosen), positional arguments and handler."""
 
     help: str
-    groups: dict[str, type]  # namespace attribute -> options dataclass
+    groups: dict[str, type | str]  # namespace attribute -> options dataclass (or its import path)
     handler: str  # name of the function in anomalens.cli.commands
     positionals: Sequence[tuple[str, dict[str, Any]]] = ()
     flags: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # older spellings of some fields
 
+    def option_classes(self) -> dict[str, type]:
+        """The groups' dataclasses, imported."""
+        return {title: _imported(cls) for title, cls in self.groups.items()}
+
+
+def _imported(target: type | str) -> type:
+    if isinstance(target, str):
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)
+    return target
+
 
 _METHOD = {"method": MethodOptions}
+_SERVE = {"serve": ServeOptions, "settings": "anomalens.engines.serve:ServerSettings",
+          "access": "anomalens.engines.access:AccessSettings"}  # fmt: skip
 COMMANDS: dict[str, Command] = {
     "predict": Command(
         "score images; write heatmaps, raw maps and scores",
         {**_METHOD, "references": ReferenceOptions, "run": PredictOptions},
         "cmd_predict",
         [("inputs", {"nargs": "*", "help": "image files and/or folders (searched recursively)"})],
+        flags={"map_scale": ["--map-scale", "--map-range"]},
     ),
     "export": Command("export a fitted detector to ONNX / OpenVINO for the torch-free runtime",
                       {"export": ExportOptions}, "cmd_export"),
     "fit": Command("fit a detector on reference images and save it",
                    {**_METHOD, "references": ReferenceOptions, "run": FitOptions}, "cmd_fit"),
-    "serve": Command(
-        "HTTP API and browser page over one detector",
-        {**_METHOD, "references": ReferenceOptions, "serve": ServeOptions, "settings": ServerSettings,
-         "access": AccessSettings},
-        "cmd_serve",
-        flags={"request_timeout_s": ["--timeout", "--request-timeout-s"]},
-    ),
+    "serve": Command("HTTP API and browser page over one detector", {**_METHOD, "references": ReferenceOptions,
+                     **_SERVE}, "cmd_serve", flags={"request_timeout_s": ["--timeout", "--request-timeout-s"]}),
     "benchmark": Command("reproduce paper-style tables on a dataset", {**_METHOD, "benchmark": BenchmarkOptions},
                          "cmd_benchmark"),
-    "benchmark-speed": Command("time methods side by side", {"speed": SpeedOptions}, "cmd_benchmark_speed"),
+    "benchmark-speed": Command("time methods side by side", {"speed": "anomalens.evaluation.speed:SpeedOptions"},
+                               "cmd_benchmark_speed"),
     "train patchclip": Command(
-        "PatchCLIP projections for clipfusion", {"train": PatchCLIPTrainConfig}, "cmd_train_patchclip",
+        "PatchCLIP projections for clipfusion", {"train": "anomalens.methods.clipfusion.training:PatchCLIPTrainConfig"},
+        "cmd_train_patchclip",
         flags={"learning_rate": ["--learning-rate", "--lr"], "categories": ["--categories", "--category"]},
     ),
     "train vlmdiff": Command(
-        "VLMDiff's caption-conditioned diffusion model", {"train": VLMDiffTrainConfig, "run": TrainRunOptions},
+        "VLMDiff's caption-conditioned diffusion model",
+        {"train": "anomalens.methods.vlmdiff.training:VLMDiffTrainConfig", "run": TrainRunOptions},
         "cmd_train_vlmdiff",
         flags={"learning_rate": ["--learning-rate", "--lr"], "caption_file": ["--caption-file", "--captions"]},
     ),
@@ -241,8 +235,13 @@ def _version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole ``anomalens`` parser, every option generated from the dataclasses in :data:`COMMANDS`."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``anomalens`` parser, every option generated from the dataclasses in :data:`COMMANDS`.
+
+    Args:
+        only: Generate the options of this command alone (the others are listed with their help); ``None``: of
+            every command (the CLI reference, the tests).
+    """
     parser = argparse.ArgumentParser(prog="anomalens", description="Visual anomaly detection with foundation models.")
     parser.add_argument("--version", action="version", version=f"anomalens {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -256,14 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
             nested[words[0]] = group.add_subparsers(dest="action", required=True, metavar="ACTION")
         container = nested[words[0]] if len(words) == 2 else top
         sub = container.add_parser(words[-1], help=command.help, description=command.help)
+        sub.set_defaults(command_key=name)
+        if only is not None and name != only:
+            continue
         for positional, options in command.positionals:
             sub.add_argument(positional, **options)
-        for title, cls in command.groups.items():
+        for title, cls in command.option_classes().items():
             add_dataclass_options(sub.add_argument_group(title), cls, flags=command.flags)
         sub.add_argument("--config", metavar="FILE", help="YAML file of option values (the command line overrides)")
         sub.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
-        sub.set_defaults(command_key=name)
     return parser
+
+
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (``"predict"``, ``"train vlmdiff"``), read before parsing: the first
+    word that is not an option (only flags without values may come before it), and the next for a group."""
+    words = [item for item in argv if not item.startswith("-")]
+    if not words:
+        return None
+    if len(words) >= 2 and f"{words[0]} {words[1]}" in COMMANDS:
+        return f"{words[0]} {words[1]}"
+    return words[0] if words[0] in COMMANDS else None
 
 
 def parse(argv: Sequence[str] | None) -> tuple[Command, SimpleNamespace, argparse.Namespace]:
@@ -272,20 +284,24 @@ def parse(argv: Sequence[str] | None) -> tuple[Command, SimpleNamespace, argpars
     ``options`` has one attribute per group of the command (a validated dataclass instance each) plus the
     positional arguments.
     """
-    parser = build_parser()
-    namespace, extra = parser.parse_known_args(argv)
+    import sys
+
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=chosen_command(arguments) or "")
+    namespace, extra = parser.parse_known_args(arguments)
     command = COMMANDS[namespace.command_key]
     if extra:  # inputs may stand anywhere between the options: ``predict in1/ --method m in2/``
         options_left = [item for item in extra if item.startswith("-")]
         if options_left or "inputs" not in dict(command.positionals):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         namespace.inputs = [*namespace.inputs, *extra]
+    classes = command.option_classes()
     file_values = read_config_file(namespace.config) if namespace.config else {}
     if file_values:
-        check_config_keys(file_values, list(command.groups.values()), source=namespace.config)
+        check_config_keys(file_values, list(classes.values()), source=namespace.config)
     owner = namespace.command_key
     options = SimpleNamespace(**{title: build_options(cls, file_values, namespace, owner=owner)
-                                 for title, cls in command.groups.items()})  # fmt: skip
+                                 for title, cls in classes.items()})  # fmt: skip
     for positional, _ in command.positionals:
         setattr(options, positional, getattr(namespace, positional))
     return command, options, namespace

@@ -7,7 +7,7 @@
   cluster has one.
 - Actors read, score and write each image's overlay and raw map; the driver streams the records into
   ``scores.jsonl`` / ``errors.jsonl`` and, at the end, writes ``scores.parquet`` and ``scores.csv``. The layout
-  is every engine's (see :mod:`anomalens.engines.core`, whose writer it uses), plus the Parquet file.
+  is every engine's (see :mod:`anomalens.engines.run_folder`, whose writer it uses), plus the Parquet file.
 - Resume: a re-run into the same folder with the same detector skips the images already in ``scores.jsonl``
   and scores the rest. A different method or config, other references (the fitted state's fingerprint), another
   threshold or raw map format is refused, naming what differs. A half-written last record (a killed run) is
@@ -33,11 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from anomalens.backbones.weights import sha256_of
-from anomalens.detector import TENSORS_FILE, Detector, config_from_saved
-from anomalens.engines.core import (
+from anomalens.detector import Detector
+from anomalens.engines.request import PredictRequest
+from anomalens.engines.run_folder import (
     RECORD_COLUMNS,
-    OverlayStyle,
     PredictSummary,
     RunWriter,
     collect_inputs,
@@ -45,8 +44,6 @@ from anomalens.engines.core import (
     output_names,
     prepare_out_dir,
     repair_scores,
-    resolve_threshold_source,
-    run_manifest,
     score_batch,
     terminate_as_interrupt,
     write_result,
@@ -61,8 +58,10 @@ from anomalens.io.images import (
     load_image_bytes,
     readable_images,
 )
-from anomalens.io.outputs import honour_umask, overlay_scale
+from anomalens.io.outputs import honour_umask, sha256_file
+from anomalens.persistence import TENSORS_FILE, config_from_saved
 from anomalens.registry import get_method
+from anomalens.thresholds import Calibration
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +130,10 @@ def _read(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
 
 
 class _Scorer:
-    """A Ray Data actor: loads the detector once, then scores batches of ``{"path", "name"}`` rows."""
+    """A Ray Data actor: loads the detector once, then scores batches of ``{"path", "name"}`` rows as the
+    request says (the request's calibration is the run's)."""
 
-    def __init__(self, detector: Any, out_dir: str, raw_format: str, write_overlays: bool, threads: int,
-                 threshold: float | None, limits: ImageLimits = DEFAULT_LIMITS,
-                 style: OverlayStyle | None = None):  # fmt: skip
+    def __init__(self, detector: Any, request: PredictRequest, out_dir: str, threads: int):
         import ray
         import torch
 
@@ -148,13 +146,9 @@ class _Scorer:
         if ray.get_gpu_ids() and torch.cuda.is_available():  # the GPU Ray gave this actor (CUDA_VISIBLE_DEVICES)
             self.detector.to("cuda")
             self.detector.config.device = "cuda"
-        if threshold is not None:
-            self.detector.threshold = threshold
+        self.detector.calibration = request.checked_calibration()
+        self.request = request
         self.out = Path(out_dir)
-        self.limits = limits
-        self.raw_format = raw_format
-        self.write_overlays = write_overlays
-        self.style = style
 
     def __call__(self, batch):
         import pandas as pd
@@ -162,13 +156,14 @@ class _Scorer:
         rows: list[dict[str, Any]] = []
         failed = lambda path, reason: rows.append({"path": str(path), "error": reason})  # noqa: E731
         names_of = dict(zip(batch["path"], batch["name"]))
-        loaded = list(readable_images(batch["path"], on_error=failed, load=lambda path: _read(path, self.limits)))
+        limits, settings = self.request.settings.limits, self.request.settings
+        loaded = list(readable_images(batch["path"], on_error=failed, load=lambda path: _read(path, limits)))
         paths, arrays = [path for path, _ in loaded], [array for _, array in loaded]
         names = [names_of[path] for path in paths]
+        identity = (self.detector.method_name, self.detector.config_hash)
         for path, name, array, result in score_batch(self.detector, paths, names, arrays, failed):
-            record = write_result(
-                self.out, path, name, array, result, self.detector, self.raw_format, self.write_overlays, self.style
-            )
+            record = write_result(self.out, path, name, array, result, identity, settings.raw_format,
+                                  settings.overlays, self.request.map_scale)  # fmt: skip
             if "regions" in record:  # a list of dicts: JSON text through the frame, parsed back by _collect
                 record["regions"] = json.dumps(record["regions"])
             rows.append({**record, "error": None})
@@ -181,20 +176,6 @@ RESUME_KEYS = {  # run.json fields a resumed run must share with the earlier one
     "threshold": "threshold",
     "raw_format": "raw map format",
 }
-
-
-def check_resume(out_dir: str | os.PathLike, overwrite: bool = False) -> int:
-    """Before any fitting: check that ``out_dir`` can be resumed (its ``scores.jsonl`` is readable; a half-written
-    last line from a killed run is removed). Returns the records already there (0 for a new or overwritten run).
-
-    Raises:
-        ValueError: The folder holds a damaged record file (named, with the line).
-    """
-    out = Path(out_dir)
-    if overwrite or not (out / "run.json").exists():
-        return 0
-    repair_scores(out)
-    return sum(1 for _ in iter_scores(out))
 
 
 def _done_paths(out: Path, manifest: dict[str, Any], overwrite: bool) -> set[str]:
@@ -226,94 +207,77 @@ def _done_paths(out: Path, manifest: dict[str, Any], overwrite: bool) -> set[str
 
 def score(
     detector_or_path: Detector | str | os.PathLike,
-    inputs: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
+    request: PredictRequest,
     *,
     num_workers: int = 1,
-    batch_size: int = 8,
     ray_address: str | None = None,
     gpu_fraction: float | None = None,
-    threshold: float | None = None,
-    threshold_source: str | None = None,
-    raw_format: str = "npy",
-    write_overlays: bool = True,
-    overwrite: bool = False,
-    run_info: dict[str, Any] | None = None,
     progress: Callable[[int], Any] | None = None,
-    limits: ImageLimits = DEFAULT_LIMITS,
-    map_range: tuple[float, float] | None = None,
 ) -> PredictSummary:
-    """Score images on a Ray cluster; writes every engine's layout plus ``scores.parquet``.
+    """Score a request on a Ray cluster; writes every engine's layout plus ``scores.parquet``.
 
     Args:
         detector_or_path: A fitted :class:`Detector` (shipped to the actors through the object store) or the
             folder of a saved one (each actor loads it).
-        inputs: Local files/folders and/or URIs pyarrow can read.
-        out_dir: Output folder, shared by all nodes. An earlier run of the same detector there is resumed.
+        request: What to score (local files and folders, and URIs pyarrow can read: prepare it with
+            ``lister=list_inputs, resumable=True``) and write; its calibration is the run's (a request not yet
+            calibrated takes the detector's own). Its folder, shared by all nodes, resumes an earlier run of the
+            same detector there.
         num_workers: Actors in the pool.
-        batch_size: Images per ``map_batches`` batch.
         ray_address: Cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); ``None`` joins the
             running one or starts a local one.
         gpu_fraction: GPUs per actor; ``None`` requests 1 when the cluster has GPUs, else 0.
-        threshold: Overrides the detector's threshold.
-        threshold_source: How the threshold was chosen, recorded in ``run.json``.
-        raw_format / write_overlays / overwrite / run_info / progress / limits / map_range: As in the local
-            engine's ``run_predict``.
+        progress: Called with the number of images finished so far.
 
     Returns:
-        A :class:`~anomalens.engines.core.PredictSummary` over all images of the folder (earlier runs included).
+        A :class:`~anomalens.engines.run_folder.PredictSummary` over all images of the folder (earlier runs
+        included).
     """
     ray = require_ray()
-    if num_workers < 1 or batch_size < 1:
-        raise ValueError(f"num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers} must be >= 1")
     started = time.time()
-    describe = _describe(detector_or_path, threshold)
-    source = resolve_threshold_source(threshold, threshold_source, describe.get("threshold"))
-    out = Path(out_dir)
-    view = SimpleNamespace(map_scale=describe.get("map_scale"), pixel_threshold=describe.get("pixel_threshold"),
-                           zero_shot=get_method(describe["method"]).zero_shot)  # fmt: skip
-    style = OverlayStyle(*overlay_scale(view, map_range))
-    manifest = run_manifest(describe, source, inputs, raw_format, run_info)
-    manifest.update(engine="ray", num_workers=num_workers, ray_address=ray_address, map_scale=style.scale,
-                    map_scale_source=style.source)  # fmt: skip
-    done = _done_paths(out, manifest, overwrite)
-    todo = [{"path": path, "name": name} for path, name in list_inputs(inputs) if path not in done]
+    describe = _describe(detector_or_path)
+    if request.calibration is None:
+        view = SimpleNamespace(calibration=Calibration.from_dict(describe),
+                               zero_shot=get_method(describe["method"]).zero_shot)  # fmt: skip
+        request = request.calibrated(detector_or_path if isinstance(detector_or_path, Detector) else view)
+    out = request.out
+    manifest = request.manifest(describe)
+    manifest.update(engine="ray", num_workers=num_workers, ray_address=ray_address)
+    done = _done_paths(out, manifest, request.settings.overwrite)
+    todo = [{"path": path, "name": name} for path, name in request.images if path not in done]
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     with terminate_as_interrupt(), RunWriter(out, manifest, append=True) as writer:
         if todo:
-            results = _scoring_dataset(ray, detector_or_path, todo, out, num_workers, batch_size, gpu_fraction,
-                                       {"raw_format": raw_format, "write_overlays": write_overlays,
-                                        "threshold": threshold, "limits": limits, "style": style})  # fmt: skip
+            batch_size = request.batch_size or describe["config"]["batch_size"]
+            results = _scoring_dataset(ray, detector_or_path, todo, request, num_workers, batch_size, gpu_fraction)
             _collect(results, writer, progress)
         summary = writer.finish(time.time() - started, resumed_from=len(done))
     _write_parquet(out)
     return summary
 
 
-def _describe(detector_or_path: Detector | str | os.PathLike, threshold: float | None) -> dict[str, Any]:
-    """The detector's description (from the object, or a saved folder's config), with a given threshold applied."""
+def _describe(detector_or_path: Detector | str | os.PathLike) -> dict[str, Any]:
+    """The detector's description and fingerprint (from the object, or a saved or exported folder's files)."""
     from anomalens.runtime import ExportedDetector, is_exported
 
     if not isinstance(detector_or_path, Detector) and is_exported(detector_or_path):
         exported = ExportedDetector.load(detector_or_path)
-        describe = {**exported.describe(), "detector_fingerprint": exported.metadata["fingerprint"]}
-    elif isinstance(detector_or_path, Detector):
-        describe = {**detector_or_path.describe(), "detector_fingerprint": detector_or_path.fingerprint()}
-    else:
-        saved = config_from_saved(detector_or_path)
-        describe = {key: value for key, value in saved.items() if key not in ("format", "fingerprint")}
-        # A detector saved by an older version carries no fingerprint: its tensors file stands in.
-        describe["detector_fingerprint"] = (
-            saved.get("fingerprint") or sha256_of(Path(detector_or_path) / TENSORS_FILE)[:16]
-        )
-    if threshold is not None:
-        describe["threshold"] = float(threshold)
+        return {**exported.describe(), "detector_fingerprint": exported.metadata["fingerprint"]}
+    if isinstance(detector_or_path, Detector):
+        return {**detector_or_path.describe(), "detector_fingerprint": detector_or_path.fingerprint()}
+    saved = config_from_saved(detector_or_path)
+    describe = {key: value for key, value in saved.items() if key not in ("format", "fingerprint", "files_sha256")}
+    # A detector saved by an older version carries no fingerprint: its tensors file stands in.
+    tensors = Path(detector_or_path) / TENSORS_FILE
+    describe["detector_fingerprint"] = saved.get("fingerprint") or sha256_file(tensors)[:16]
     return describe
 
 
-def _scoring_dataset(ray, detector_or_path, todo, out: Path, num_workers: int, batch_size: int,
-                     gpu_fraction: float | None, scorer_options: dict[str, Any]):  # fmt: skip
+def _scoring_dataset(ray, detector_or_path, todo, request: PredictRequest, num_workers: int, batch_size: int,
+                     gpu_fraction: float | None):  # fmt: skip
     """The lazy Ray dataset of score rows: the path list mapped through a pool of :class:`_Scorer` actors."""
     resources = ray.cluster_resources()
     if gpu_fraction is None:
@@ -325,7 +289,8 @@ def _scoring_dataset(ray, detector_or_path, todo, out: Path, num_workers: int, b
         handle = str(Path(detector_or_path).resolve())
     return ray.data.from_items(todo).map_batches(
         _Scorer,
-        fn_constructor_kwargs={"detector": handle, "out_dir": str(out.resolve()), "threads": cpus, **scorer_options},
+        fn_constructor_kwargs={"detector": handle, "request": request, "out_dir": str(request.out.resolve()),
+                               "threads": cpus},  # fmt: skip
         compute=ray.data.ActorPoolStrategy(size=num_workers),
         batch_size=batch_size,
         num_cpus=cpus,

@@ -47,9 +47,10 @@ import numpy as np
 
 from anomalens.detector import Detector
 from anomalens.engines.access import SESSION_COOKIE, AccessGuard, AccessSettings, key_matches, session_token
-from anomalens.engines.core import fit_and_threshold, label_text
+from anomalens.engines.run_folder import label_text
 from anomalens.io.images import ImageLimits, ImageLoadError, load_image_bytes
-from anomalens.io.outputs import heatmap_overlay, jpeg_bytes, overlay_scale, png_bytes, raw_map_bytes
+from anomalens.io.outputs import heatmap_overlay, jpeg_bytes, png_bytes, raw_map_bytes
+from anomalens.thresholds import ThresholdOptions, apply_threshold_options, threshold_from_text
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ INSTALL_HINT = "anomalens serve needs FastAPI and uvicorn: pip install 'anomalen
 STATUS_OF_KIND = {"empty": 400, "format": 415, "size": 413, "unreadable": 422}  # ImageLoadError.kind -> HTTP
 
 
-def _require_fastapi():
+def require_fastapi():
+    """Import FastAPI and python-multipart, or raise an ``ImportError`` that says how to install them."""
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401  (uploads)
@@ -134,7 +136,7 @@ class RefitJob:
 
     id: str
     references: int
-    threshold: float | str | None
+    options: ThresholdOptions
     class_name: str | None
     status: str = "queued"  # queued, running, succeeded, failed, cancelled
     done: int = 0
@@ -167,7 +169,6 @@ class ModelWorker:
         self.detector = detector
         self.settings = settings
         self.generation = 0  # +1 each time a refit replaces the detector
-        self.threshold_source = "detector" if detector.threshold is not None else "none"
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.refits: dict[str, RefitJob] = {}
         self.batches = 0  # forward passes run, for tests and /healthz
@@ -241,13 +242,13 @@ class ModelWorker:
         return [result for array in arrays for result in self._score([array])]
 
     # ------------------------------------------------------------------ refits
-    def start_refit(self, arrays: list[np.ndarray], threshold: float | str | None, class_name: str | None) -> RefitJob:
+    def start_refit(self, arrays: list[np.ndarray], options: ThresholdOptions, class_name: str | None) -> RefitJob:
         """Start a refit in its own thread. Raises ``RuntimeError`` if one is running."""
         with self.lock:
             running = [job for job in self.refits.values() if job.status in ("queued", "running")]
             if running:
                 raise RuntimeError(f"refit {running[0].id} is still running; wait for it or cancel it")
-            job = RefitJob(uuid.uuid4().hex[:12], len(arrays), threshold, class_name)
+            job = RefitJob(uuid.uuid4().hex[:12], len(arrays), options, class_name)
             for old in sorted(self.refits.values(), key=lambda item: item.created)[:-20]:  # keep the last 20
                 del self.refits[old.id]
             self.refits[job.id] = job
@@ -268,13 +269,12 @@ class ModelWorker:
         try:
             with self.lock:  # a consistent copy: nothing is scoring (and adapting) meanwhile
                 candidate = refit_copy(self.detector)
-            candidate.threshold, candidate.threshold_source = None, "none"  # new references: the old one is void
-            source = fit_and_threshold(candidate, arrays, job.class_name, job.threshold, progress)
+            source = apply_threshold_options(candidate, arrays, job.class_name, job.options, progress)
             progress(job.done, job.total)  # a cancel that came during the last step still counts
             with self.lock:
                 if job.cancel.is_set():
                     raise FitCancelled("cancelled by request")
-                self.detector, self.threshold_source = candidate, source
+                self.detector = candidate
                 self.generation += 1
                 job.generation, job.threshold_source, job.status = self.generation, source, "succeeded"
         except FitCancelled as stop:
@@ -302,9 +302,9 @@ def result_payload(name: str, array: np.ndarray, result, timing: dict[str, float
                    include_raw_map: bool = False, scale: tuple[float, float] | None = None,
                    heatmap_format: str = "jpeg") -> dict:  # fmt: skip
     """The JSON of one scored image (labels and the 16-bit map encoded as every engine encodes them); the heatmap
-    is drawn on the detector's fixed colour scale ``scale`` (see :func:`~anomalens.io.outputs.overlay_scale`) and
-    sent as ``heatmap_jpeg`` (quality 90, the default: encoding a 900 x 900 overlay as PNG took as long as scoring
-    it) or ``heatmap_png``."""
+    is drawn on the detector's fixed colour scale ``scale`` (:meth:`~anomalens.thresholds.Calibration.map_scale_for`)
+    and sent as ``heatmap_jpeg`` (quality 90, the default: encoding a 900 x 900 overlay as PNG took as long as
+    scoring it) or ``heatmap_png``."""
     if heatmap_format not in HEATMAP_FORMATS:
         raise ValueError(f"heatmap_format={heatmap_format!r} is not one of {', '.join(HEATMAP_FORMATS)}")
     payload: dict[str, Any] = {
@@ -375,20 +375,15 @@ async def _wait(future: concurrent.futures.Future, settings: ServerSettings):
         raise _Problem(504, f"the request took longer than {settings.request_timeout_s:g} s") from None
 
 
-def parse_threshold(value: str | None) -> float | str | None:
-    """A form's ``threshold``: empty/absent (the default rule), ``leave-one-out``, or a finite number."""
+def form_threshold(value: str | None) -> ThresholdOptions:
+    """A form's ``threshold`` as threshold options: empty/absent (the default rule), ``auto``, a rule name such as
+    ``leave-one-out``, ``none`` or a finite number (:func:`anomalens.thresholds.threshold_from_text`)."""
     if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text == "leave-one-out":
-        return text
+        return ThresholdOptions()
     try:
-        number = float(text)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or len(text) > 64:
-        raise _Problem(422, f"threshold {text[:64]!r} must be a finite number or leave-one-out")
-    return number
+        return threshold_from_text(value)
+    except ValueError as problem:
+        raise _Problem(422, str(problem)) from None
 
 
 def parse_class_name(value: str | None) -> str | None:
@@ -412,7 +407,7 @@ def create_app(detector: Detector, settings: ServerSettings | None = None, *, cl
         access: API key, hosts and origins (default: no key, loopback only).
         bound_host: The address the server listens on, for the Host check.
     """
-    _require_fastapi()
+    require_fastapi()
     from fastapi import FastAPI
 
     settings = settings or ServerSettings()
@@ -433,7 +428,9 @@ def create_app(detector: Detector, settings: ServerSettings | None = None, *, cl
     )
     app.state.worker = worker
     _install_error_handlers(app)
-    _add_routes(app, worker, settings, state)
+    _add_status_routes(app, worker, settings)
+    _add_refit_routes(app, worker, settings, state)
+    _add_predict_route(app, worker, settings)
     _add_page(app, access)
     guarded = AccessGuard(app, access, bound_host, settings.max_request_bytes)
     guarded.state = app.state  # type: ignore[attr-defined]  (tests reach the worker through it)
@@ -466,15 +463,16 @@ def _install_error_handlers(app) -> None:
         return _error(problem.status, problem.message, rejected=problem.rejected, **problem.extra)
 
 
-def _add_routes(app, worker: ModelWorker, settings: ServerSettings, state: dict) -> None:
-    """``/healthz``, ``/v1/detector``, ``/v1/references``, ``/v1/jobs/{id}`` and ``/v1/predict``."""
-    from fastapi import File, Form, UploadFile
-    from fastapi.responses import JSONResponse
+def _describe(worker: ModelWorker) -> dict:
+    """The served detector's description: its calibration's own source (a saved detector keeps the rule that chose
+    its threshold), the generation and what it accepts."""
+    detector = worker.detector
+    return {**detector.describe(), "generation": worker.generation, "zero_shot": detector.zero_shot,
+            "few_shot": detector.few_shot}  # fmt: skip
 
-    def describe() -> dict:
-        detector = worker.detector
-        return {**detector.describe(), "threshold_source": worker.threshold_source, "generation": worker.generation,
-                "zero_shot": detector.zero_shot, "few_shot": detector.few_shot}  # fmt: skip
+
+def _add_status_routes(app, worker: ModelWorker, settings: ServerSettings) -> None:
+    """``/healthz`` and ``/v1/detector``."""
 
     @app.get("/healthz", summary="Health")
     async def healthz() -> dict:
@@ -483,23 +481,30 @@ def _add_routes(app, worker: ModelWorker, settings: ServerSettings, state: dict)
 
     @app.get("/v1/detector", summary="The current detector and the server's limits")
     async def detector_info() -> dict:
-        return {**describe(), "limits": asdict(settings)}
+        return {**_describe(worker), "limits": asdict(settings)}
+
+
+def _add_refit_routes(app, worker: ModelWorker, settings: ServerSettings, state: dict) -> None:
+    """``/v1/references`` (a refit, as a job) and ``/v1/jobs/{id}`` (follow or cancel it)."""
+    from fastapi import File, Form, UploadFile
+    from fastapi.responses import JSONResponse
 
     @app.post("/v1/references", summary="Refit the detector on normal reference images (a job)")
     async def references(
         files: Annotated[list[UploadFile], File(description="normal images")],
         threshold: Annotated[
-            str | None, Form(description="a finite number, or leave-one-out; default: leave-one-out with >= 2")
+            str | None, Form(description="auto (default: leave-one-out with >= 2), leave-one-out, a finite number "
+                                         "or none")  # fmt: skip
         ] = None,
         class_name: Annotated[str | None, Form(description="the product's name, e.g. bottle")] = None,
         wait: Annotated[bool, Form(description="answer when the refit ends (up to the request timeout)")] = True,
     ):
         if not worker.detector.few_shot:
             raise _Problem(400, f"method {worker.detector.method_name!r} is zero-shot and takes no reference images")
-        given, name = parse_threshold(threshold), parse_class_name(class_name)
+        options, name = form_threshold(threshold), parse_class_name(class_name)
         accepted, rejected = await read_uploads(files, settings)
         try:
-            job = worker.start_refit([array for _, array, _ in accepted], given, name or state["class_name"])
+            job = worker.start_refit([array for _, array, _ in accepted], options, name or state["class_name"])
         except RuntimeError as busy:
             raise _Problem(409, str(busy)) from None
         if wait:
@@ -508,7 +513,7 @@ def _add_routes(app, worker: ModelWorker, settings: ServerSettings, state: dict)
         if job.status == "succeeded":
             if name:
                 state["class_name"] = name
-            return {**describe(), **body}
+            return {**_describe(worker), **body}
         if job.status in ("failed", "cancelled"):
             status = 409 if job.status == "cancelled" else 500 if job.error.startswith("internal") else 422
             raise _Problem(status, f"refit {job.status}: {job.error}", rejected, job=job.public())
@@ -529,6 +534,11 @@ def _add_routes(app, worker: ModelWorker, settings: ServerSettings, state: dict)
         job.cancel.set()
         await asyncio.to_thread(job.finished_event.wait, 10.0)
         return job.public()
+
+
+def _add_predict_route(app, worker: ModelWorker, settings: ServerSettings) -> None:
+    """``/v1/predict``: score uploads, micro-batched by the model worker."""
+    from fastapi import File, Form, UploadFile
 
     @app.post("/v1/predict", summary="Score images")
     async def predict(
@@ -556,7 +566,8 @@ def _add_routes(app, worker: ModelWorker, settings: ServerSettings, state: dict)
                 scored.append((name, array, index, result))
         if not scored:
             raise _Problem(500, "no image could be scored", rejected)
-        scale, _ = overlay_scale(worker.detector)
+        detector = worker.detector
+        scale, _ = detector.calibration.map_scale_for(zero_shot=detector.zero_shot)
         payloads = await asyncio.to_thread(
             lambda: [
                 {"index": index, **result_payload(name, array, result, {**timing, "total_ms": total_ms},
@@ -564,8 +575,7 @@ def _add_routes(app, worker: ModelWorker, settings: ServerSettings, state: dict)
                 for name, array, index, result in scored
             ]
         )  # fmt: skip
-        return {"results": payloads, "rejected": rejected, "method": worker.detector.method_name,
-                "generation": generation}  # fmt: skip
+        return {"results": payloads, "rejected": rejected, "method": detector.method_name, "generation": generation}
 
 
 LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>anomalens: API key</title>

@@ -42,7 +42,7 @@ from anomalens.evaluation.profiling import PeakMemory, machine_info, process_pea
 from anomalens.io.datasets import Dataset, Sample, open_dataset
 from anomalens.io.images import load_image, readable_images
 from anomalens.io.outputs import atomic_write_json, atomic_write_text
-from anomalens.thresholds import conformal_threshold, plan_thresholds, required_references
+from anomalens.thresholds import ThresholdOptions, conformal_threshold, required_references
 
 logger = logging.getLogger(__name__)
 
@@ -123,47 +123,23 @@ def evaluate_category(
     test = subset_test(test, max_images)
     if not test:
         raise ValueError(f"category {category!r} of {dataset.name} has no test images")
-    size = batch_size or detector.config.batch_size
-    if detector.pooled:
-        size = len(test)  # the whole test split is the pool its images are scored against
+    size = len(test) if detector.pooled else batch_size or detector.config.batch_size  # a pool: the whole split
     scored = _Scored(eval_size)
-    fit_options: dict[str, Any] = {"threshold": None}
-    rates = sorted(false_alarm_rates)
-    for rate in rates:  # the smallest rate the references allow decides how many are held out; larger ones reuse them
-        try:
-            plan_thresholds("auto", len(references), false_alarm_rate=rate, calibration=calibration,
-                            seed=detector.config.seed)  # fmt: skip
-        except ValueError as error:
-            logger.warning("%s seed %d: %s", category, seed, error)
-            continue
-        fit_options = {"threshold": "auto", "false_alarm_rate": rate, "calibration": calibration}
-        break
+    options = threshold_options(len(references), false_alarm_rates, calibration, detector.config.seed, category)
     bar = progress_factory(total=len(test), desc=f"{category} seed {seed}") if progress_factory else None
     with PeakMemory() as memory:
         fit_began = time.perf_counter()
-        detector.fit([load_image(sample.image_path) for sample in references], class_name=category, **fit_options)
+        detector.fit([load_image(sample.image_path) for sample in references], class_name=category, options=options)
         fit_seconds = time.perf_counter() - fit_began
         detector.stage_seconds.clear()
-        for start in range(0, len(test), size):
-            chunk = test[start : start + size]
-            batch = list(readable_images([sample.image_path for sample in chunk], on_error=scored.skip))
-            samples = {sample.image_path: sample for sample in chunk}
-            if batch:
-                began = time.perf_counter()
-                results = detector.predict_arrays([array for _, array in batch], [str(path) for path, _ in batch])
-                scored.seconds += time.perf_counter() - began
-                for (path, array), result in zip(batch, results):
-                    scored.add(samples[path], array, result)
-            if bar is not None:
-                bar.update(len(chunk))
+        _score_test(detector, test, size, scored, bar)
     if bar is not None:
         bar.close()
     if not scored.scores:
         raise ValueError(f"no test image of category {category!r} could be read")
-    metrics = scored.metrics(category)
     count = len(scored.scores)
     record = {
-        **metrics,
+        **scored.metrics(category),
         "n_images": count,
         "seconds_per_image": scored.seconds / count,
         "fit_seconds": fit_seconds,  # reading the references, encoding them, the memory / coreset, calibration
@@ -177,9 +153,40 @@ def evaluate_category(
         "images": scored.images(seed),
         "skipped": scored.skipped,
     }
-    if rates:
-        record["false_alarm"] = measured_false_alarms(detector, scored, rates)
+    if false_alarm_rates:
+        record["false_alarm"] = measured_false_alarms(detector, scored, sorted(false_alarm_rates))
     return record
+
+
+def threshold_options(references: int, false_alarm_rates: Sequence[float], calibration: str, seed: int,
+                      category: str) -> ThresholdOptions:  # fmt: skip
+    """How a benchmark fit holds references out: for the smallest false-alarm rate the references allow (larger
+    rates reuse its held-out scores), else no threshold (the metrics need none)."""
+    for rate in sorted(false_alarm_rates):
+        options = ThresholdOptions(false_alarm_rate=rate, calibration=calibration)
+        try:
+            options.plan(references, seed)
+        except ValueError as error:
+            logger.warning("%s seed %d: %s", category, seed, error)
+            continue
+        return options
+    return ThresholdOptions(threshold=None)
+
+
+def _score_test(detector: Detector, test: list[Sample], size: int, scored: _Scored, bar: Any) -> None:
+    """Score the test samples in batches of ``size`` into ``scored``, timing the scoring alone."""
+    for start in range(0, len(test), size):
+        chunk = test[start : start + size]
+        batch = list(readable_images([sample.image_path for sample in chunk], on_error=scored.skip))
+        samples = {sample.image_path: sample for sample in chunk}
+        if batch:
+            began = time.perf_counter()
+            results = detector.predict_arrays([array for _, array in batch], [str(path) for path, _ in batch])
+            scored.seconds += time.perf_counter() - began
+            for (path, array), result in zip(batch, results):
+                scored.add(samples[path], array, result)
+        if bar is not None:
+            bar.update(len(chunk))
 
 
 def choose_references(dataset: Dataset, category: str, shots: int | None, seed: int,
@@ -217,11 +224,11 @@ def measured_false_alarms(detector: Detector, scored: _Scored, rates: Sequence[f
     """For each rate asked: its conformal threshold on the detector's held-out reference scores and the share of
     the scored normal images above it (``None`` where there are too few held-out references for the rate)."""
     normal = np.array([score for score, label in zip(scored.scores, scored.labels) if label == 0], dtype=np.float64)
-    held_out = detector.held_out_scores
+    held_out = detector.calibration.held_out_scores
     rows = []
     for rate in rates:
         row: dict[str, Any] = {"alpha": rate, "n_held_out": len(held_out), "n_normal_test": int(normal.size),
-                               "calibration": detector.threshold_calibration.get("calibration")}  # fmt: skip
+                               "calibration": detector.calibration.record.get("calibration")}  # fmt: skip
         if len(held_out) < required_references(rate):
             row.update(threshold=None, measured=None,
                        note=f"needs {required_references(rate)} held-out references, has {len(held_out)}")  # fmt: skip
@@ -388,38 +395,37 @@ def run_benchmark(
     images: list[dict[str, Any]] = []
     for category in chosen:
         records = [evaluate_category(detector, dataset, category, shots=shots, seed=seed, **options) for seed in seeds]
-        per_category[category] = aggregate(records)
-        per_category[category]["references"] = {str(seed): record["references"] for seed, record in zip(seeds, records)}
-        per_category[category]["references_from"] = records[0]["references_from"]
-        if records[0].get("false_alarm") and detector.threshold_calibration:
-            per_category[category]["threshold_calibration"] = detector.threshold_calibration
+        per_category[category] = _category_summary(detector, records, seeds)
         images.extend({"category": category, **image} for record in records for image in record["images"])
-        skipped = [item for record in records for item in record["skipped"]]
-        if skipped:
-            per_category[category]["skipped"] = skipped
         logger.info("%s: %s", category, {k: round(v, 4) for k, v in per_category[category].items() if k in ALL_METRICS})
     mean = {name: _nanmean([per_category[c][name] for c in chosen]) for name in RECORD_FIELDS if name != "n_images"}
     mean["n_images"] = int(sum(per_category[c]["n_images"] for c in chosen))
     results = {
-        "method": detector.method_name,
-        "dataset": dataset_name,
-        "config": config_to_dict(detector.config),
-        "shots": "all" if shots is None else shots,
-        "seeds": list(seeds),
-        "categories": per_category,
-        "mean": mean,
-        "eval_size": eval_size,
-        "max_images": max_images,
-        "false_alarm_rates": list(false_alarm_rates),
-        "command": command or " ".join(sys.argv),
-        "machine": machine_info(),
-    }
+        "method": detector.method_name, "dataset": dataset_name, "config": config_to_dict(detector.config),
+        "shots": "all" if shots is None else shots, "seeds": list(seeds), "categories": per_category, "mean": mean,
+        "eval_size": eval_size, "max_images": max_images, "false_alarm_rates": list(false_alarm_rates),
+        "command": command or " ".join(sys.argv), "machine": machine_info(),
+    }  # fmt: skip
     if out_dir is not None:
         out = Path(out_dir)
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", results_table(results))
         atomic_write_text(out / "scores.csv", _scores_csv(images))
     return results
+
+
+def _category_summary(detector: Detector, records: list[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """One category's seeds aggregated, with the references of each seed, how thresholds were calibrated and the
+    files skipped."""
+    summary = aggregate(records)
+    summary["references"] = {str(seed): record["references"] for seed, record in zip(seeds, records)}
+    summary["references_from"] = records[0]["references_from"]
+    if records[0].get("false_alarm") and detector.calibration.record:
+        summary["threshold_calibration"] = dict(detector.calibration.record)
+    skipped = [item for record in records for item in record["skipped"]]
+    if skipped:
+        summary["skipped"] = skipped
+    return summary
 
 
 def _check_benchmark(detector, dataset, dataset_name: str, root: str, categories, shots) -> list[str]:

@@ -303,6 +303,20 @@ class Folder(Dataset):
 DATASETS: dict[str, type[Dataset]] = {"mvtec": MVTecAD, "visa": VisA, "realiad": RealIAD, "folder": Folder}
 
 
+def register_dataset(name: str, cls: type[Dataset]) -> type[Dataset]:
+    """Add a dataset layout under ``name`` (``anomalens benchmark --dataset NAME`` accepts it from then on).
+
+    Raises:
+        ValueError: ``cls`` is not a :class:`Dataset` subclass, or the name is taken.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
+        raise ValueError(f"{cls!r} must be a subclass of anomalens.io.datasets.Dataset")
+    if name in DATASETS and DATASETS[name] is not cls:
+        raise ValueError(f"dataset {name!r} is registered already; registered: {', '.join(list_datasets())}")
+    DATASETS[name] = cls
+    return cls
+
+
 def list_datasets() -> list[str]:
     """Names accepted by :func:`open_dataset` and ``anomalens benchmark --dataset``."""
     return sorted(DATASETS)

@@ -100,6 +100,7 @@ def check_image_size(source: str, width: int, height: int, mode: str = "RGB",
             source,
             f"{width}x{height} (mode {mode}) would need about {needed / 2**20:.0f} MiB to score, over the limit "
             f"of {limits.max_memory_bytes / 2**20:.0f} MiB",
+            "size",
         )
 
 
@@ -247,7 +248,7 @@ def load_image_bytes(data: bytes, source: str, limits: ImageLimits = DEFAULT_LIM
         raise ImageLoadError(source, f"corrupt or truncated image ({error})") from None
 
 
-def describe(image: Any) -> str:
+def image_source(image: Any) -> str:
     """A short name for an image input, for messages and records."""
     if isinstance(image, (str, os.PathLike)):
         return str(image)

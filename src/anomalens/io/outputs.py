@@ -26,7 +26,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 def read_format_file(path: Path, format_name: str, format_version: int) -> dict[str, Any]:
     """The JSON description file of a saved or exported folder, checked: its ``format`` must be ``format_name``
     and its ``format_version`` at most ``format_version`` (else a ``ValueError`` naming the file)."""
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable JSON description ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != format_name:
         raise ValueError(f"{path} has format {meta.get('format')!r}, expected {format_name!r}")
     if meta.get("format_version", 0) > format_version:
@@ -121,41 +126,13 @@ def jet_colormap(values: np.ndarray) -> np.ndarray:
 
 def normalise_map(anomaly_map: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray:
     """Scale a map to ``[0, 1]`` for display: ``(map - low) / (high - low)`` on the fixed ``scale = (low, high)``
-    (see :func:`overlay_scale`), clipped; without a scale, the map's own min-max range."""
+    (see :meth:`anomalens.thresholds.Calibration.map_scale_for`), clipped; without a scale, the map's own min-max
+    range."""
     if scale is not None:
         low, high = scale
         return np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
     low, high = float(anomaly_map.min()), float(anomaly_map.max())
     return (anomaly_map - low) / (high - low) if high > low else np.zeros_like(anomaly_map)
-
-
-def overlay_scale(
-    detector: Any, map_range: tuple[float, float] | None = None
-) -> tuple[tuple[float, float] | None, str]:
-    """The colour scale of a run's overlays and where it comes from, in order of precedence:
-
-    - ``"given"``: ``map_range`` (``--map-range LOW HIGH``);
-    - ``"references"``: the detector's ``map_scale``: ``low`` is the typical value of held-out normal references'
-      maps, the pixel threshold sits at the middle of the palette, ``high = 2 * pixel_threshold - low``;
-    - ``"pixel-threshold"``: ``(0, 2 * pixel_threshold)`` for a given pixel threshold without held-out references;
-    - ``"fixed"``: ``(0, 1)`` for a method fitted without references (its maps are probabilities or cosine
-      distances);
-    - ``"per-image"``: each map's own min-max (one reference and nothing else to go by; colours then do not
-      compare between images, which ``run.json`` says).
-    """
-    if map_range is not None:
-        low, high = (float(value) for value in map_range)
-        if not (np.isfinite(low) and np.isfinite(high) and high > low):
-            raise ValueError(f"map range {map_range!r} must be two finite numbers LOW < HIGH")
-        return (low, high), "given"
-    if getattr(detector, "map_scale", None):
-        return tuple(detector.map_scale), "references"  # type: ignore[return-value]
-    pixel_threshold = getattr(detector, "pixel_threshold", None)
-    if pixel_threshold is not None and pixel_threshold > 0:
-        return (0.0, 2.0 * pixel_threshold), "pixel-threshold"
-    if getattr(detector, "zero_shot", False):
-        return (0.0, 1.0), "fixed"
-    return None, "per-image"
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -188,7 +165,8 @@ def heatmap_overlay(
     Args:
         image: ``(H, W, 3)`` uint8.
         anomaly_map: ``(H, W)`` float map.
-        scale: ``(low, high)`` fixed colour scale (:func:`overlay_scale`); ``None``: the map's own min-max.
+        scale: ``(low, high)`` fixed colour scale (:meth:`~anomalens.thresholds.Calibration.map_scale_for`);
+            ``None``: the map's own min-max.
         alpha: Weight of the colours.
         mask: ``(H, W)`` bool defect mask, outlined in white.
         caption: With ``caption`` (e.g. the score), a ``FOOTER_HEIGHT`` band is added below the image: the colour

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 
 from anomalens.backbones.clip import clip_weights_reference
 from anomalens.backbones.prompts import DEFAULT_CLASS_NAME, PromptSet, build_prompt_set
-from anomalens.config import DetectorConfig, check_options
+from anomalens.checks import check_options
+from anomalens.config import DetectorConfig
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones.clip import RESIZE_MODES, CLIPBackbone
-from anomalens.config import check_options
+from anomalens.checks import check_options
 from anomalens.detector import Detector
 from anomalens.methods.clip_base import CLIPConfig, class_name_of, clip_weights_of, prompt_set_of
 from anomalens.methods.synthesis import synthesize_anomaly, texture_files, texture_from_file
@@ -150,6 +150,8 @@ class DualImageCLIP(ResizableBuffers, Detector):
     zero_shot = True
     few_shot = True
     pooled = True
+    cannot_export = ("its images are scored against each other in pools of variable size, and its test-time "
+                     "adaptation takes gradient steps on every pool")
     resizable_buffers = ("reference_tokens",)
 
     def __init__(

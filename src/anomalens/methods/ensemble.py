@@ -39,9 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens.config import RUNTIME_FIELDS, DetectorConfig, build_config, check_options, config_to_dict
+from anomalens.checks import check_options
+from anomalens.config import RUNTIME_FIELDS, DetectorConfig, build_config, config_to_dict
 from anomalens.detector import AnomalyResult, Detector
-from anomalens.thresholds import LOO_LIMIT, ThresholdPlan, held_out_plan
+from anomalens.thresholds import ThresholdPlan
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Ensemble(Detector):
     """Weighted fusion of member detectors on a reference-derived common scale (see the module docstring)."""
 
     method_name = "ensemble"
+    cannot_export = "each member is its own graph: export the members"
     config_class = EnsembleConfig
 
     def __init__(self, config: EnsembleConfig, *, weights_dir=None, load_pretrained: bool = True):
@@ -171,15 +173,11 @@ class Ensemble(Detector):
         return [float(weight) for weight in weights]
 
     # ------------------------------------------------------------------ fitting
-    def _fit_with_plan(self, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
-                       report: Callable[[int, int], None]) -> list[AnomalyResult]:  # fmt: skip
+    def _fit_and_hold_out(self, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
+                          report: Callable[[int, int], None]) -> list[AnomalyResult]:  # fmt: skip
         """Fit every member, hold references out for the common scale, and return the fused held-out results."""
         normalise = self.config.normalisation != "none"
-        held_plan = plan
-        if plan.calibration is None and len(arrays) >= 2 and normalise:  # the scale needs held-out references
-            scheme = "leave-one-out" if len(arrays) <= LOO_LIMIT else "k-fold"
-            held_plan = held_out_plan(plan.rule, scheme, len(arrays), self.config.seed)
-            held_plan.given = plan.given
+        held_plan = plan.holding_out(len(arrays), self.config.seed) if normalise else plan
         if normalise and len(held_plan.calibration_indices if held_plan.calibration else []) < 2:
             raise ValueError(
                 f"ensemble normalisation={self.config.normalisation!r} needs at least 2 reference images to hold out "
@@ -190,9 +188,9 @@ class Ensemble(Detector):
         for number, member in enumerate(self.members):
             member.class_name = class_name
             if member.few_shot and arrays:
-                per_member.append(member._fit_with_plan(arrays, class_name, held_plan, lambda done, total: None))
+                per_member.append(member._fit_and_hold_out(arrays, class_name, held_plan, lambda done, total: None))
             else:
-                member._fit_with_plan([], class_name, ThresholdPlan("none"), lambda done, total: None)
+                member._fit_and_hold_out([], class_name, ThresholdPlan("none"), lambda done, total: None)
                 per_member.append(member.predict_arrays([arrays[index] for index in held_indices]))
             report(number + 1, len(self.members))
         with torch.inference_mode():

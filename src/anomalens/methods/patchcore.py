@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
-from anomalens.config import DetectorConfig, check_options
+from anomalens.checks import check_options
+from anomalens.config import DetectorConfig
 from anomalens.detector import Detector
 from anomalens.export import ExportSpec, PixelsGraph
 from anomalens.io.images import images_to_tensor
@@ -137,6 +138,7 @@ class PatchCore(Detector):
     config_class = PatchCoreConfig
     zero_shot = False
     few_shot = True
+    cannot_export = None  # exports: export_spec()
 
     def __init__(
         self,

@@ -68,7 +68,7 @@ from anomalens.backbones.clip import (
     window_incidence,
 )
 from anomalens.backbones.prompts import ANOMALIB_WINCLIP_TEMPLATES
-from anomalens.config import check_options
+from anomalens.checks import check_options
 from anomalens.detector import Detector
 from anomalens.export import ExportSpec, PixelsGraph
 from anomalens.methods.clip_base import CLIPConfig, check_shots, class_name_of, clip_weights_of, prompt_set_of
@@ -166,6 +166,7 @@ class WinCLIP(Detector):
     config_class = WinCLIPConfig
     zero_shot = True
     few_shot = True
+    cannot_export = None  # exports: export_spec()
 
     def __init__(
         self, config: WinCLIPConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True

@@ -58,7 +58,7 @@ from anomalens.backbones.diffusion import (
     last_unet_block,
 )
 from anomalens.backbones.weights import read_checkpoint
-from anomalens.config import check_options
+from anomalens.checks import check_options
 from anomalens.detector import Detector
 from anomalens.io.images import images_to_tensor
 from anomalens.methods.clip_base import CLIPConfig, check_shots, class_name_of, clip_weights_of, prompt_set_of
@@ -182,6 +182,8 @@ class CLIPFusion(OffloadMixin, Detector):
     config_class = CLIPFusionConfig
     zero_shot = True
     few_shot = True
+    cannot_export = ("its diffusion branch samples noise and reads the UNet's cross-attention through attention "
+                     "processors, and the SD VAE + UNet exceed ONNX's 2 GB protobuf limit")
 
     def __init__(
         self, config: CLIPFusionConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True

@@ -31,7 +31,7 @@ from torch import nn
 
 from anomalens.backbones.clip import CLIPBackbone
 from anomalens.backbones.prompts import build_prompt_set
-from anomalens.config import check_options
+from anomalens.checks import check_options
 from anomalens.io.datasets import open_dataset
 from anomalens.io.images import ImageLoadError, load_image
 from anomalens.io.outputs import honour_umask

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.backbones import FeatureBackbone, check_layers, get_backbone_spec
-from anomalens.config import DetectorConfig, check_options
+from anomalens.checks import check_options
+from anomalens.config import DetectorConfig
 from anomalens.detector import Detector
 from anomalens.io.images import images_to_tensor
 from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
@@ -122,6 +123,7 @@ class VLMDiff(Detector):
     config_class = VLMDiffConfig
     zero_shot = True
     few_shot = False
+    cannot_export = "scoring runs a DDIM reconstruction loop (VAE, several caption-conditioned UNet steps) per image"
 
     def __init__(
         self,

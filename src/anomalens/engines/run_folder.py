@@ -1,4 +1,4 @@
-"""What every engine (local, Ray, serve) shares: the run folder, its writer, and one image's record and files.
+"""The run folder every engine (local, Ray) writes, its writer, and one image's record and files.
 
 Run folder layout::
 
@@ -12,8 +12,8 @@ Run folder layout::
 NAME mirrors the image's path below the input folder it was found in (a file given directly uses its own name),
 with a numeric suffix where two inputs would collide.
 
-Threshold sources: ``given`` (a number from the user), ``leave-one-out`` (derived from the references, see
-:func:`leave_one_out_threshold`), ``detector`` (carried by a saved detector), ``none`` (no labels).
+``run.json`` carries the run's calibration (:class:`anomalens.thresholds.Calibration`): the threshold and its
+source (``given``, ``none`` or the rule that chose it), the pixel threshold and the overlays' colour scale.
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ from anomalens.io.outputs import (
     atomic_write_json,
     defect_regions,
     heatmap_overlay,
-    overlay_scale,
     png_bytes,
     raw_map_bytes,
 )
-from anomalens.thresholds import check_pixel_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -55,86 +53,10 @@ CSV_FIELDS = ("path", "score", "label", "threshold", "true_label", "defect_type"
               "method", "config_hash", "overlay", "map", "mask", "width", "height")  # fmt: skip
 RECORD_COLUMNS = (*CSV_FIELDS, "map_scale_max", "regions")  # every field a score record can have
 RAW_FORMATS = ("npy", "png16")
-THRESHOLD_RULES_TEXT = {
-    "leave-one-out": "leave-one-out: max over references of the score of each reference against the others "
-    "(the conformal rule at alpha = 1/(n+1))",
-    "conformal": "conformal: the ceil((m+1)(1-alpha))-th smallest of m held-out reference scores "
-    "(see threshold_calibration for the guarantee and its assumptions)",
-}
 TEST_FOLDER_NAMES = ("test", "test_public", "test_private", "validation", "val")
 
 
-# ---------------------------------------------------------------------------------------------------- thresholds
-def leave_one_out_threshold(detector: Any, reference_images: Sequence[Any], class_name: str | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> float | None:  # fmt: skip
-    """Fit ``detector`` on the references and return the leave-one-out threshold (see :meth:`Detector.fit`).
-
-    Each reference is scored by the detector fitted on the others; the threshold is the largest of those scores,
-    the lowest at which no held-out reference is flagged. Returns ``None`` (and logs why) with fewer than two.
-    This is :func:`fit_and_threshold` without a given threshold.
-    """
-    fit_and_threshold(detector, reference_images, class_name, None, progress)
-    return detector.threshold
-
-
-def fit_and_threshold(
-    detector: Any,
-    references: Sequence[Any],
-    class_name: str | None = None,
-    threshold: float | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    *,
-    false_alarm_rate: float | None = None,
-    calibration: str = "auto",
-    calibration_size: int | None = None,
-    pixel_threshold: float | None = None,
-) -> str:
-    """Fit ``detector`` on ``references`` and set its thresholds by the one rule every engine follows.
-
-    - A given ``threshold`` is used as is (``"given"``).
-    - Else, with references and a few-shot method: conformal at ``false_alarm_rate`` if given (``"conformal"``),
-      else leave-one-out (``"leave-one-out"``; ``"none"`` with fewer than two references).
-    - Else the detector keeps the threshold it carries (``"detector"``), if any (``"none"``).
-
-    ``pixel_threshold`` (a number) overrides the pixel threshold derived from the references. Without references
-    a detector that is not fitted yet is fitted zero-shot. Returns the threshold's source.
-    """
-    references = list(references or [])
-    options = {"false_alarm_rate": false_alarm_rate, "calibration": calibration, "calibration_size": calibration_size,
-               "pixel_threshold": "auto" if pixel_threshold is None else pixel_threshold}  # fmt: skip
-    if references and threshold is None and detector.few_shot:
-        if false_alarm_rate is None and len(references) < 2:
-            logger.warning("a default threshold needs at least 2 reference images (got %d); no labels",
-                           len(references))  # fmt: skip
-        detector.fit(references, class_name=class_name, threshold="auto", progress=progress, **options)
-        return detector.threshold_source
-    if false_alarm_rate is not None:
-        raise ValueError(
-            f"false_alarm_rate={false_alarm_rate} needs normal reference images to hold out (--reference DIR); "
-            f"method {detector.method_name!r} " + ("takes none" if not detector.few_shot else "was given none")
-        )
-    if references or not detector.is_fitted:
-        detector.fit(references or None, class_name=class_name, threshold=threshold, progress=progress, **options)
-        return detector.threshold_source
-    if pixel_threshold is not None:
-        check_pixel_threshold(pixel_threshold)
-        detector.pixel_threshold = float(pixel_threshold)
-    if threshold is not None:
-        detector.threshold, detector.threshold_source = float(threshold), "given"
-        return "given"
-    return "detector" if detector.threshold is not None else "none"
-
-
-def resolve_threshold_source(given: float | None, chosen_by: str | None, current: float | None) -> str:
-    """How the threshold of a run was chosen: the rule that chose it if named, else ``given`` for a number from
-    the user, else the detector's own (``detector``) or ``none``."""
-    if chosen_by:
-        return chosen_by
-    if given is not None:
-        return "given"
-    return "detector" if current is not None else "none"
-
-
+# ---------------------------------------------------------------------------------------------------- records
 def label_text(label: bool | None) -> str | None:
     """The label string of records and API answers: ``"anomalous"``, ``"normal"``, or ``None`` (no threshold)."""
     return None if label is None else ("anomalous" if label else "normal")
@@ -238,27 +160,19 @@ def result_record(path: Any, array, result, method: str, config_hash: str) -> di
     }
 
 
-@dataclass(frozen=True)
-class OverlayStyle:
-    """How a run draws its overlays: the fixed colour scale (:func:`~anomalens.io.outputs.overlay_scale`)."""
-
-    scale: tuple[float, float] | None = None
-    source: str = "per-image"
-
-
-def write_result(out: Path, path, name: str, array, result, detector, raw_format: str, write_overlays: bool,
-                 style: OverlayStyle | None = None) -> dict:  # fmt: skip
-    """Write one image's overlay, raw map and defect mask under ``out``; returns its full score record."""
-    record = result_record(path, array, result, detector.method_name, detector.config_hash)
+def write_result(out: Path, path, name: str, array, result, identity: tuple[str, str], raw_format: str,
+                 overlays: bool, map_scale: tuple[float, float] | None) -> dict:  # fmt: skip
+    """Write one image's overlay (on the colour scale ``map_scale``), raw map and defect mask under ``out``;
+    returns its full score record. ``identity`` is the detector's ``(method, config hash)``."""
+    record = result_record(path, array, result, *identity)
     mask = result.defect_mask()
     if mask is not None:
         regions = defect_regions(mask, result.anomaly_map)
         record.update(pixel_threshold=result.pixel_threshold, defect_area=int(mask.sum()), regions=regions)
         mask_png = png_bytes(mask.astype(np.uint8) * 255)
         record["mask"] = atomic_write_bytes(out / "masks" / f"{name}.png", mask_png).relative_to(out).as_posix()
-    if write_overlays:
-        style = style or OverlayStyle(*overlay_scale(detector))
-        overlay = heatmap_overlay(array, result.anomaly_map, style.scale, mask=mask, caption=overlay_caption(result),
+    if overlays:
+        overlay = heatmap_overlay(array, result.anomaly_map, map_scale, mask=mask, caption=overlay_caption(result),
                                   marker=result.pixel_threshold)  # fmt: skip
         record["overlay"] = atomic_write_bytes(out / "overlays" / f"{name}.png", png_bytes(overlay)).relative_to(
             out).as_posix()  # fmt: skip
@@ -298,11 +212,19 @@ class PredictSummary:
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[str]:
     """The run artifacts already in ``out_dir``; refuses them unless ``overwrite`` (called before any fitting, so a
-    mistake costs nothing)."""
+    mistake costs nothing), and refuses an artifact that is a symbolic link: a run writes into its own folder only.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, holds a run (without ``overwrite``), or an artifact there is a link.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is not a folder")
-    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    existing = [name for name in RUN_ARTIFACTS if (out / name).exists() or (out / name).is_symlink()]
+    links = [name for name in existing if (out / name).is_symlink()]
+    if links:
+        raise ValueError(f"output folder {out} has {', '.join(links)} as a symbolic link; a run writes only into its "
+                         "own folder: remove the link or choose another --out")  # fmt: skip
     if existing and not overwrite:
         raise ValueError(
             f"output folder {out} already holds a run ({', '.join(existing)}); "
@@ -325,18 +247,19 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def run_manifest(describe: dict[str, Any], source: str, inputs: Sequence[Any], raw_format: str,
-                 run_info: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    """The ``run.json`` of a starting run: the detector's description, the threshold's source and rule, inputs."""
-    return {
-        **describe,
-        "threshold_source": source,
-        "threshold_rule": THRESHOLD_RULES_TEXT.get(source),
-        "inputs": [str(entry) for entry in inputs],
-        "raw_format": raw_format,
-        "status": "running",
-        **(run_info or {}),
-    }
+def check_resume(out_dir: str | os.PathLike, overwrite: bool = False) -> int:
+    """Before any fitting: check that ``out_dir`` can be resumed (its ``scores.jsonl`` is readable; a half-written
+    last line from a killed run is removed). Returns the records already there (0 for a new or overwritten run).
+
+    Raises:
+        ValueError: The folder holds a damaged record file (named, with the line), or an artifact is a link.
+    """
+    out = Path(out_dir)
+    if overwrite or not (out / "run.json").exists():
+        check_out_dir(out, overwrite=True)
+        return 0
+    repair_scores(out)
+    return sum(1 for _ in iter_scores(out))
 
 
 @contextmanager
@@ -475,8 +398,3 @@ def repair_scores(out_dir: str | os.PathLike) -> int:
     with open(path, "ab") as handle:
         handle.write(b"\n")
     return 0
-
-
-def load_scores(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read the records of a finished (or interrupted) run's ``scores.jsonl``."""
-    return list(iter_scores(out_dir))

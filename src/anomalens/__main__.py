@@ -1,0 +1,7 @@
+"""``python -m anomalens``: the ``anomalens`` command line."""
+
+import sys
+
+from anomalens.cli import main
+
+sys.exit(main())
