@@ -267,6 +267,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one command (``"predict"``, ``"train vlmdiff"``), with every option: for its help and for the
+    generated CLI reference."""
+    parser = build_parser(only=name)
+    for word in name.split():
+        action = next(item for item in parser._actions if isinstance(item, argparse._SubParsersAction))
+        parser = action.choices[word]
+    return parser
+
+
 def chosen_command(argv: Sequence[str]) -> str | None:
     """The command an argument list names (``"predict"``, ``"train vlmdiff"``), read before parsing: the first
     word that is not an option (only flags without values may come before it), and the next for a group."""

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from anomalens.checks import check_options
+
 API_KEY_ENV = "ANOMALENS_API_KEY"
 SESSION_COOKIE = "anomalens_session"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -40,11 +42,12 @@ class AccessSettings:
     allowed_origins: tuple[str, ...] = ()  # extra origins whose pages may call the API (e.g. https://app.example.com)
 
     def __post_init__(self) -> None:
-        if self.key is not None and len(self.key) < 16:
-            raise ValueError(f"the API key must be at least 16 characters long, got {len(self.key)}")
-        for origin in self.allowed_origins:
-            if origin == "*" or "://" not in origin:
-                raise ValueError(f"allowed origin {origin!r} must be a full origin such as https://app.example.com")
+        if self.key is not None and len(self.key) < 16:  # not check_options: it would print the secret
+            raise ValueError(f"serve option api_key (or ${API_KEY_ENV}) must be at least 16 characters long, got "
+                             f"{len(self.key)}")  # fmt: skip
+        check_options("serve", self, {"allowed_origins": (
+            all(origin != "*" and "://" in origin for origin in self.allowed_origins),
+            "full origins such as https://app.example.com")})  # fmt: skip
 
     @property
     def key(self) -> str | None:

@@ -33,7 +33,6 @@ import base64
 import concurrent.futures
 import copy
 import logging
-import math
 import queue
 import threading
 import time
@@ -45,12 +44,13 @@ from typing import Annotated, Any
 
 import numpy as np
 
+from anomalens.checks import check_options
 from anomalens.detector import Detector
 from anomalens.engines.access import SESSION_COOKIE, AccessGuard, AccessSettings, key_matches, session_token
 from anomalens.engines.run_folder import label_text
 from anomalens.io.images import ImageLimits, ImageLoadError, load_image_bytes
 from anomalens.io.outputs import heatmap_overlay, jpeg_bytes, png_bytes, raw_map_bytes
-from anomalens.thresholds import ThresholdOptions, apply_threshold_options, threshold_from_text
+from anomalens.thresholds import ThresholdOptions, apply_threshold_options, is_finite_number, threshold_from_text
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ class ServerSettings:
     fit_timeout_s: float = 1800.0  # a refit still running after this is cancelled
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"server setting {name}={value!r} must be a finite number")
-            if value < 0 or (value == 0 and name != "max_wait_ms"):
-                raise ValueError(f"server setting {name}={value!r} must be positive")
+        check_options("serve", self, {
+            name: (is_finite_number(value) and (value > 0 or (value == 0 and name == "max_wait_ms")),
+                   "a finite number >= 0" if name == "max_wait_ms" else "a finite number > 0")
+            for name, value in asdict(self).items()
+        })  # fmt: skip
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from anomalens.checks import check_options
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,10 +63,11 @@ class ImageLimits:
     max_memory_bytes: int = 2 * 2**30  # estimated peak memory of the whole pipeline for this image
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "max_side", "max_memory_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"image limit {name}={value!r} must be a positive integer")
+        check_options("image limits", self, {
+            name: (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
+                   and getattr(self, name) >= 1, "a positive integer")
+            for name in ("max_pixels", "max_side", "max_memory_bytes")
+        })  # fmt: skip
 
 
 DEFAULT_LIMITS = ImageLimits()

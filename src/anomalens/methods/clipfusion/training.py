@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from torch import nn
 from anomalens.backbones.clip import CLIPBackbone
 from anomalens.backbones.prompts import build_prompt_set
 from anomalens.checks import check_options
-from anomalens.io.datasets import open_dataset
+from anomalens.io.datasets import list_datasets, open_dataset
 from anomalens.io.images import ImageLoadError, load_image
 from anomalens.io.outputs import honour_umask
 from anomalens.nn.losses import dice_loss, focal_loss
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 class PatchCLIPTrainConfig:
     """Settings of ``anomalens train patchclip`` (recorded in the output file's metadata)."""
 
-    dataset: str = ""  # auxiliary dataset with pixel labels: mvtec, visa, realiad or folder (required)
+    dataset: str = field(default="", metadata={"choices": list_datasets})  # auxiliary dataset with pixel labels
     root: str = ""  # its root folder (required)
     out: str = ""  # output .safetensors file (required)
     backbone: str = "ViT-L-14-336"  # open_clip model the projections are for
@@ -67,7 +67,7 @@ class PatchCLIPTrainConfig:
     def __post_init__(self) -> None:
         self.layers = tuple(int(layer) for layer in self.layers)
         check_options("train patchclip", self, {
-            "dataset": (bool(self.dataset), "a dataset layout (--dataset mvtec|visa|realiad|folder)"),
+            "dataset": (bool(self.dataset), f"a dataset layout (--dataset: one of {', '.join(list_datasets())})"),
             "root": (bool(self.root), "the dataset's root folder (--root DIR)"),
             "out": (bool(self.out), "an output .safetensors file (--out FILE)"),
             "layers": (bool(self.layers), "one or more block indices"),

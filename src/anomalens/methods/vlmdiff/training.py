@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalens.io.datasets import open_dataset
+from anomalens.io.datasets import list_datasets, open_dataset
 from anomalens.io.images import images_to_tensor, readable_images
 from anomalens.io.outputs import atomic_write_bytes, honour_umask, png_bytes
 from anomalens.methods.vlmdiff.architecture import VLMDiffArchitecture
@@ -68,7 +68,7 @@ PERCEPTUAL_LAYERS = {"vgg16_bn": ("features.5", "features.12", "features.22", "f
 class VLMDiffTrainConfig:
     """Settings of one VLMDiff training run (recorded in ``vlmdiff.json``)."""
 
-    dataset: str  # dataset layout (see anomalens.io.datasets.list_datasets())
+    dataset: str = field(metadata={"choices": list_datasets})  # dataset layout
     root: str  # its root folder
     categories: tuple[str, ...] | None = None  # categories trained together, from any of the roots; None = all
     extra_roots: tuple[str, ...] = ()  # further roots of the same layout (e.g. MVTec AD and MPDD): one model
