@@ -18,7 +18,8 @@ Writes one JSON file with:
   by cumulative import time;
 - ``readme_lines``.
 
-Usage: ``python benchmarks/architecture.py --out benchmarks/results/architecture-round2-after.json``
+Usage: ``python benchmarks/architecture.py --out benchmarks/results/architecture-round2-after.json``; with
+``--before FILE`` (an earlier record) it also writes a side-by-side Markdown table beside ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import platform
 import re
 import statistics
@@ -176,9 +178,10 @@ def help_import(runs: int) -> dict:
     entry = "anomalens" if (SRC / "__main__.py").exists() else "anomalens.cli"
     command = [sys.executable, "-X", "importtime", "-m", entry, "--help"]
     walls, stderr = [], ""
+    env = {**os.environ, "PYTHONPATH": str(SRC.parent)}  # this checkout's code, whatever is installed
     for _ in range(runs):
         began = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
         walls.append(time.perf_counter() - began)
         stderr = done.stderr
     rows = []
@@ -199,10 +202,54 @@ def help_import(runs: int) -> dict:
     }
 
 
+def comparison(before: dict, after: dict) -> str:
+    """The two records side by side, in Markdown."""
+    def files(record: dict, kind: str) -> str:
+        return ", ".join(name.removeprefix("anomalens/") for name, row in record["threshold_files"].items()
+                         if row[kind]) or "none"  # fmt: skip
+
+    def cycles(record: dict) -> str:
+        return "; ".join(" <-> ".join(cycle) for cycle in record["import_cycles"]) or "none"
+
+    def longest(record: dict) -> str:
+        return ", ".join(f"{item['function'].removeprefix('anomalens/')} ({item['lines']})"
+                         for item in record["long_functions"]) or "none"  # fmt: skip
+
+    def top(record: dict) -> str:
+        return ", ".join(f"{row['module']} {row['cumulative_ms']:.0f} ms" for row in record["help_import"]
+                         ["top_cumulative"][:5])  # fmt: skip
+
+    rows = [
+        ("commit", before["commit"], after["commit"]),
+        ("library lines (modules)", f"{before['total_lines']} ({len(before['module_tree'])})",
+         f"{after['total_lines']} ({len(after['module_tree'])})"),
+        ("functions over 60 lines", longest(before), longest(after)),
+        ("import cycles between top-level parts", cycles(before), cycles(after)),
+        ("upward imports (declared layers)", str(before["upward_imports"]), str(after["upward_imports"])),
+        ("files that write threshold state", files(before, "state_writes"), files(after, "state_writes")),
+        ("files that state a threshold rule", files(before, "rule_sites"), files(after, "rule_sites")),
+        ("`--help` wall time, median of runs", f"{before['help_import']['wall_seconds']['median']:.2f} s",
+         f"{after['help_import']['wall_seconds']['median']:.2f} s"),
+        ("`--help` imports torch / training modules",
+         f"{before['help_import']['imports_torch']} / {before['help_import']['training_modules']}",
+         f"{after['help_import']['imports_torch']} / {after['help_import']['training_modules']}"),
+        ("`--help` top imports (cumulative)", top(before), top(after)),
+        ("README lines", str(before["readme_lines"]), str(after["readme_lines"])),
+    ]  # fmt: skip
+    lines = ["| | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {old} | {new} |" for name, old, new in rows]
+    modules = sorted(set(before["module_tree"]) | set(after["module_tree"]))
+    lines += ["", "| module | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {before['module_tree'].get(name, '')} | {after['module_tree'].get(name, '')} |"
+              for name in modules]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--runs", type=int, default=5, help="runs of the --help timing")
+    parser.add_argument("--before", default=None, help="an earlier record: also write the two side by side (.md)")
     args = parser.parse_args()
     graph = import_graph()
     result = {
@@ -224,6 +271,10 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.before:
+        before = json.loads(Path(args.before).read_text())
+        header = f"# Before and after\n\n`{result['command']}`\n\n"
+        out.with_suffix(".md").write_text(header + comparison(before, result))
     print(json.dumps({key: result[key] for key in ("total_lines", "import_cycles", "upward_imports", "readme_lines")},
                      indent=1))  # fmt: skip
     print("long functions:", [(item["function"], item["lines"]) for item in result["long_functions"]])

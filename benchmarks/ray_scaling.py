@@ -21,7 +21,8 @@ import ray
 
 import anomalens
 from anomalens.engines.local import run_predict
-from anomalens.engines.ray import score
+from anomalens.engines.ray import list_inputs, score
+from anomalens.engines.request import OutputSettings, PredictRequest
 from anomalens.evaluation.profiling import write_benchmark_json
 
 
@@ -39,14 +40,17 @@ def main() -> None:
     saved = detector.save(work / "detector")
     runs = {}
     began = time.perf_counter()
-    summary = run_predict(detector, [test], work / "local")
+    request = PredictRequest.prepare([test], OutputSettings(out=str(work / "local")))
+    summary = run_predict(detector, request.calibrated(detector))
     runs["local"] = {"seconds": time.perf_counter() - began, "images": summary.scored}
     began = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - began
     for workers in (1, 2):
         began = time.perf_counter()
-        summary = score(saved, [test], work / f"ray-{workers}", num_workers=workers, batch_size=8)
+        request = PredictRequest.prepare([test], OutputSettings(out=str(work / f"ray-{workers}")), batch_size=8,
+                                         lister=list_inputs, resumable=True)  # fmt: skip
+        summary = score(saved, request, num_workers=workers)
         runs[f"ray_{workers}_workers"] = {"seconds": time.perf_counter() - began, "images": summary.scored}
     ray.shutdown()
     for run in runs.values():

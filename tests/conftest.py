@@ -194,12 +194,12 @@ class BrightnessDetector(anomalens.Detector):
         return maps.flatten(1).amax(1), maps
 
 
-def predict_local(detector, inputs, out, progress=None, **settings):
+def predict_local(detector, inputs, out, progress=None, batch_size=None, **settings):
     """The local engine over ``inputs``, with the predict request built as the command line builds it."""
     from anomalens.engines.local import run_predict
     from anomalens.engines.request import OutputSettings, PredictRequest
 
-    request = PredictRequest.prepare(inputs, OutputSettings(out=str(out), **settings))
+    request = PredictRequest.prepare(inputs, OutputSettings(out=str(out), **settings), batch_size=batch_size)
     return run_predict(detector, request.calibrated(detector), progress)
 
 

@@ -124,8 +124,11 @@ def test_ensemble_runs_on_ray_like_locally(local_ray, mvtec_root, tmp_path):
     references = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
     detector = anomalens.create("ensemble", members=members).fit(references, class_name="widget")
     folder = mvtec_root / "widget" / "test"
-    predict_ray(detector, [folder], tmp_path / "ray", batch_size=2, num_workers=2)
-    predict_local(detector, [folder], tmp_path / "local")
+    # One image per batch on both sides: a z-scored ensemble magnifies the float noise of differing batch
+    # compositions (WinCLIP's scores move ~3e-7 relative between batches of 4 and 2; fused, up to 2e-5), and Ray
+    # cuts its batches along its own blocks.
+    predict_ray(detector, [folder], tmp_path / "ray", batch_size=1, num_workers=2)
+    predict_local(detector, [folder], tmp_path / "local", batch_size=1)
     by_path = {}
     for engine in ("ray", "local"):
         for line in (tmp_path / engine / "scores.jsonl").read_text().splitlines():
