@@ -211,3 +211,25 @@ def predict_ray(detector_or_path, inputs, out, *, batch_size=None, overwrite=Fal
     request = PredictRequest.prepare(inputs, OutputSettings(out=str(out), overwrite=overwrite), batch_size=batch_size,
                                      lister=list_inputs, resumable=True)  # fmt: skip
     return score(detector_or_path, request, progress=progress, **engine)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (Debian's; .ci/run installs it where it is missing)."""
+    from postgres_server import PostgresServer, postgres_bin
+
+    if postgres_bin() is None:
+        pytest.skip("needs Debian's postgresql (apt-get install postgresql; .ci/run installs it)")
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh, empty history database: an SQLite file, and a new database on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'history.db'}"
+    import uuid
+
+    return request.getfixturevalue("postgres").database(f"t{uuid.uuid4().hex[:12]}")

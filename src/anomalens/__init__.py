@@ -53,6 +53,7 @@ LAYERS = (
     ("detector",),  # the Detector base class
     ("methods",),  # the methods
     ("engines",),  # predict requests, run folders, the local and Ray engines, the server
+    ("station",),  # many products: versioned models, the history, hot folders, webhooks, the review server
     ("evaluation",),  # benchmarks, metrics, speed
     ("cli",),  # the command lines
 )

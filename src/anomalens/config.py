@@ -49,11 +49,12 @@ class DetectorConfig:
     precision: str = "float32"  # "bfloat16" or "float16": networks under autocast (see Detector.autocast)
     smoothing_sigma: float = 4.0  # Gaussian sigma of the anomaly map, in pixels at the method's map size; 0 = none
     device: str = "cpu"  # torch device the detector is built on and runs on: "cpu", "cuda", "cuda:1", ...
-    tiling: TileConfig | None = None  # score images as overlapping square tiles (anomalens.tiling); None = whole
+    tiling: TileConfig | str | None = "auto"  # overlapping square tiles (anomalens.tiling); auto: chosen from the
+    # references' size and aspect at fit time; none: whole images
 
     def __post_init__(self) -> None:
         if not isinstance(self.tiling, (TileConfig, type(None))):
-            self.tiling = TileConfig.parse(self.tiling)
+            self.tiling = TileConfig.parse(self.tiling)  # "auto" stays "auto" until fit() chooses
         check_options(
             self.method,
             self,

@@ -57,7 +57,7 @@ from anomalens.nn.state import clear_embedding_caches
 from anomalens.persistence import fingerprint, load_detector, save_detector
 from anomalens.results import AnomalyResult, pool_order
 from anomalens.thresholds import Calibrated, Calibration, ThresholdOptions, ThresholdPlan, fit_holding_out
-from anomalens.tiling import score_tiled, tiles_of
+from anomalens.tiling import AUTO, TileConfig, choose_tiling, score_tiled, tiles_of
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Detector(Calibrated, nn.Module):
         self.load_pretrained = load_pretrained
         self.class_name: str | None = None
         self.calibration = Calibration()  # thresholds, their source and record, the overlays' colour scale (fit())
+        self.tiling_choice: str | None = None  # why tiling="auto" chose what it did (fit())
         self.stage_seconds: dict[str, float] = {}  # time spent per named stage, summed since last cleared
         self.register_buffer("_is_fitted", torch.tensor(False))
 
@@ -225,6 +226,7 @@ class Detector(Calibrated, nn.Module):
         self._check_references(references, class_name)
         plan = options.plan(len(references), self.config.seed)
         arrays = [load_image(image) for image in references]
+        self._resolve_tiling(arrays)
         self.class_name = class_name
         held_out = self._fit_and_hold_out(arrays, class_name, plan, progress or (lambda done, total: None))
         self.calibration = Calibration.from_held_out(plan, held_out, len(arrays), options.pixel_threshold)
@@ -241,6 +243,20 @@ class Detector(Calibrated, nn.Module):
         if class_name is not None and not isinstance(class_name, str):
             raise ValueError(f"class_name must be a string, got {class_name!r}")
 
+    @property
+    def input_size(self) -> int:
+        """The side, in pixels, images are resized to before the networks (``tiling="auto"`` compares parts with
+        it); methods with another input say so (default: ``config.image_size``, else 256)."""
+        return int(getattr(self.config, "image_size", None) or 256)
+
+    def _resolve_tiling(self, arrays: list[np.ndarray]) -> None:
+        """``tiling="auto"``: choose from the references' size and aspect (:func:`anomalens.tiling.choose_tiling`);
+        the choice replaces "auto" in the config (so it is saved) and its reason is ``tiling_choice``."""
+        if self.config.tiling != AUTO:
+            return
+        self.config.tiling, self.tiling_choice = choose_tiling([array.shape[:2] for array in arrays], self.input_size)
+        logger.info("%s tiling=auto: %s", self.method_name, self.tiling_choice)
+
     def _fit_and_hold_out(self, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
                           report: Callable[[int, int], None]) -> list[AnomalyResult]:  # fmt: skip
         """Fit as ``plan`` says; the held-out references' results (:func:`anomalens.thresholds.fit_holding_out`)."""
@@ -252,7 +268,7 @@ class Detector(Calibrated, nn.Module):
         whose tiles are all encoded)."""
         owners, tiles = [], []
         for owner, array in enumerate(arrays):
-            for tile in tiles_of(array, self.config.tiling):
+            for tile in tiles_of(array, self.config.tiling if isinstance(self.config.tiling, TileConfig) else None):
                 owners.append(owner)
                 tiles.append(tile)
         grouped: list[list] = [[] for _ in arrays]
@@ -311,7 +327,7 @@ class Detector(Calibrated, nn.Module):
         arrays = list(arrays)
         if not arrays:
             return []
-        tiling = self.config.tiling
+        tiling = self.config.tiling if isinstance(self.config.tiling, TileConfig) else None
         if tiling is None:
             scored = self._score_images(arrays)
         else:  # a pooled method pools all tiles of the call
@@ -342,7 +358,8 @@ class Detector(Calibrated, nn.Module):
     def describe(self) -> dict[str, Any]:
         """JSON-ready description: method, config, class name, calibration, fitted state."""
         return {"method": self.method_name, "config": config_to_dict(self.config), "config_hash": self.config_hash,
-                "class_name": self.class_name, **self.calibration.to_dict(), "fitted": self.is_fitted}  # fmt: skip
+                "class_name": self.class_name, **self.calibration.to_dict(), "tiling_choice": self.tiling_choice,
+                "fitted": self.is_fitted}  # fmt: skip
 
     # ------------------------------------------------------------------ saving, loading, exporting
     def fingerprint(self) -> str:

@@ -143,6 +143,7 @@ def load_detector(path: str | os.PathLike, expected: type | None = None, map_loc
     if expected is not None and not issubclass(method, expected):
         raise ValueError(f"{path} holds a {meta['method']!r} detector, not {expected.method_name!r}")
     options = {key: value for key, value in meta["config"].items() if key != "device"}
+    options.setdefault("tiling", None)  # saved before tiling existed: whole images, as it was fitted
     for key, value in method.config_class.saved_before_the_field.items():
         options.setdefault(key, value)
     detector = method(build_config(method.config_class, options, method=meta["method"]), load_pretrained=False)
@@ -153,6 +154,7 @@ def load_detector(path: str | os.PathLike, expected: type | None = None, map_loc
     load_state_dict_checked(detector, state, source=str(path))
     detector.class_name = meta.get("class_name")
     detector.calibration = Calibration.from_dict(meta)
+    detector.tiling_choice = meta.get("tiling_choice")
     detector.config.device = str(torch.device(map_location))
     return detector.to(map_location)
 

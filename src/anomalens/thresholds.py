@@ -411,6 +411,15 @@ class Calibration:
         """The one label rule: ``score > threshold`` (``None`` without a threshold)."""
         return None if self.threshold is None else bool(score > self.threshold)
 
+    def p_value(self, score: float) -> float | None:
+        """The conformal p-value of ``score`` against the held-out reference scores,
+        ``(1 + #{held-out >= score}) / (m + 1)``: small for a score above most normal references (``None``
+        without held-out scores). Flagging ``p <= α`` is the conformal rule at ``α`` (Bates et al. 2023)."""
+        if not self.held_out_scores or not math.isfinite(score):
+            return None
+        above = sum(held >= score for held in self.held_out_scores)
+        return (1 + above) / (len(self.held_out_scores) + 1)
+
     @property
     def rule_text(self) -> str | None:
         """The source's rule in words, if it is a held-out rule."""

@@ -31,6 +31,9 @@ import numpy as np
 
 from anomalens.checks import check_options
 
+AUTO = "auto"  # tiling chosen at fit time from the references (choose_tiling)
+ELONGATED = 2.0  # tile parts whose long side exceeds this many times the short side (a guess: the issue's example)
+LARGE = 4.0  # tile parts whose shorter side is this many times the method's input size (a guess)
 TILE_SCORES = ("map_max", "tile_max")
 TILE_ASPECTS = ("keep",)
 MAX_TILES = 4096  # tiles per image; more is a mistake (tiny tiles on a large image), refused before any work
@@ -56,9 +59,10 @@ class TileConfig:
         })  # fmt: skip
 
     @classmethod
-    def parse(cls, value: Any) -> TileConfig | None:
-        """A config from a :class:`TileConfig`, a dict, JSON, ``"size=512,overlap=0.25"``, ``"on"`` (defaults) or
-        ``"off"`` / ``None`` (no tiling).
+    def parse(cls, value: Any) -> TileConfig | str | None:
+        """A config from a :class:`TileConfig`, a dict, JSON, ``"size=512,overlap=0.25"``, ``"on"`` (defaults),
+        ``"off"`` / ``None`` (no tiling), or ``"auto"`` (kept as :data:`AUTO`: chosen at fit time by
+        :func:`choose_tiling`).
 
         Raises:
             ValueError: An unknown key (the message lists the valid ones) or an unreadable value.
@@ -69,7 +73,9 @@ class TileConfig:
             text = value.strip()
             if text.lower() in ("", "off", "none", "false", "0"):
                 return None
-            if text.lower() in ("on", "true", "1", "auto"):
+            if text.lower() == AUTO:
+                return AUTO
+            if text.lower() in ("on", "true", "1"):
                 return cls()
             if text.startswith("{"):
                 value = json.loads(text)
@@ -185,3 +191,30 @@ def score_tiled(arrays: list[np.ndarray], config: TileConfig, score_images: Scor
         results.append((float(anomaly_map.max()) if config.score == "map_max" else max(tile_scores[owner]),
                         anomaly_map))  # fmt: skip
     return results
+
+
+def choose_tiling(sizes: list[tuple[int, int]], input_size: int) -> tuple[TileConfig | None, str]:
+    """``tiling="auto"``: tiles or not, from the references' ``(height, width)`` and the method's input side.
+
+    - Elongated parts (a reference's long side over :data:`ELONGATED` times its short side): tiles of the shorter
+      side (``size=0``), so each tile keeps the part's aspect.
+    - Large parts (every reference's shorter side at least :data:`LARGE` times the input side): tiles of twice the
+      input side, each shrunk twice instead of many times.
+    - Otherwise, and without references: whole images.
+
+    Returns:
+        ``(the tiling, the reason in words)``; the reason is recorded with the detector (``tiling_choice``).
+    """
+    if not sizes:
+        return None, "no references to judge by: images are scored whole"
+    aspect = max(max(height, width) / min(height, width) for height, width in sizes)
+    short = min(min(height, width) for height, width in sizes)
+    if aspect > ELONGATED:
+        return TileConfig(size=0), (f"elongated parts (long side up to {aspect:.2f}x the short side, over "
+                                    f"{ELONGATED:g}x): tiles of the shorter side")  # fmt: skip
+    if short >= LARGE * input_size:
+        return TileConfig(size=2 * input_size), (
+            f"large parts (shorter side {short} px, {short / input_size:.1f}x the method's {input_size} px input, at "
+            f"least {LARGE:g}x): tiles of {2 * input_size} px")  # fmt: skip
+    return None, (f"parts of aspect up to {aspect:.2f} and shorter side {short} px suit the method's {input_size} px "
+                  "input: scored whole")  # fmt: skip

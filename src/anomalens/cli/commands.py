@@ -158,8 +158,9 @@ def cmd_predict(options: Any, quiet: bool) -> int:
         bar.update(done - finished[0])
         finished[0] = done
 
+    recorder = _recorder(options, detector) if run.record else None
     try:
-        summary = _score(detector, request, run, advance)
+        summary = _score(detector, request, run, advance, recorder)
     finally:
         bar.close()
     if summary.threshold is not None:
@@ -188,7 +189,7 @@ def _prepare_request(options: Any):
                                   batch_size=options.method.batch_size, resumable=resumable, **extra)  # fmt: skip
 
 
-def _score(detector, request, run, progress):
+def _score(detector, request, run, progress, recorder=None):
     if run.engine == "ray":
         from anomalens.engines.ray import score
 
@@ -196,16 +197,67 @@ def _score(detector, request, run, progress):
                      gpu_fraction=run.gpu_fraction, progress=progress)  # fmt: skip
     from anomalens.engines.local import run_predict
 
-    return run_predict(detector, request, progress)
+    return run_predict(detector, request, progress, recorder)
+
+
+def _recorder(options: Any, detector):
+    """``predict --record``: each score record also becomes a row of the station's history (source
+    ``predict:OUT``; the image stays where it is, its overlay in the run folder)."""
+    import hashlib
+
+    from anomalens.station.history import History
+    from anomalens.station.models import check_product_name
+
+    product = check_product_name(options.run.product or options.references.class_name or "")
+    history = History(options.models.db_url())
+    fingerprint = detector.fingerprint() if hasattr(detector, "fingerprint") else None
+    source = f"predict:{options.run.out}"
+
+    def record(item: dict, result) -> None:
+        with open(item["path"], "rb") as handle:
+            sha256 = hashlib.sha256(handle.read()).hexdigest()
+        history.record({"product": product, "fingerprint": fingerprint, "method": detector.method_name,
+                        "source": source[:255], "image_sha256": sha256, "image_name": item["path"][-255:],
+                        "width": item["width"], "height": item["height"], "score": item["score"],
+                        "threshold": item["threshold"], "label": item["label"],
+                        "p_value": detector.calibration.p_value(item["score"]),
+                        "pixel_threshold": item.get("pixel_threshold"), "regions": item.get("regions")})  # fmt: skip
+
+    return record
 
 
 def cmd_fit(options: Any, quiet: bool) -> int:
     detector = create_detector(options.method)
-    source = fit_detector(detector, options.references, quiet)
-    path = detector.save(options.run.out)
+    reference_paths: list[str] = []
+    source = fit_detector(detector, options.references, quiet, reference_paths)
     threshold = "none" if detector.threshold is None else f"{detector.threshold:.6g} ({source})"
-    print(f"saved fitted {detector.method_name} detector to {path}; threshold {threshold}")
+    if options.run.out:
+        path = detector.save(options.run.out)
+        print(f"saved fitted {detector.method_name} detector to {path}; threshold {threshold}")
+    if options.run.product:
+        version = _add_version(options.models, options.run.product, detector, reference_paths, options.run.note)
+        print(f"added {version.label} (now active) to {version.path.parents[2]}; threshold {threshold}")
     return 0
+
+
+def _add_version(paths: Any, product: str, detector, references: list[str], note: str | None):
+    """Save ``detector`` as ``product``'s new, active version in the models directory."""
+    import tempfile
+
+    from anomalens.station.models import ModelStore, check_product_name
+
+    check_product_name(product)
+    store = ModelStore(paths.models_dir())
+    with tempfile.TemporaryDirectory(prefix=".fit.") as staging:
+        saved = detector.save(f"{staging}/detector")
+        return store.add(product, saved, references=references, source="fit", note=note,
+                         extra={"tiling": _tiling_record(detector)})  # fmt: skip
+
+
+def _tiling_record(detector) -> Any:
+    from anomalens.config import config_to_dict
+
+    return config_to_dict(detector.config).get("tiling")
 
 
 def cmd_export(options: Any, quiet: bool) -> int:
@@ -234,6 +286,8 @@ def cmd_serve(options: Any, quiet: bool) -> int:
 
     serve = options.serve
     check_exposure(serve.host, options.access)  # before any model is built
+    if options.models.models:
+        return _serve_station(options, uvicorn)
     detector = detector_from(options.method, serve.detector)
     if options.references.reference or detector.is_fitted or detector.zero_shot:
         fit_detector(detector, options.references)  # else it waits for references posted to /v1/references
@@ -244,6 +298,152 @@ def cmd_serve(options: Any, quiet: bool) -> int:
     key_note = " (API key required)" if options.access.key else ""
     print(f"anomalens serving {detector.method_name} on http://{serve.host}:{serve.port}/{key_note} (Ctrl+C to stop)")
     uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning")
+    return 0
+
+
+def _serve_station(options: Any, uvicorn) -> int:
+    """``serve --models DIR``: every product of the models directory, the history and the review page."""
+    from anomalens.engines.access import is_loopback
+    from anomalens.station.inspect import open_station
+    from anomalens.station.server import create_station_app
+
+    serve, method = options.serve, options.method
+    if serve.detector or method.method or options.references.reference:
+        raise ValueError("serve --models serves the models directory's products: leave out --detector, --method and "
+                         "--reference (add detectors with anomalens models add)")  # fmt: skip
+    station = open_station(options.models, options.station, options.pool, options.settings, method.device)
+    app = create_station_app(station, options.settings, access=options.access, bound_host=serve.host)
+    if not is_loopback(serve.host):
+        logger.warning("serving on %s: reachable from other machines (API key required)", serve.host)
+    products = ", ".join(station.pool.store.products()) or "none yet"
+    print(f"anomalens station serving {products} from {station.pool.store.root} on http://{serve.host}:{serve.port}/ "
+          f"(history {station.history.url.split('@')[-1]}; Ctrl+C to stop)")  # fmt: skip
+    with _webhook_dispatch(station):
+        uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning")
+    return 0
+
+
+def _webhook_dispatch(station):
+    """A context running the webhook dispatcher in a thread while the station works (nothing without webhooks)."""
+    import contextlib
+    import threading
+
+    @contextlib.contextmanager
+    def running():
+        if not station.settings.webhook:
+            yield
+            return
+        from anomalens.station.webhooks import Dispatcher, webhook_secret
+
+        stop = threading.Event()
+        dispatcher = Dispatcher(station.history, webhook_secret(), station.owner)
+        thread = threading.Thread(target=dispatcher.run, args=(stop,), name="anomalens-webhooks", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+    return running()
+
+
+def cmd_watch(options: Any, quiet: bool) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from anomalens.station.inspect import open_station
+    from anomalens.station.settings import PoolOptions
+    from anomalens.station.watch import Watcher
+
+    watch = options.watch
+    station = open_station(options.models, options.station, PoolOptions(watch.max_loaded), device=watch.device)
+    if station.settings.webhook:
+        from anomalens.station.webhooks import webhook_secret
+
+        webhook_secret()  # refused now, before any file is taken, if missing
+    watcher = Watcher(station, Path(options.folder), watch)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"watching {watcher.folder} for {watch.product} (done: {watcher.done_dir}, failed: {watcher.failed_dir}; "
+          f"history {station.history.url.split('@')[-1]}; Ctrl+C to stop)", flush=True)  # fmt: skip
+    try:
+        with _webhook_dispatch(station):
+            counts = watcher.run(stop)
+    except KeyboardInterrupt:
+        counts = watcher.counts
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        station.pool.close()
+    print(f"scored {counts.scored}, duplicates {counts.duplicates}, failed {counts.failed}, retried errors "
+          f"{counts.errors}")  # fmt: skip
+    return 0
+
+
+def cmd_history(options: Any, quiet: bool) -> int:
+    from anomalens.station.history import History
+    from anomalens.station.reports import history_rows, write_history
+
+    history = History(options.models.db_url())
+    rows = history_rows(history, options.history)
+    text = write_history(rows, options.history)
+    if text is not None:
+        print(text, end="")
+    elif options.history.out:
+        print(f"wrote {len(rows)} inspection(s) to {options.history.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_models_add(options: Any, quiet: bool) -> int:
+    from anomalens.station.models import ModelStore
+
+    add = options.add
+    version = ModelStore(options.models.models_dir()).add(options.name, add.detector, references=list(add.reference),
+                                                          note=add.note)  # fmt: skip
+    record = version.record
+    print(f"added {version.label} (now active): {record['method']}, fingerprint {record['fingerprint']}")
+    return 0
+
+
+def cmd_models_list(options: Any, quiet: bool) -> int:
+    from anomalens.station.models import ModelStore
+
+    store = ModelStore(options.models.models_dir())
+    products = store.products()
+    if not products:
+        print(f"no products in {store.root} (add one: anomalens models add NAME --detector DIR)")
+    for name in products:
+        active = store.active(name)
+        calibration = active.record.get("calibration") or {}
+        print(f"{name:24s} active {active.number:<4d} of {len(store.versions(name)):<3d} {active.record['method']:16s} "
+              f"threshold {calibration.get('threshold')} ({calibration.get('threshold_source')})")  # fmt: skip
+    return 0
+
+
+def cmd_models_show(options: Any, quiet: bool) -> int:
+    import json
+
+    from anomalens.station.models import ModelStore
+
+    print(json.dumps(ModelStore(options.models.models_dir()).describe(options.name), indent=2))
+    return 0
+
+
+def cmd_models_rollback(options: Any, quiet: bool) -> int:
+    from anomalens.station.models import ModelStore
+
+    version = ModelStore(options.models.models_dir()).rollback(options.name, options.version)
+    print(f"{version.label} is active")
+    return 0
+
+
+def cmd_models_remove(options: Any, quiet: bool) -> int:
+    from anomalens.station.models import ModelStore
+
+    ModelStore(options.models.models_dir()).remove(options.name, options.remove.version)
+    what = f"version {options.remove.version} of {options.name}" if options.remove.version else options.name
+    print(f"removed {what}")
     return 0
 
 

@@ -51,7 +51,8 @@ class ReferenceOptions(ThresholdOptions):
 
 @dataclass
 class PredictOptions(OutputSettings):
-    """Where ``predict`` writes (the library's output settings) and which engine scores."""
+    """Where ``predict`` writes (the library's output settings), which engine scores, and whether the verdicts
+    are also recorded in a station's history."""
 
     detector: str | None = None  # a detector folder saved by `anomalens fit`
     save_detector: str | None = None  # also save the fitted detector to this folder
@@ -59,23 +60,29 @@ class PredictOptions(OutputSettings):
     ray_address: str | None = None  # Ray cluster address (default: start a local one)
     num_workers: int = 1  # Ray actors scoring in parallel
     gpu_fraction: float | None = None  # GPUs per Ray actor (default: 1 if the cluster has any)
+    record: bool = False  # also write every verdict to the station's history (--models or --db)
+    product: str | None = None  # the product name the history records (default: --class-name)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_options("predict", self, {
             "engine": (self.engine in ("local", "ray"), "local or ray"),
             "num_workers": (isinstance(self.num_workers, int) and self.num_workers >= 1, "an integer >= 1"),
+            "record": (not self.record or self.engine == "local", "left out with --engine ray (local engine only)"),
         })  # fmt: skip
 
 
 @dataclass
 class FitOptions:
-    """Where ``fit`` saves the detector."""
+    """Where ``fit`` saves the detector: a folder, or a new version of a product in the models directory."""
 
-    out: str = ""  # folder to save the fitted detector in (required)
+    out: str = ""  # folder to save the fitted detector in (or give --product)
+    product: str | None = None  # add it to the models directory (--models) as this product's new, active version
+    note: str | None = None  # a note recorded with the new version
 
     def __post_init__(self) -> None:
-        check_options("fit", self, {"out": (bool(self.out), "a folder (--out DIR)")})
+        check_options("fit", self, {"out": (bool(self.out) or bool(self.product),
+                                            "a folder (--out DIR), or give --product NAME and --models DIR")})
 
 
 @dataclass
@@ -148,6 +155,46 @@ class TrainRunOptions:
 
 
 @dataclass
+class ModelsAddOptions:
+    """The saved detector ``models add`` takes in."""
+
+    detector: str = ""  # a detector folder saved by `anomalens fit` (required)
+    note: str | None = None  # a note recorded with the version
+    reference: tuple[str, ...] = ()  # the reference images it was fitted on (their SHA-256 are recorded)
+
+    def __post_init__(self) -> None:
+        check_options("models add", self, {"detector": (bool(self.detector), "a saved detector folder (--detector)")})
+
+
+@dataclass
+class ModelsRemoveOptions:
+    """What ``models remove`` removes."""
+
+    version: int | None = None  # only this version (not the active one); default: the whole product
+
+
+@dataclass
+class HistoryOptions:
+    """Which inspections ``history`` lists, and in what form."""
+
+    product: str | None = None  # only this product
+    label: str | None = dataclasses.field(default=None, metadata={"choices": ("anomalous", "normal")})  # the verdict
+    reviewed: bool | None = None  # only reviewed (--reviewed) or unreviewed (--no-reviewed) inspections
+    verdict: str | None = dataclasses.field(default=None, metadata={"choices": ("anomalous", "normal")})  # reviews'
+    since: str | None = None  # from this time on (ISO 8601, e.g. 2026-12-05 or 2026-12-05T08:00; UTC if no zone)
+    until: str | None = None  # before this time (ISO 8601)
+    limit: int | None = 1000  # at most this many, newest first (none: all)
+    format: str = dataclasses.field(default="table", metadata={"choices": ("table", "csv", "json", "parquet")})  # how
+    out: str | None = None  # write to this file (atomically) instead of standard output; parquet needs it
+
+    def __post_init__(self) -> None:
+        check_options("history", self, {
+            "out": (self.format != "parquet" or bool(self.out), "a file (--out FILE) with --format parquet"),
+            "limit": (self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "an integer >= 1"),
+        })  # fmt: skip
+
+
+@dataclass
 class WeightsCheckOptions:
     """Which default weight sources ``weights check`` asks about."""
 
@@ -182,22 +229,44 @@ def _imported(target: type | str) -> type:
 
 
 _METHOD = {"method": MethodOptions}
+_PATHS = {"models": "anomalens.station.settings:StationPaths"}
+_STATION = {**_PATHS, "station": "anomalens.station.settings:InspectionSettings"}
 _SERVE = {"serve": ServeOptions, "settings": "anomalens.engines.serve:ServerSettings",
-          "access": "anomalens.engines.access:AccessSettings"}  # fmt: skip
+          "access": "anomalens.engines.access:AccessSettings", **_STATION,
+          "pool": "anomalens.station.settings:PoolOptions"}  # fmt: skip
+_NAME = ("name", {"help": "the product's name"})
 COMMANDS: dict[str, Command] = {
     "predict": Command(
         "score images; write heatmaps, raw maps and scores",
-        {**_METHOD, "references": ReferenceOptions, "run": PredictOptions},
+        {**_METHOD, "references": ReferenceOptions, "run": PredictOptions, **_PATHS},
         "cmd_predict",
         [("inputs", {"nargs": "*", "help": "image files and/or folders (searched recursively)"})],
         flags={"map_scale": ["--map-scale", "--map-range"]},
     ),
     "export": Command("export a fitted detector to ONNX / OpenVINO for the torch-free runtime",
                       {"export": ExportOptions}, "cmd_export"),
-    "fit": Command("fit a detector on reference images and save it",
-                   {**_METHOD, "references": ReferenceOptions, "run": FitOptions}, "cmd_fit"),
-    "serve": Command("HTTP API and browser page over one detector", {**_METHOD, "references": ReferenceOptions,
-                     **_SERVE}, "cmd_serve", flags={"request_timeout_s": ["--timeout", "--request-timeout-s"]}),
+    "fit": Command("fit a detector on reference images and save it (or add it to the models directory)",
+                   {**_METHOD, "references": ReferenceOptions, "run": FitOptions, **_PATHS}, "cmd_fit"),
+    "serve": Command("HTTP API and browser page over one detector, or with --models over every product (with "
+                     "the history and its review page)", {**_METHOD, "references": ReferenceOptions, **_SERVE},
+                     "cmd_serve", flags={"request_timeout_s": ["--timeout", "--request-timeout-s"]}),
+    "watch": Command(
+        "score each new image file of a folder exactly once, record it, move it to done/ or failed/",
+        {**_STATION, "watch": "anomalens.station.watch:WatchOptions"}, "cmd_watch",
+        [("folder", {"help": "the folder cameras or gateways drop images into"})],
+    ),
+    "history": Command("list or export the station's inspections", {**_PATHS, "history": HistoryOptions},
+                       "cmd_history"),
+    "models add": Command("add a saved detector as a product's new, active version", {**_PATHS,
+                          "add": ModelsAddOptions}, "cmd_models_add", [_NAME]),
+    "models list": Command("the products, their active versions and thresholds", _PATHS, "cmd_models_list"),
+    "models show": Command("one product's versions", _PATHS, "cmd_models_show", [_NAME]),
+    "models rollback": Command(
+        "make an earlier version active (default: the one before the active one)", _PATHS, "cmd_models_rollback",
+        [_NAME, ("version", {"nargs": "?", "type": int, "help": "the version to make active"})],
+    ),
+    "models remove": Command("remove a product, or one version of it", {**_PATHS, "remove": ModelsRemoveOptions},
+                             "cmd_models_remove", [_NAME]),
     "benchmark": Command("reproduce paper-style tables on a dataset", {**_METHOD, "benchmark": BenchmarkOptions},
                          "cmd_benchmark"),
     "benchmark-speed": Command("time methods side by side", {"speed": "anomalens.evaluation.speed:SpeedOptions"},

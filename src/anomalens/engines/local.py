@@ -29,7 +29,8 @@ from anomalens.io.images import load_image, readable_images
 from anomalens.results import pool_order
 
 
-def run_predict(detector: Any, request: PredictRequest, progress: Callable[[int], Any] | None = None) -> PredictSummary:
+def run_predict(detector: Any, request: PredictRequest, progress: Callable[[int], Any] | None = None,
+                on_record: Callable[[dict, Any], Any] | None = None) -> PredictSummary:
     """Score every image of ``request`` with a fitted ``detector`` and write the run folder.
 
     Unreadable inputs are reported in ``errors.jsonl`` and skipped; the run never aborts because of one image.
@@ -40,6 +41,8 @@ def run_predict(detector: Any, request: PredictRequest, progress: Callable[[int]
         detector: A fitted detector (torch, or exported: :class:`anomalens.runtime.ExportedDetector`).
         request: What to score and write, calibrated (:meth:`PredictRequest.calibrated`).
         progress: Called with the number of images finished after each batch.
+        on_record: Called with each image's score record and result after it is written (``predict --record``
+            writes it to a station's history); an exception it raises stops the run.
 
     Returns:
         A :class:`~anomalens.engines.run_folder.PredictSummary`.
@@ -62,8 +65,11 @@ def run_predict(detector: Any, request: PredictRequest, progress: Callable[[int]
             paths, arrays = [path for path, _ in loaded], [array for _, array in loaded]
             for path, name, array, result in score_batch(detector, paths, [names[path] for path in paths], arrays,
                                                          writer.error):  # fmt: skip
-                writer.record(write_result(out, path, name, array, result, identity, settings.raw_format,
-                                           settings.overlays, request.map_scale))  # fmt: skip
+                record = write_result(out, path, name, array, result, identity, settings.raw_format,
+                                      settings.overlays, request.map_scale)  # fmt: skip
+                writer.record(record)
+                if on_record is not None:
+                    on_record(record, result)
             if progress is not None:
                 progress(min(start + size, len(images)))
         return writer.finish(time.time() - started)

@@ -326,7 +326,7 @@ def result_payload(name: str, array: np.ndarray, result, timing: dict[str, float
     return payload
 
 
-class _Problem(Exception):
+class Problem(Exception):
     """A request the server answers with a JSON 4xx/5xx: status, message, rejected files."""
 
     def __init__(self, status: int, message: str, rejected: list | None = None, **extra: Any):
@@ -334,7 +334,8 @@ class _Problem(Exception):
         self.status, self.message, self.rejected, self.extra = status, message, rejected or [], extra
 
 
-def _error(status: int, message: str, **extra: Any):
+def error_response(status: int, message: str, **extra: Any):
+    """A JSON error body: ``{"error": message, ...}``."""
     from fastapi.responses import JSONResponse
 
     return JSONResponse(status_code=status, content={"error": message, **extra})
@@ -345,12 +346,12 @@ async def read_uploads(files: list, settings: ServerSettings) -> tuple[list[tupl
     in the request, which tells files of the same name apart) and the rejected ones with reasons.
 
     Raises:
-        _Problem: No files, too many, or none acceptable.
+        Problem: No files, too many, or none acceptable.
     """
     if not files:
-        raise _Problem(400, "no files: send one or more images in the multipart field 'files'")
+        raise Problem(400, "no files: send one or more images in the multipart field 'files'")
     if len(files) > settings.max_files:
-        raise _Problem(413, f"{len(files)} files exceeds the limit of {settings.max_files} per request")
+        raise Problem(413, f"{len(files)} files exceeds the limit of {settings.max_files} per request")
     accepted, rejected = [], []
     for index, upload in enumerate(files):
         name = safe_name(upload.filename, index)
@@ -363,16 +364,16 @@ async def read_uploads(files: list, settings: ServerSettings) -> tuple[list[tupl
             await upload.close()
     if not accepted:
         first = rejected[0]
-        raise _Problem(first["status"], f"no acceptable image: {first['name']}: {first['error']}", rejected)
+        raise Problem(first["status"], f"no acceptable image: {first['name']}: {first['error']}", rejected)
     return accepted, rejected
 
 
-async def _wait(future: concurrent.futures.Future, settings: ServerSettings):
+async def wait_for(future: concurrent.futures.Future, settings: ServerSettings):
     try:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.request_timeout_s)
     except TimeoutError:
         future.cancel()
-        raise _Problem(504, f"the request took longer than {settings.request_timeout_s:g} s") from None
+        raise Problem(504, f"the request took longer than {settings.request_timeout_s:g} s") from None
 
 
 def form_threshold(value: str | None) -> ThresholdOptions:
@@ -383,7 +384,7 @@ def form_threshold(value: str | None) -> ThresholdOptions:
     try:
         return threshold_from_text(value)
     except ValueError as problem:
-        raise _Problem(422, str(problem)) from None
+        raise Problem(422, str(problem)) from None
 
 
 def parse_class_name(value: str | None) -> str | None:
@@ -392,7 +393,7 @@ def parse_class_name(value: str | None) -> str | None:
         return None
     text = value.strip()
     if len(text) > 100 or not text.isprintable():
-        raise _Problem(422, f"class_name must be at most 100 printable characters, got {len(text)} characters")
+        raise Problem(422, f"class_name must be at most 100 printable characters, got {len(text)} characters")
     return text
 
 
@@ -427,7 +428,7 @@ def create_app(detector: Detector, settings: ServerSettings | None = None, *, cl
         lifespan=lifespan,
     )
     app.state.worker = worker
-    _install_error_handlers(app)
+    install_error_handlers(app)
     _add_status_routes(app, worker, settings)
     _add_refit_routes(app, worker, settings, state)
     _add_predict_route(app, worker, settings)
@@ -437,7 +438,7 @@ def create_app(detector: Detector, settings: ServerSettings | None = None, *, cl
     return guarded
 
 
-def _install_error_handlers(app) -> None:
+def install_error_handlers(app) -> None:
     """Every error as a JSON body naming the problem, never internals."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
@@ -446,21 +447,21 @@ def _install_error_handlers(app) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, problem: RequestValidationError):
         details = [f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in problem.errors()]
-        return _error(422, "invalid request: " + "; ".join(details)[:2000])
+        return error_response(422, "invalid request: " + "; ".join(details)[:2000])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_problem(_request: Request, problem: StarletteHTTPException):
-        return _error(problem.status_code, str(problem.detail))
+        return error_response(problem.status_code, str(problem.detail))
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, problem: Exception):
         error_id = uuid.uuid4().hex[:12]
         logger.error("internal error (error id %s)", error_id, exc_info=problem)
-        return _error(500, f"internal error (logged under error id {error_id})")
+        return error_response(500, f"internal error (logged under error id {error_id})")
 
-    @app.exception_handler(_Problem)
-    async def problem_handler(_request: Request, problem: _Problem):
-        return _error(problem.status, problem.message, rejected=problem.rejected, **problem.extra)
+    @app.exception_handler(Problem)
+    async def problem_handler(_request: Request, problem: Problem):
+        return error_response(problem.status, problem.message, rejected=problem.rejected, **problem.extra)
 
 
 def _describe(worker: ModelWorker) -> dict:
@@ -500,13 +501,13 @@ def _add_refit_routes(app, worker: ModelWorker, settings: ServerSettings, state:
         wait: Annotated[bool, Form(description="answer when the refit ends (up to the request timeout)")] = True,
     ):
         if not worker.detector.few_shot:
-            raise _Problem(400, f"method {worker.detector.method_name!r} is zero-shot and takes no reference images")
+            raise Problem(400, f"method {worker.detector.method_name!r} is zero-shot and takes no reference images")
         options, name = form_threshold(threshold), parse_class_name(class_name)
         accepted, rejected = await read_uploads(files, settings)
         try:
             job = worker.start_refit([array for _, array, _ in accepted], options, name or state["class_name"])
         except RuntimeError as busy:
-            raise _Problem(409, str(busy)) from None
+            raise Problem(409, str(busy)) from None
         if wait:
             await asyncio.to_thread(job.finished_event.wait, settings.request_timeout_s)
         body = {"job": job.public(), "references": len(accepted), "rejected": rejected}
@@ -516,12 +517,12 @@ def _add_refit_routes(app, worker: ModelWorker, settings: ServerSettings, state:
             return {**_describe(worker), **body}
         if job.status in ("failed", "cancelled"):
             status = 409 if job.status == "cancelled" else 500 if job.error.startswith("internal") else 422
-            raise _Problem(status, f"refit {job.status}: {job.error}", rejected, job=job.public())
+            raise Problem(status, f"refit {job.status}: {job.error}", rejected, job=job.public())
         return JSONResponse(status_code=202, content=body, headers={"Location": f"/v1/jobs/{job.id}"})
 
     def find_job(job_id: str) -> RefitJob:
         if job_id not in worker.refits:
-            raise _Problem(404, f"no refit job {job_id[:40]!r} (jobs are kept for the last 20 refits)")
+            raise Problem(404, f"no refit job {job_id[:40]!r} (jobs are kept for the last 20 refits)")
         return worker.refits[job_id]
 
     @app.get("/v1/jobs/{job_id}", summary="A refit job's status and progress")
@@ -551,11 +552,11 @@ def _add_predict_route(app, worker: ModelWorker, settings: ServerSettings) -> No
     ) -> dict:
         started = time.perf_counter()
         if heatmap_format not in HEATMAP_FORMATS:
-            raise _Problem(422, f"heatmap_format={heatmap_format[:20]!r} is not one of {', '.join(HEATMAP_FORMATS)}")
+            raise Problem(422, f"heatmap_format={heatmap_format[:20]!r} is not one of {', '.join(HEATMAP_FORMATS)}")
         if not worker.detector.is_fitted:
-            raise _Problem(409, "the detector is not fitted: POST normal images to /v1/references first")
+            raise Problem(409, "the detector is not fitted: POST normal images to /v1/references first")
         accepted, rejected = await read_uploads(files, settings)
-        results, timing, generation = await _wait(worker.submit([array for _, array, _ in accepted]), settings)
+        results, timing, generation = await wait_for(worker.submit([array for _, array, _ in accepted]), settings)
         total_ms = (time.perf_counter() - started) * 1000
         scored = []
         for (name, array, index), result in zip(accepted, results):
@@ -565,7 +566,7 @@ def _add_predict_route(app, worker: ModelWorker, settings: ServerSettings) -> No
             else:
                 scored.append((name, array, index, result))
         if not scored:
-            raise _Problem(500, "no image could be scored", rejected)
+            raise Problem(500, "no image could be scored", rejected)
         detector = worker.detector
         scale, _ = detector.calibration.map_scale_for(zero_shot=detector.zero_shot)
         payloads = await asyncio.to_thread(
@@ -589,13 +590,20 @@ LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><titl
 
 def _add_page(app, access: AccessSettings) -> None:
     """The inspection page at ``/``, its static files, and ``/login`` when an API key is set."""
-    from fastapi import Form
-    from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-    from fastapi.staticfiles import StaticFiles
+    from fastapi.responses import FileResponse
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    add_login_and_static(app, access)
+
+
+def add_login_and_static(app, access: AccessSettings) -> None:
+    """``/login`` (the form that takes the API key, when one is set) and ``/static`` (the pages' files)."""
+    from fastapi import Form
+    from fastapi.responses import HTMLResponse, RedirectResponse
+    from fastapi.staticfiles import StaticFiles
 
     @app.get("/login", include_in_schema=False)
     async def login_form() -> HTMLResponse:

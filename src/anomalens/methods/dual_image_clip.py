@@ -177,6 +177,11 @@ class DualImageCLIP(ResizableBuffers, Detector):
         # Optional references from fit(): (R, layers, N, E) normalised projected v-v tokens.
         self.register_buffer("reference_tokens", torch.empty(0, 0, 0, 0))
 
+    @property
+    def input_size(self) -> int:
+        """CLIP's input side (``tiling=\"auto\"`` compares parts with it)."""
+        return self.clip.image_size
+
     @classmethod
     def required_weights(cls, config: DualImageCLIPConfig) -> list[str]:
         return clip_weights_of(config)

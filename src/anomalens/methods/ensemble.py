@@ -43,6 +43,7 @@ from anomalens.checks import check_options
 from anomalens.config import RUNTIME_FIELDS, DetectorConfig, build_config, config_to_dict
 from anomalens.detector import AnomalyResult, Detector
 from anomalens.thresholds import ThresholdPlan
+from anomalens.tiling import TileConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class EnsembleConfig(DetectorConfig):
     weights: tuple[float, ...] | None = None  # one non-negative weight per member (default: equal)
     normalisation: str = "zscore"  # members' common scale from held-out references: zscore, minmax or none
     smoothing_sigma: float = 0.0  # unused: each member smooths its own map
+    tiling: TileConfig | str | None = None  # unused: each member tiles (its own tiling, "auto" by default)
 
     @classmethod
     def random_weights(cls) -> dict[str, Any]:
@@ -173,6 +175,12 @@ class Ensemble(Detector):
         return [float(weight) for weight in weights]
 
     # ------------------------------------------------------------------ fitting
+    def _resolve_tiling(self, arrays: list[np.ndarray]) -> None:
+        """Each member chooses its own tiling from the references (the ensemble itself scores no tiles)."""
+        for member in self.members:
+            member._resolve_tiling(arrays)
+        self.tiling_choice = "; ".join(f"{member.method_name}: {member.tiling_choice}" for member in self.members)
+
     def _fit_and_hold_out(self, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
                           report: Callable[[int, int], None]) -> list[AnomalyResult]:  # fmt: skip
         """Fit every member, hold references out for the common scale, and return the fused held-out results."""

@@ -194,6 +194,11 @@ class WinCLIP(Detector):
         )
         self.register_buffer("_few_shot", torch.tensor(False))
 
+    @property
+    def input_size(self) -> int:
+        """CLIP's input side (``tiling=\"auto\"`` compares parts with it)."""
+        return self.clip.image_size
+
     @classmethod
     def required_weights(cls, config: WinCLIPConfig) -> list[str]:
         return clip_weights_of(config)

@@ -234,6 +234,11 @@ class CLIPFusion(OffloadMixin, Detector):
         )
         self.register_buffer("_few_shot", torch.tensor(False))
 
+    @property
+    def input_size(self) -> int:
+        """CLIP's input side (``tiling=\"auto\"`` compares parts with it)."""
+        return self.clip.image_size
+
     @classmethod
     def required_weights(cls, config: CLIPFusionConfig) -> list[str]:
         needed = clip_weights_of(config)

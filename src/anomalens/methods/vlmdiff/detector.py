@@ -160,6 +160,11 @@ class VLMDiff(Detector):
         )
         self._batch_captions: dict[int, list[str]] = {}  # the captions of the batch each thread is scoring
 
+    @property
+    def input_size(self) -> int:
+        """The model's resolution (``tiling=\"auto\"`` compares parts with it)."""
+        return self.image_size
+
     @classmethod
     def required_weights(cls, config: VLMDiffConfig) -> list[str]:
         architecture = VLMDiffArchitecture.from_dict(
