@@ -44,24 +44,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from anomalens.evaluation.profiling import write_benchmark_json
+from anomalens.evaluation.profiling import process_memory_mib, write_benchmark_json
 
 
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _memory(pid: int) -> dict[str, float]:
-    """The server process's resident and peak memory, in MiB."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                name, value = line.split(":")
-                fields[name] = int(value.split()[0]) / 1024
-    return {"rss_mib": round(fields["VmRSS"], 1), "peak_rss_mib": round(fields["VmHWM"], 1)}
 
 
 def _attacks(url: str, key: str, good: bytes) -> list[tuple[str, dict, set[int]]]:
@@ -225,10 +214,10 @@ def main() -> None:
                 raise RuntimeError(f"server did not start: {server.stderr.read()[-2000:]}")
             time.sleep(0.5)
         before_detector = httpx.get(f"{url}/v1/detector", headers={"X-API-Key": key}).json()
-        memory_before = _memory(server.pid)
+        memory_before = process_memory_mib(server.pid)
         runs = [_run(url, key, payloads, args.requests, clients, maps)
                 for clients in args.clients for maps in args.maps]  # fmt: skip
-        memory_after = _memory(server.pid)
+        memory_after = process_memory_mib(server.pid)
         after_detector = httpx.get(f"{url}/v1/detector", headers={"X-API-Key": key}).json()
     finally:
         server.terminate()

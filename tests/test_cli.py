@@ -219,3 +219,59 @@ def test_benchmark_max_images_keeps_both_classes(capsys, mvtec_root, tmp_path):
     assert _run(capsys, *args, "--out", str(out))[0] == 0
     results = json.loads((out / "results.json").read_text())
     assert results["max_images"] == 4 and results["categories"]["widget"]["n_images"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------- the station
+def test_models_commands_fit_into_a_product_and_roll_back(capsys, mvtec_root, tmp_path):
+    pytest.importorskip("sqlalchemy")
+    from anomalens.station.models import ModelStore
+
+    models = tmp_path / "models"
+    train = str(mvtec_root / "widget" / "train" / "good")
+    code, out, _ = _run(capsys, "fit", *TINY, "--reference", train, "--product", "widget", "--models", str(models),
+                        "--note", "first fit")  # fmt: skip
+    assert code == 0 and "added widget@1 (now active)" in out
+    saved = tmp_path / "saved"
+    assert _run(capsys, "fit", *TINY, "--reference", train, "--out", str(saved))[0] == 0
+    code, out, _ = _run(capsys, "models", "add", "widget", "--detector", str(saved), "--models", str(models))
+    assert code == 0
+    store = ModelStore(models)
+    assert [version.number for version in store.versions("widget")] == [1, 2] and store.active("widget").number == 2
+    assert store.versions("widget")[0].record["note"] == "first fit"
+    code, out, _ = _run(capsys, "models", "list", "--models", str(models))
+    assert "widget" in out and "active 2" in out
+    shown = json.loads(_run(capsys, "models", "show", "widget", "--models", str(models))[1])
+    assert [version["version"] for version in shown["versions"]] == [1, 2] and shown["active"] == 2
+    assert shown["versions"][0]["created"].endswith("+00:00") and len(shown["versions"][0]["references_sha256"]) == 4
+    assert _run(capsys, "models", "rollback", "widget", "--models", str(models))[0] == 0
+    assert store.active("widget").number == 1
+    code, _, err = _run(capsys, "models", "rollback", "widget", "7", "--models", str(models))
+    assert code == 2 and "7" in err and "1, 2" in err
+    code, _, err = _run(capsys, "models", "show", "gadget", "--models", str(models))
+    assert code == 2 and "gadget" in err and "widget" in err
+
+
+def test_predict_record_writes_the_history(capsys, mvtec_root, tmp_path):
+    pytest.importorskip("sqlalchemy")
+    import hashlib
+
+    from anomalens.station.history import History
+
+    models = tmp_path / "models"
+    train = str(mvtec_root / "widget" / "train" / "good")
+    test = mvtec_root / "widget" / "test"
+    code, _, _ = _run(capsys, "predict", str(test), *TINY, "--reference", train, "--out", str(tmp_path / "run"),
+                      "--record", "--product", "widget", "--models", str(models))  # fmt: skip
+    assert code == 0
+    rows = History(f"sqlite:///{models / 'history.db'}").inspections(limit=None)
+    with open(tmp_path / "run" / "scores.csv") as handle:
+        scored = list(csv.DictReader(handle))
+    assert len(rows) == len(scored) == len(list(test.rglob("*.png")))
+    by_hash = {row["image_sha256"]: row for row in rows}
+    for item in scored:
+        sha256 = hashlib.sha256(Path(item["path"]).read_bytes()).hexdigest()
+        assert by_hash[sha256]["score"] == pytest.approx(float(item["score"]))
+        assert by_hash[sha256]["product"] == "widget" and by_hash[sha256]["source"].startswith("predict:")
+    code, _, err = _run(capsys, "predict", str(test), *TINY, "--reference", train, "--out", str(tmp_path / "run2"),
+                        "--record", "--models", str(models))  # fmt: skip
+    assert code == 2 and "product" in err

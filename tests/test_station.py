@@ -151,7 +151,7 @@ def _inspection(**extra):
 
 def test_history_records_filters_and_migrates(db_url):
     history = History(db_url)
-    assert history.schema_version() == "0001"
+    assert history.schema_version() == "0002"
     first = history.record(_inspection(score=3.0, label="anomalous", regions=[{"box": [1, 2, 3, 4]}]))
     history.record(_inspection(product="plate", score=0.5, label="normal"))
     assert history.inspection(first)["regions"] == [{"box": [1, 2, 3, 4]}]
@@ -163,6 +163,31 @@ def test_history_records_filters_and_migrates(db_url):
     History(db_url).close()  # a second opening finds the schema current (the migration runs once)
     with pytest.raises(ValueError, match="label 'odd' must be one of normal, anomalous"):
         history.inspections(label="odd")
+    history.close()
+
+
+def test_database_urls_are_checked_and_postgresql_goes_through_psycopg(postgres):
+    from anomalens.station.history import database_url
+
+    plain = postgres.url.replace("postgresql+psycopg://", "postgresql://")
+    assert database_url(plain) == postgres.url
+    assert History(plain).count() >= 0  # a plain postgresql:// URL opens
+    for bad in ("mysql://root:secret@db/line", "history.db", "sqlite:"):
+        with pytest.raises(ValueError, match="must be sqlite:///PATH or postgresql://") as raised:
+            database_url(bad)
+        assert "secret" not in str(raised.value)
+
+
+def test_the_migrations_build_exactly_the_schema_the_code_uses(db_url):
+    """The migration keeps its own frozen copy of the tables (as migrations must); Alembic's own comparison of the
+    migrated database with the code's tables finds no difference, so the two cannot drift apart unnoticed."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    history = History(db_url)
+    with history.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), history.metadata)
+    assert differences == []
     history.close()
 
 

@@ -127,3 +127,39 @@ def test_too_many_tiles_is_refused_before_any_work():
     """Tiny tiles on a large image (e.g. a hostile config) would mean ~170,000 model passes: refused, with numbers."""
     with pytest.raises(ValueError, match=r"cuts a 5000 x 5000 image into 173889 tiles, more than 4096"):
         tile_boxes(5000, 5000, TileConfig(size=16))
+
+
+# ---------------------------------------------------------------------------------------------------- tiling="auto"
+@pytest.mark.parametrize("sizes,input_size,expected", [
+    ([(100, 300)], 224, TileConfig(size=0)),  # 3:1, over 2:1: elongated
+    ([(100, 100), (64, 200)], 224, TileConfig(size=0)),  # one elongated reference is enough
+    ([(100, 200)], 224, None),  # exactly 2:1 is not over it
+    ([(1024, 1100)], 224, TileConfig(size=448)),  # 1024 >= 4 x 224: large, tiles of twice the input
+    ([(800, 800)], 224, None),  # 3.6 x 224: whole
+    ([], 224, None),  # no references (zero-shot)
+])  # fmt: skip
+def test_auto_tiling_by_hand(sizes, input_size, expected):
+    from anomalens.tiling import choose_tiling
+
+    chosen, reason = choose_tiling(sizes, input_size)
+    assert chosen == expected and reason
+
+
+def test_auto_is_the_default_chosen_at_fit_saved_and_equal_to_the_explicit_choice(tmp_path, rng):
+    from conftest import textured_image, tiny_detector
+
+    elongated = [textured_image(rng, 32, 112) for _ in range(4)]
+    square = [textured_image(rng, 40, 48) for _ in range(4)]
+    auto = tiny_detector("patchcore").fit(elongated)
+    assert auto.config.tiling == TileConfig(size=0) and "elongated" in auto.tiling_choice
+    explicit = tiny_detector("patchcore", tiling=TileConfig(size=0)).fit(elongated)
+    probe = textured_image(rng, 32, 112)
+    assert auto.predict([probe])[0].score == pytest.approx(explicit.predict([probe])[0].score, rel=1e-6)
+    loaded = anomalens.load(auto.save(tmp_path / "auto"))
+    assert loaded.config.tiling == TileConfig(size=0) and loaded.describe()["tiling_choice"] == auto.tiling_choice
+    whole = tiny_detector("patchcore").fit(square)
+    assert whole.config.tiling is None and "whole" in whole.tiling_choice
+    off = tiny_detector("patchcore", tiling="off").fit(square)
+    probe = textured_image(rng, 40, 48)
+    assert whole.predict([probe])[0].score == pytest.approx(off.predict([probe])[0].score, rel=1e-6)
+    assert tiny_detector("patchcore", tiling="off").fit(elongated).config.tiling is None  # an explicit choice stays

@@ -25,6 +25,7 @@ _LAZY = {  # public name -> (module, attribute)
     "Calibration": ("anomalens.thresholds", "Calibration"),
     "Detector": ("anomalens.detector", "Detector"),
     "DetectorConfig": ("anomalens.config", "DetectorConfig"),
+    "DriftMonitor": ("anomalens.drift", "DriftMonitor"),
     "ImageLimits": ("anomalens.io.images", "ImageLimits"),
     "ImageLoadError": ("anomalens.io.images", "ImageLoadError"),
     "TileConfig": ("anomalens.tiling", "TileConfig"),
@@ -44,13 +45,13 @@ LAYERS = (
     ("checks", "results"),  # the validation helper; what every method returns
     ("io",),  # images, datasets, output files
     ("tiling",),  # tiles and stitching
-    ("config", "thresholds"),  # method configs; threshold rules, options and the Calibration
+    ("config", "thresholds", "drift"),  # method configs; threshold rules, options and the Calibration; drift tests
     ("runtime",),  # exported detectors without torch
     ("nn",),  # torch building blocks
     ("backbones",),  # pretrained networks, their registry and weight sources
     ("registry",),  # method names to classes (imported by path on first use)
     ("persistence", "export"),  # saving and loading; ONNX / OpenVINO export
-    ("detector",),  # the Detector base class
+    ("detector", "updates"),  # the Detector base class; taking new normal images in (Detector.update)
     ("methods",),  # the methods
     ("engines",),  # predict requests, run folders, the local and Ray engines, the server
     ("station",),  # many products: versioned models, the history, hot folders, webhooks, the review server

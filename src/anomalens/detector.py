@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -58,6 +58,10 @@ from anomalens.persistence import fingerprint, load_detector, save_detector
 from anomalens.results import AnomalyResult, pool_order
 from anomalens.thresholds import Calibrated, Calibration, ThresholdOptions, ThresholdPlan, fit_holding_out
 from anomalens.tiling import AUTO, TileConfig, choose_tiling, score_tiled, tiles_of
+
+if TYPE_CHECKING:
+    from anomalens.nn.memory import MemoryUpdate
+    from anomalens.updates import UpdateReport
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,7 @@ class Detector(Calibrated, nn.Module):
     few_shot: ClassVar[bool] = True  # whether fit() accepts reference images
     pooled: ClassVar[bool] = False  # whether images of one predict call are scored jointly (as each other's references)
     cannot_export: ClassVar[str | None] = "the method implements no export_spec()"  # why not, or None: it exports
+    cannot_update: ClassVar[str | None] = "its fitted state is not a memory of reference features"  # None: update()
 
     def __init__(
         self, config: DetectorConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True
@@ -288,6 +293,48 @@ class Detector(Calibrated, nn.Module):
             items = [item for group in encoded for item in group]
             self._fit_encoded(self._encode_references([]) if empty else items, class_name)
         self._is_fitted.fill_(True)
+
+    def update(self, images: Sequence[ImageLike], calibration_images: Sequence[ImageLike] | None = None, *,
+               max_memory: int | None = None, calibration_from: str = "held-out normal images",
+               progress: Callable[[int, int], None] | None = None) -> UpdateReport:  # fmt: skip
+        """Take new normal images into the fitted detector without a refit (overruled false alarms, a new
+        supplier's parts), and choose the threshold again on held-out normal images (:mod:`anomalens.updates`).
+
+        Each image is encoded once; its features enter the memory where they lie beyond the memory's coverage
+        radius, so every reference and every new image lies within that radius of the memory afterwards.
+
+        Args:
+            images: New normal images (paths, PIL images or arrays).
+            calibration_images: Normal images this detector never saw, for the threshold: the rule that chose it
+                (conformal at the same ``α``, leave-one-out's maximum) is applied to their scores. ``None``: the
+                threshold is kept (the report says so).
+            max_memory: Entries each memory may hold at most (additions stop there; the radius then grows).
+            calibration_from: Where the calibration images came from, in the record (e.g. "line audit sample").
+            progress: Called as ``progress(done, total)`` while the new images are encoded.
+
+        Returns:
+            An :class:`~anomalens.updates.UpdateReport`: images added, memory sizes and coverage radii, thresholds
+            before and after.
+
+        Raises:
+            ValueError: A method that cannot grow incrementally (the message says why), no images, an unreadable
+                image, too few calibration images for the rule's ``α``.
+        """
+        from anomalens.updates import update_detector
+
+        return update_detector(self, images, calibration_images, max_memory=max_memory,
+                               calibration_from=calibration_from, progress=progress)  # fmt: skip
+
+    def _extend_arrays(self, arrays: list[np.ndarray], max_memory: int | None,
+                       report: Callable[[int, int], None]) -> dict[str, MemoryUpdate]:  # fmt: skip
+        """Encode ``arrays`` (as their tiles) and grow the memories with them (:meth:`_extend_encoded`)."""
+        encoded = self._encode_tiled(arrays, report, len(arrays))
+        with torch.inference_mode(), self.autocast():
+            return self._extend_encoded([item for group in encoded for item in group], max_memory)
+
+    def _extend_encoded(self, encoded: list[Any], max_memory: int | None) -> dict[str, MemoryUpdate]:
+        """Grow each memory with the encoded items of new normal images; what each memory did, by name."""
+        raise NotImplementedError(f"{type(self).__name__} implements no _extend_encoded")
 
     def predict(self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None) -> list[AnomalyResult]:
         """Score images.

@@ -45,6 +45,8 @@ def fingerprint(detector: Any) -> str:
     references). Weights are named by the config; a resumed run compares fingerprints."""
     digest = hashlib.sha256(f"{detector.config_hash}|{detector.class_name}".encode())
     parameters = {name for name, _ in detector.named_parameters()}
+    parameters |= {f"{prefix}.{name}" if prefix else name for prefix, module in detector.named_modules()
+                   for name in getattr(module, "unscored_buffers", ())}  # state that decides no score  # fmt: skip
     for name, tensor in detector.state_dict().items():
         if name in parameters:
             continue

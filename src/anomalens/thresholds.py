@@ -442,7 +442,8 @@ class Calibration:
             pixel = None
         return cls(threshold=threshold, source=plan.rule if threshold is not None else "none",
                    pixel_threshold=pixel, held_out_scores=tuple(scores.tolist()),
-                   record=describe_plan(plan, references) if plan.rule != "none" else {},
+                   record={**describe_plan(plan, references), "pixel_rule": "given" if is_finite_number(
+                       pixel_threshold) else "auto"} if plan.rule != "none" else {},
                    map_scale=map_scale(pixel, [result.anomaly_map for result in held_out]))  # fmt: skip
 
     def with_options(self, options: ThresholdOptions) -> Calibration:
@@ -462,8 +463,44 @@ class Calibration:
         if options.threshold is None or is_finite_number(options.threshold):
             changed = replace(changed, threshold=options.threshold, source="given")
         if options.pixel_threshold != "auto":
-            changed = replace(changed, pixel_threshold=options.pixel_threshold)
+            changed = replace(changed, pixel_threshold=options.pixel_threshold,
+                              record={**changed.record, "pixel_rule": "given"})
         return changed
+
+    def recalibrated(self, held_out: Sequence[Any], where: str) -> Calibration:
+        """The same rule applied again to new held-out results (``score`` and ``anomaly_map`` each): normal images
+        the detector as it is now never saw (after an update of its references). A given threshold stays as given
+        and no threshold stays none; the record says where the held-out images came from (``where``) and restates
+        the assumptions for them.
+
+        Raises:
+            ValueError: Too few held-out results for the rule (the message says how many are needed).
+        """
+        rule = RULES.get(self.source)
+        if rule is None:
+            return replace(self, record={**self.record, "recalibrated": False,
+                                         "recalibration_note": f"a {self.source} threshold is kept as it is"})
+        alpha = self.record.get("false_alarm_rate") if rule.needs_alpha else None
+        if rule.needs_alpha and alpha is None:
+            raise ValueError(f"the {self.source} threshold records no false_alarm_rate to recalibrate with")
+        scores = np.asarray([float(result.score) for result in held_out], dtype=np.float64)
+        if len(scores) == 0:
+            raise ValueError("recalibration needs held-out normal images, got none")
+        if rule.needs_alpha and len(scores) < required_references(alpha):
+            raise ValueError(f"recalibrating false_alarm_rate={alpha} needs at least {required_references(alpha)} "
+                             f"held-out normal images, got {len(scores)}")  # fmt: skip
+        threshold = rule.choose(scores, alpha)
+        pixel = self.pixel_threshold
+        if pixel is not None and self.record.get("pixel_rule", "auto") == "auto":
+            pixel = rule.choose(np.asarray([float(result.anomaly_map.max()) for result in held_out]), alpha)
+        record = {**self.record, **rule.describe(len(scores), len(scores), alpha), "calibration": "split",
+                  "n_held_out": len(scores), "recalibrated": True, "held_out_from": where,
+                  "assumptions": [f"normal images to be scored and the held-out images ({where}) are exchangeable: "
+                                  "the guarantee is about the line these images came from, not the lab's references",
+                                  ASSUMPTIONS[1]]}  # fmt: skip
+        record.pop("held_out_indices", None)
+        return replace(self, threshold=threshold, pixel_threshold=pixel, held_out_scores=tuple(scores.tolist()),
+                       record=record, map_scale=map_scale(pixel, [result.anomaly_map for result in held_out]))
 
     # ------------------------------------------------------------------ persistence
     KEYS: ClassVar[tuple[str, ...]] = ("threshold", "threshold_source", "threshold_calibration", "held_out_scores",

@@ -510,8 +510,10 @@ def load_state_dict_checked(module: nn.Module, state: Mapping[str, torch.Tensor]
     """
     from anomalens.nn.state import ResizableBuffers
 
+    state = dict(state)
     for prefix, submodule in module.named_modules():
         if isinstance(submodule, ResizableBuffers):
+            submodule.complete_state(state, f"{prefix}." if prefix else "")
             submodule.resize_buffers_for(state, f"{prefix}." if prefix else "")
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -288,6 +288,8 @@ def cmd_serve(options: Any, quiet: bool) -> int:
     check_exposure(serve.host, options.access)  # before any model is built
     if options.models.models:
         return _serve_station(options, uvicorn)
+    if serve.update_after is not None:
+        raise ValueError("serve --update-after needs --models DIR (a station whose products can take new versions)")
     detector = detector_from(options.method, serve.detector)
     if options.references.reference or detector.is_fitted or detector.zero_shot:
         fit_detector(detector, options.references)  # else it waits for references posted to /v1/references
@@ -311,22 +313,57 @@ def _serve_station(options: Any, uvicorn) -> int:
     if serve.detector or method.method or options.references.reference:
         raise ValueError("serve --models serves the models directory's products: leave out --detector, --method and "
                          "--reference (add detectors with anomalens models add)")  # fmt: skip
-    station = open_station(options.models, options.station, options.pool, options.settings, method.device)
-    app = create_station_app(station, options.settings, access=options.access, bound_host=serve.host)
+    station = open_station(options.models, options.station, options.pool, options.settings, method.device,
+                           wait_s=None)  # a service waits for its database
+    app = create_station_app(station, options.settings, access=options.access, bound_host=serve.host,
+                             update_after=serve.update_after)  # fmt: skip
     if not is_loopback(serve.host):
         logger.warning("serving on %s: reachable from other machines (API key required)", serve.host)
     products = ", ".join(station.pool.store.products()) or "none yet"
     print(f"anomalens station serving {products} from {station.pool.store.root} on http://{serve.host}:{serve.port}/ "
-          f"(history {station.history.url.split('@')[-1]}; Ctrl+C to stop)")  # fmt: skip
-    with _webhook_dispatch(station):
+          f"(history {station.history.where}; Ctrl+C to stop)")  # fmt: skip
+    with _webhook_dispatch(station), _retention(station):
         uvicorn.run(app, host=serve.host, port=serve.port, log_level="warning")
     return 0
 
 
-def _webhook_dispatch(station):
-    """A context running the webhook dispatcher in a thread while the station works (nothing without webhooks)."""
+def _in_background(name: str, loop):
+    """A context running ``loop(stop)`` in a daemon thread while the command works; on leaving, ``stop`` is set and
+    the thread is given 30 s to finish."""
     import contextlib
     import threading
+
+    @contextlib.contextmanager
+    def running():
+        stop = threading.Event()
+        thread = threading.Thread(target=loop, args=(stop,), name=name, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+    return running()
+
+
+def _retention(station, every_s: float = 3600.0):
+    """The image store's retention policy, applied at the start and every ``every_s`` (``watch`` applies it in its
+    own loop)."""
+
+    def loop(stop) -> None:
+        while True:
+            station.apply_retention()
+            if stop.wait(every_s):
+                return
+
+    return _in_background("anomalens-retention", loop)
+
+
+def _webhook_dispatch(station):
+    """The webhook dispatcher, delivering the outbox while the station works (nothing without webhooks), with one
+    last pass on leaving so that what was just recorded (``watch --once``) is sent before exiting."""
+    import contextlib
 
     @contextlib.contextmanager
     def running():
@@ -335,15 +372,13 @@ def _webhook_dispatch(station):
             return
         from anomalens.station.webhooks import Dispatcher, webhook_secret
 
-        stop = threading.Event()
         dispatcher = Dispatcher(station.history, webhook_secret(), station.owner)
-        thread = threading.Thread(target=dispatcher.run, args=(stop,), name="anomalens-webhooks", daemon=True)
-        thread.start()
-        try:
+        with _in_background("anomalens-webhooks", dispatcher.run):
             yield
-        finally:
-            stop.set()
-            thread.join(timeout=30)
+        try:
+            dispatcher.deliver_due()
+        except Exception as error:  # noqa: BLE001 - undelivered events stay in the outbox for the next run
+            logger.error("webhook dispatcher: %s", error)
 
     return running()
 
@@ -358,7 +393,8 @@ def cmd_watch(options: Any, quiet: bool) -> int:
     from anomalens.station.watch import Watcher
 
     watch = options.watch
-    station = open_station(options.models, options.station, PoolOptions(watch.max_loaded), device=watch.device)
+    station = open_station(options.models, options.station, PoolOptions(watch.max_loaded), device=watch.device,
+                           wait_s=None)  # a service waits for its database
     if station.settings.webhook:
         from anomalens.station.webhooks import webhook_secret
 
@@ -367,7 +403,7 @@ def cmd_watch(options: Any, quiet: bool) -> int:
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"watching {watcher.folder} for {watch.product} (done: {watcher.done_dir}, failed: {watcher.failed_dir}; "
-          f"history {station.history.url.split('@')[-1]}; Ctrl+C to stop)", flush=True)  # fmt: skip
+          f"history {station.history.where}; Ctrl+C to stop)", flush=True)  # fmt: skip
     try:
         with _webhook_dispatch(station):
             counts = watcher.run(stop)
@@ -400,10 +436,66 @@ def cmd_models_add(options: Any, quiet: bool) -> int:
 
     add = options.add
     version = ModelStore(options.models.models_dir()).add(options.name, add.detector, references=list(add.reference),
-                                                          note=add.note)  # fmt: skip
+                                                          note=add.note, drift_delta=add.drift_delta)  # fmt: skip
     record = version.record
     print(f"added {version.label} (now active): {record['method']}, fingerprint {record['fingerprint']}")
     return 0
+
+
+def cmd_models_update(options: Any, quiet: bool) -> int:
+    from anomalens.station.history import History
+    from anomalens.station.models import ModelStore
+    from anomalens.station.store import ImageStore
+
+    update, root = options.update, options.models.models_dir()
+    store = ModelStore(root)
+    if update.from_reviews:
+        from anomalens.station.feedback import update_from_reviews
+
+        history = History(options.models.db_url())
+        version, record = update_from_reviews(store, history, ImageStore(update.store or root / "store"), options.name,
+                                              include_passes=update.include_passes, max_memory=update.max_memory,
+                                              keep_threshold=update.keep_threshold, seed=update.seed,
+                                              device=update.device, note=update.note)  # fmt: skip
+    else:
+        version, record = _update_from_folders(store, options.name, update)
+    report = record["update"]
+    print(f"{version.label} is active: {report['images']} image(s) taken in, memory {report['memory_size_before']} -> "
+          f"{report['memory_size_after']}, threshold {report['threshold_before']} -> {report['threshold_after']} "
+          f"({'recalibrated on ' + str(report['calibration_images']) + ' held-out images' if report['recalibrated'] else 'kept'})")  # noqa: E501
+    for note in report["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def _update_from_folders(store, product: str, update) -> tuple[Any, dict[str, Any]]:
+    """``models update NAME --images DIR [--calibration DIR]``."""
+    import tempfile
+
+    import anomalens
+    from anomalens.io.outputs import sha256_file
+
+    active = store.active(product)
+    paths: list[str] = []
+    images = reference_images([update.images], paths)
+    calibration = reference_images([update.calibration]) if update.calibration else None
+    detector = anomalens.load(active.path, map_location=update.device)
+    bar = progress_bar(len(images), "encoding new images", False)
+    try:
+        report = detector.update(images, calibration, max_memory=update.max_memory,
+                                 calibration_from=f"the folder {update.calibration}",
+                                 progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+    finally:
+        bar.close()
+    added = [sha256_file(path) for path in paths]
+    record = {"update": report.to_dict(), "references_sha256": [*active.record.get("references_sha256", []), *added],
+              "feedback": {"parent_version": active.number, "images_folder": str(update.images),
+                           "taken_in_now_sha256": added}}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix=f".update-{product}.", dir=store.root) as folder:
+        detector.save(folder)
+        version = store.add(product, folder, source="update", note=update.note, drift_delta=None,
+                            extra={**record, "drift": active.record.get("drift")})  # fmt: skip
+    return version, record
 
 
 def cmd_models_list(options: Any, quiet: bool) -> int:

@@ -111,6 +111,12 @@ class ServeOptions:
     detector: str | None = None  # a detector folder saved by `anomalens fit`
     host: str = "127.0.0.1"  # interface to bind (default: this machine only)
     port: int = 8000  # TCP port
+    update_after: int | None = None  # with --models: publish a product's update after this many reviewed false alarms
+
+    def __post_init__(self) -> None:
+        check_options("serve", self, {"update_after": (
+            self.update_after is None or (isinstance(self.update_after, int) and self.update_after >= 1),
+            "an integer >= 1 or none")})  # fmt: skip
 
 
 def _dataset_names() -> Sequence[str]:
@@ -161,9 +167,36 @@ class ModelsAddOptions:
     detector: str = ""  # a detector folder saved by `anomalens fit` (required)
     note: str | None = None  # a note recorded with the version
     reference: tuple[str, ...] = ()  # the reference images it was fitted on (their SHA-256 are recorded)
+    drift_delta: float = 0.01  # drift alarm: a line that does not drift raises it with probability at most this
 
     def __post_init__(self) -> None:
-        check_options("models add", self, {"detector": (bool(self.detector), "a saved detector folder (--detector)")})
+        check_options("models add", self, {"detector": (bool(self.detector), "a saved detector folder (--detector)"),
+                                           "drift_delta": (0 < self.drift_delta < 1, "in (0, 1)")})  # fmt: skip
+
+
+@dataclass
+class ModelsUpdateOptions:
+    """What ``models update`` takes in: reviewed parts from the history, or folders of images."""
+
+    from_reviews: bool = False  # take in the reviewed false alarms (and audit parts for the threshold) of the history
+    images: str | None = None  # or: a folder of new normal images to take in
+    calibration: str | None = None  # with --images: a folder of normal images never seen, to recalibrate on
+    include_passes: int = 0  # --from-reviews: also take in this many reviewed passes (seeded draw)
+    max_memory: int | None = None  # entries each memory may hold at most (additions stop there)
+    keep_threshold: bool = False  # keep the threshold when there are too few parts to recalibrate on
+    store: str | None = None  # the image store of the reviewed parts (default: MODELS/store)
+    note: str | None = None  # a note recorded with the version
+    device: str = "cpu"  # torch device of the update
+    seed: int = 0  # of the --include-passes draw
+
+    def __post_init__(self) -> None:
+        check_options("models update", self, {
+            "from_reviews": (self.from_reviews != bool(self.images), "exactly one of --from-reviews and --images DIR"),
+            "calibration": (self.calibration is None or bool(self.images), "given with --images only"),
+            "include_passes": (isinstance(self.include_passes, int) and self.include_passes >= 0, "an integer >= 0"),
+            "max_memory": (self.max_memory is None or (isinstance(self.max_memory, int) and self.max_memory >= 1),
+                           "an integer >= 1 or none"),
+        })  # fmt: skip
 
 
 @dataclass
@@ -259,6 +292,9 @@ COMMANDS: dict[str, Command] = {
                        "cmd_history"),
     "models add": Command("add a saved detector as a product's new, active version", {**_PATHS,
                           "add": ModelsAddOptions}, "cmd_models_add", [_NAME]),
+    "models update": Command("take reviewed false alarms (or new normal images) into a product's detector as a new "
+                             "version, its threshold recalibrated", {**_PATHS, "update": ModelsUpdateOptions},
+                             "cmd_models_update", [_NAME]),
     "models list": Command("the products, their active versions and thresholds", _PATHS, "cmd_models_list"),
     "models show": Command("one product's versions", _PATHS, "cmd_models_show", [_NAME]),
     "models rollback": Command(

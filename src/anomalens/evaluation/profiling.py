@@ -44,6 +44,18 @@ def _kernel_peak_bytes() -> int:
     return 0
 
 
+def process_memory_mib(pid: int) -> dict[str, float]:
+    """Another process's resident memory now (``VmRSS``) and its peak (``VmHWM``), in MiB (Linux ``/proc``), as
+    ``{"rss_mib", "peak_rss_mib"}``: how a benchmark measures a server it started."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                name, value = line.split(":")
+                fields[name] = int(value.split()[0]) / 1024
+    return {"rss_mib": round(fields["VmRSS"], 1), "peak_rss_mib": round(fields["VmHWM"], 1)}
+
+
 def process_peak_mb() -> float:
     """The whole process's peak RSS since it started (``ru_maxrss``), in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -320,7 +320,8 @@ def images_to_tensor(images: list, size: int, mode: str = "bilinear") -> torch.T
 
     tensors = []
     for image in images:
-        tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
+        pixels = torch.from_numpy(image) if image.flags.writeable else torch.tensor(image)  # read-only: copy, quietly
+        tensor = pixels.permute(2, 0, 1)[None].float().div_(255.0)
         height, width = tensor.shape[-2:]
         if (height, width) != (size, size):
             # Shrink the longer side first: resizing both at once widens a 1-pixel-wide strip of height H to an

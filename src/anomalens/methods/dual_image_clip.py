@@ -152,6 +152,7 @@ class DualImageCLIP(ResizableBuffers, Detector):
     pooled = True
     cannot_export = ("its images are scored against each other in pools of variable size, and its test-time "
                      "adaptation takes gradient steps on every pool")
+    cannot_update = "it is zero-shot: each pool of test images is its own reference, there is no memory"
     resizable_buffers = ("reference_tokens",)
 
     def __init__(

@@ -112,6 +112,7 @@ class Ensemble(Detector):
 
     method_name = "ensemble"
     cannot_export = "each member is its own graph: export the members"
+    cannot_update = None  # update(): each member with references grows; the common scale is kept from the fit
     config_class = EnsembleConfig
 
     def __init__(self, config: EnsembleConfig, *, weights_dir=None, load_pretrained: bool = True):
@@ -227,6 +228,19 @@ class Ensemble(Detector):
             return mean, _positive((squares / max(count - 1, 1)) ** 0.5)
         low = min(float(item.min()) for item in maps)
         return low, _positive(max(float(item.max()) for item in maps) - low)
+
+    def _extend_arrays(self, arrays: list[np.ndarray], max_memory: int | None,
+                       report: Callable[[int, int], None]) -> dict[str, Any]:  # fmt: skip
+        """Grow every member fitted with references (each encodes the images itself)."""
+        updates = {}
+        for number, member in enumerate(self.members):
+            if member.cannot_update is None and member.few_shot:
+                for name, update in member._extend_arrays(arrays, max_memory, lambda done, total: None).items():
+                    updates[f"{number}:{member.method_name}:{name}"] = update
+            report(number + 1, len(self.members))
+        if not updates:
+            raise ValueError("no member of this ensemble keeps references that an update could grow")
+        return updates
 
     # ------------------------------------------------------------------ scoring
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list[AnomalyResult]:

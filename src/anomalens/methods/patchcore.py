@@ -57,7 +57,7 @@ from anomalens.detector import Detector
 from anomalens.export import ExportSpec, PixelsGraph
 from anomalens.io.images import images_to_tensor
 from anomalens.nn.maps import BLUR_BORDERS, gaussian_blur
-from anomalens.nn.memory import NearestNeighbourMemory
+from anomalens.nn.memory import MemoryUpdate, NearestNeighbourMemory
 
 PATCHCORE_COMPAT = {  # the scoring details each compat preset sets (fields left None)
     "paper": {"neighbourhood_padding": "zeros", "feature_dim": 1024, "map_upsampling": "bilinear",
@@ -139,6 +139,7 @@ class PatchCore(Detector):
     zero_shot = False
     few_shot = True
     cannot_export = None  # exports: export_spec()
+    cannot_update = None  # update(): the memory grows beyond its coverage radius
 
     def __init__(
         self,
@@ -214,6 +215,10 @@ class PatchCore(Detector):
             projection_dim=self.config.coreset_projection_dim,
             generator=generator,
         )
+
+    def _extend_encoded(self, encoded: list[torch.Tensor], max_memory: int | None) -> dict[str, MemoryUpdate]:
+        features = torch.stack(encoded)
+        return {"memory": self.memory.extend(features.reshape(-1, features.shape[-1]), max_memory)}
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         with self.timed("image_encoder"):

@@ -167,6 +167,7 @@ class WinCLIP(Detector):
     zero_shot = True
     few_shot = True
     cannot_export = None  # exports: export_spec()
+    cannot_update = None  # update() with references (WinCLIP+): each scale's memory grows
 
     def __init__(
         self, config: WinCLIPConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True
@@ -243,6 +244,13 @@ class WinCLIP(Detector):
                 memory.fit(torch.cat([item[name] for item in encoded]))
             else:
                 memory.clear()
+
+    def _extend_encoded(self, encoded: list[dict[str, torch.Tensor]], max_memory: int | None) -> dict[str, Any]:
+        if not bool(self._few_shot):
+            raise ValueError("WinCLIP was fitted zero-shot: it keeps no references to add to (fit it with references "
+                             "for WinCLIP+)")  # fmt: skip
+        return {name: memory.extend(torch.cat([item[name] for item in encoded]), max_memory)
+                for name, memory in self.memories.items()}  # fmt: skip
 
     def _text_embeddings(self) -> torch.Tensor:
         """``(2, E)`` normal and anomalous ensemble embeddings of the class (cached by the backbone)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,17 +62,57 @@ def greedy_coreset_indices(
     Returns:
         ``(count,)`` int64 indices into ``features``, in selection order, without repeats.
     """
+    return greedy_coreset(features, count, projection_dim=projection_dim, generator=generator,
+                          candidates=candidates, with_radius=False).indices
+
+
+@dataclass(frozen=True)
+class Coreset:
+    """A greedy k-center selection and what an incremental update needs afterwards."""
+
+    indices: torch.Tensor  # (count,) int64 picks, in selection order
+    radius: float | None  # the largest distance from any feature to its nearest pick, in the selection's space
+    projection: torch.Tensor | None  # (D, projection_dim) Gaussian projection the selection measured in; None: none
+
+
+def project(features: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """``(N, D)`` features in the space a coreset selection measures in: ``features @ P / sqrt(p)`` for a
+    ``(D, p)`` projection ``P`` (Johnson-Lindenstrauss: distances kept approximately), else the features."""
+    features = features.float()
+    if projection is None or projection.numel() == 0:
+        return features
+    return features @ projection.to(features.device) / math.sqrt(projection.shape[1])
+
+
+def greedy_coreset(
+    features: torch.Tensor,
+    count: int,
+    *,
+    projection_dim: int | None = 128,
+    generator: torch.Generator | None = None,
+    candidates: int = CANDIDATES,
+    with_radius: bool = True,
+) -> Coreset:
+    """:func:`greedy_coreset_indices` (same picks), with the coverage radius and the projection.
+
+    The coverage radius is exact in the selection's space (:func:`project`); the greedy rule keeps it within twice
+    the smallest radius any ``count`` of the points could achieve (Gonzalez, 1985). ``with_radius=False`` skips
+    it (one more pass over the farthest points).
+    """
     total = features.shape[0]
     if not 1 <= count <= total:
         raise ValueError(f"coreset size must be in [1, {total}], got {count}")
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
-    points = features.float()
-    if projection_dim is not None and projection_dim < points.shape[1]:
-        projection = torch.randn(points.shape[1], projection_dim, generator=generator, dtype=torch.float32)
-        points = points @ projection.to(points.device) / math.sqrt(projection_dim)
+    projection = None
+    if projection_dim is not None and projection_dim < features.shape[1]:
+        projection = torch.randn(features.shape[1], projection_dim, generator=generator, dtype=torch.float32)
+        projection = projection.to(features.device)
+    points = project(features, projection)
     start = int(torch.randint(total, (1,), generator=generator))
-    return _FarthestPoints(points).select(start, count, candidates)
+    farthest = _FarthestPoints(points)
+    indices = farthest.select(start, count, candidates)
+    return Coreset(indices, farthest.radius() if with_radius else None, projection)
 
 
 class _FarthestPoints:
@@ -84,6 +125,13 @@ class _FarthestPoints:
         self.bounds = torch.full((total,), float("inf"), device=points.device)  # >= squared distance to selection
         self.seen = torch.zeros(total, dtype=torch.long, device=points.device)  # picks folded into each bound
         self.selected = torch.empty(0, dtype=torch.long, device=points.device)
+
+    def radius(self) -> float:
+        """The largest distance from any point to the selection (after :meth:`select`; exact)."""
+        if self.selected.shape[0] >= self.points.shape[0]:
+            return 0.0
+        _, distances, _ = self._draw(1)
+        return math.sqrt(max(float(distances[0]), 0.0))
 
     def select(self, start: int, count: int, candidates: int) -> torch.Tensor:
         picks = [start]
@@ -149,17 +197,44 @@ class _FarthestPoints:
         return picks
 
 
+@dataclass(frozen=True)
+class MemoryUpdate:
+    """What :meth:`NearestNeighbourMemory.extend` did."""
+
+    offered: int  # new features offered
+    added: int  # of them, kept in the bank
+    size_before: int  # bank entries before
+    size_after: int  # and after
+    radius_before: float  # coverage radius before (every feature the memory was fitted on is this close to it)
+    radius_after: float  # after: the fitted and the offered features are all this close to the bank
+    bounded: bool  # the max_memory bound stopped the additions (the radius grew)
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        return {"offered": self.offered, "added": self.added, "size_before": self.size_before,
+                "size_after": self.size_after, "radius_before": self.radius_before,
+                "radius_after": self.radius_after, "bounded": self.bounded}  # fmt: skip
+
+
+def _unknown() -> torch.Tensor:
+    return torch.tensor(float("nan"))
+
+
 class NearestNeighbourMemory(ResizableBuffers, nn.Module):
     """A bank of ``(M, D)`` reference features searched exactly for nearest neighbours.
 
-    The bank is a buffer, so a fitted memory is saved with its module's ``state_dict``.
+    The bank is a buffer, so a fitted memory is saved with its module's ``state_dict``. So are its coverage radius
+    (every feature it was fitted on lies within it of a bank entry, measured where the coreset selection measures:
+    :func:`project`) and the coreset's projection, which :meth:`extend` needs to grow the bank without a refit.
 
     Args:
         metric: ``"l2"`` (Euclidean distance) or ``"cosine"`` (``1 - cosine similarity``).
         max_chunk_bytes: Upper bound on the distance block held in memory at once.
     """
 
-    resizable_buffers = ("bank",)
+    resizable_buffers = ("bank", "projection")
+    unscored_buffers = ("coverage", "projection")  # for updates only: left out of the detector's fingerprint
+    # files saved before the coverage radius was kept: unknown radius, no projection
+    added_buffers = {"coverage": _unknown, "projection": lambda: torch.empty(0, 0)}
 
     def __init__(self, metric: str = "l2", max_chunk_bytes: int = 256 * 2**20):
         super().__init__()
@@ -168,6 +243,8 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         self.metric = metric
         self.max_chunk_bytes = int(max_chunk_bytes)
         self.register_buffer("bank", torch.empty(0, 0))
+        self.register_buffer("projection", torch.empty(0, 0))  # (D, p) of the coreset selection; (0, 0): none
+        self.register_buffer("coverage", torch.tensor(0.0))  # the coverage radius; NaN: unknown (an older file)
 
     def __len__(self) -> int:
         return int(self.bank.shape[0])
@@ -176,13 +253,25 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         """Follow device moves but keep the bank float32: ``.to(torch.bfloat16)`` would round the references
         and the expanded distances would cancel badly, so distances are always computed in float32."""
         super()._apply(fn, recurse)
-        if self.bank.dtype != torch.float32:
-            self.bank = self.bank.float()
+        for name in ("bank", "projection", "coverage"):
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, getattr(self, name).float())
         return self
+
+    @property
+    def coverage_radius(self) -> float | None:
+        """Every feature the bank was fitted on (and every feature :meth:`extend` was offered) lies within this
+        distance of a bank entry, in the coreset selection's space (:func:`project`; the features themselves when
+        they have at most ``projection_dim`` channels). 0 without subsampling; ``None`` if unknown (a memory
+        saved before it was recorded)."""
+        value = float(self.coverage)
+        return None if math.isnan(value) else value
 
     def clear(self) -> NearestNeighbourMemory:
         """Empty the bank (a detector fitted zero-shot keeps no references)."""
         self.bank = self.bank.new_empty(0, 0)
+        self.projection = self.projection.new_empty(0, 0)
+        self.coverage = torch.zeros((), device=self.bank.device)
         return self
 
     def fit(
@@ -193,21 +282,77 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         projection_dim: int | None = 128,
         generator: torch.Generator | None = None,
     ) -> NearestNeighbourMemory:
-        """Store ``(N, D)`` features, keeping a greedy coreset of ``ceil(ratio * N)`` of them when ``ratio < 1``."""
+        """Store ``(N, D)`` features, keeping a greedy coreset of ``ceil(ratio * N)`` of them when ``ratio < 1``
+        (for ``"cosine"``, of the unit-normalised features), and record the coverage radius."""
         if features.ndim != 2 or features.shape[0] == 0:
             raise ValueError(f"memory features must be a non-empty (N, D) tensor, got shape {tuple(features.shape)}")
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        features = features.float()
+        features = self._in_metric(features.float())
+        projection, radius = None, 0.0
         if coreset_ratio < 1.0:
             count = max(1, math.ceil(coreset_ratio * features.shape[0]))
-            indices = greedy_coreset_indices(features, count, projection_dim=projection_dim, generator=generator)
-            logger.debug("coreset: kept %d of %d features", count, features.shape[0])
-            features = features[indices.to(features.device)]
-        if self.metric == "cosine":
-            features = torch.nn.functional.normalize(features, dim=1)
+            coreset = greedy_coreset(features, count, projection_dim=projection_dim, generator=generator)
+            logger.debug("coreset: kept %d of %d features, radius %.4g", count, features.shape[0], coreset.radius)
+            features, projection, radius = features[coreset.indices.to(features.device)], coreset.projection, \
+                coreset.radius
         self.bank = features.contiguous().to(self.bank.device)
+        self.projection = (projection if projection is not None else torch.empty(0, 0)).to(self.bank.device)
+        self.coverage = torch.tensor(float(radius), device=self.bank.device)
         return self
+
+    def _in_metric(self, features: torch.Tensor) -> torch.Tensor:
+        """Features as the bank keeps them: unit-normalised for ``"cosine"``."""
+        return torch.nn.functional.normalize(features, dim=1) if self.metric == "cosine" else features
+
+    def extend(self, features: torch.Tensor, max_memory: int | None = None) -> MemoryUpdate:
+        """Grow the bank with the ``(N, D)`` features that lie beyond its coverage radius, without a refit.
+
+        The greedy k-center rule continues from the current bank: the offered feature farthest from the bank is
+        added while it lies farther than the coverage radius ``r``, so afterwards every fitted and offered
+        feature lies within ``r`` of the bank, as after a refit's selection (which, on all the features, finds a
+        radius of its own, at most twice the best possible). Costs one search of the new features against the
+        bank and one pass over them per addition, not a refit. With ``max_memory``, additions stop at that many
+        entries and the reported radius grows to cover what was left out.
+
+        A memory saved before coverage radii were recorded uses the smallest distance between two of its
+        entries, which bounds a greedy selection's radius from above (each pick lay at least the final radius
+        from all earlier ones).
+
+        Raises:
+            ValueError: Features of the wrong width, an empty memory, or ``max_memory`` below 1.
+        """
+        if len(self) == 0:
+            raise ValueError("cannot extend an empty memory: fit it first")
+        if features.ndim != 2 or features.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"new memory features must be (N, {self.bank.shape[1]}), got {tuple(features.shape)}")
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
+                                       or max_memory < 1):  # fmt: skip
+            raise ValueError(f"max_memory={max_memory!r} must be an integer >= 1 or None")
+        features = self._in_metric(features.to(self.bank.device, torch.float32))
+        projection = self.projection if self.projection.numel() else None
+        bank_points, new_points = project(self.bank, projection), project(features, projection)
+        radius = self.coverage_radius
+        if radius is None:
+            radius = _smallest_gap(bank_points, self.max_chunk_bytes)
+        distances = NearestNeighbourMemory("l2", self.max_chunk_bytes).fit(bank_points).search(new_points)[0][:, 0]
+        room = (max_memory - len(self)) if max_memory is not None else features.shape[0]
+        picks: list[int] = []
+        while len(picks) < room:
+            best = int(torch.argmax(distances)) if distances.numel() else 0
+            if not distances.numel() or not float(distances[best]) > radius:
+                break
+            picks.append(best)
+            to_pick = (new_points - new_points[best]).norm(dim=1)
+            torch.minimum(distances, to_pick, out=distances)
+        left = float(distances.max()) if distances.numel() else 0.0
+        bounded = left > radius
+        before, size_before = radius, len(self)
+        if picks:
+            self.bank = torch.cat([self.bank, features[torch.tensor(picks, device=features.device)]]).contiguous()
+        after = max(radius, left)
+        self.coverage = torch.tensor(after, device=self.bank.device)
+        return MemoryUpdate(features.shape[0], len(picks), size_before, len(self), before, after, bounded)
 
     def search(self, queries: torch.Tensor, k: int = 1, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k nearest neighbours of each query.
@@ -277,3 +422,10 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
 
     def extra_repr(self) -> str:
         return f"metric={self.metric!r}, size={tuple(self.bank.shape)}"
+
+
+def _smallest_gap(points: torch.Tensor, max_chunk_bytes: int) -> float:
+    """The smallest distance between two of ``(M, d)`` points (0 with fewer than two)."""
+    if points.shape[0] < 2:
+        return 0.0
+    return float(NearestNeighbourMemory("l2", max_chunk_bytes).fit(points).search(points, k=2)[0][:, 1].min())

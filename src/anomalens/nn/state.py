@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
 from typing import ClassVar
 
 import torch
@@ -82,6 +82,16 @@ class ResizableBuffers:
     """
 
     resizable_buffers: ClassVar[tuple[str, ...]] = ()  # buffer names whose shape follows the fitted data
+    # buffers files saved before them lack, with the value such a file means (filled in when loading it)
+    added_buffers: ClassVar[dict[str, Callable[[], torch.Tensor]]] = {}
+
+    def complete_state(self, state: MutableMapping[str, torch.Tensor], prefix: str = "") -> None:
+        """Put the meaning of each of :attr:`added_buffers` into ``state`` where an older file lacks it (only
+        when the module's other buffers are there: a missing module stays missing, for the key check)."""
+        present = any(key.startswith(prefix) and key[len(prefix):] in self.resizable_buffers for key in state)
+        for name, default in self.added_buffers.items():
+            if present and prefix + name not in state:
+                state[prefix + name] = default()
 
     def resize_buffers_for(self, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
         """Give each resizable buffer the shape of ``state[prefix + name]`` where the state holds it."""
@@ -92,5 +102,6 @@ class ResizableBuffers:
                 setattr(self, name, torch.empty(state[key].shape, dtype=current.dtype, device=current.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # nn.Module's per-module loading hook
+        self.complete_state(state_dict, prefix)
         self.resize_buffers_for(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

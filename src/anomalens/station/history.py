@@ -27,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,27 @@ def _sqlalchemy():
     except ImportError as error:
         raise ImportError(INSTALL_HINT) from error
     return sqlalchemy
+
+
+def database_url(url: str) -> str:
+    """A history URL as SQLAlchemy takes it: ``sqlite:///PATH`` as given; ``postgresql://`` and ``postgres://``
+    through psycopg 3 (``postgresql+psycopg://``), the driver the ``station`` extra installs.
+
+    Raises:
+        ValueError: Another kind of database (the message names the two supported).
+        ImportError: PostgreSQL without psycopg installed (the message gives the install command).
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme not in ("sqlite", "postgresql", "postgres", "postgresql+psycopg"):
+        shown = url.split("@")[-1] if "@" in url else url
+        raise ValueError(f"history database URL {shown!r} must be sqlite:///PATH or postgresql://USER@HOST/DB")
+    if scheme == "sqlite":
+        return url
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise ImportError("a PostgreSQL history needs psycopg 3: pip install 'anomalens[station]'") from None
+    return f"postgresql+psycopg://{rest}"
 
 
 def now() -> dt.datetime:
@@ -106,7 +128,18 @@ def _tables(sa):
         sa.Column("delivered_at", sa.DateTime(timezone=True)), sa.Column("last_error", sa.Text),
         sa.Index("ix_outbox_due", "delivered_at", "next_attempt_at"),
     )  # fmt: skip
-    return metadata, inspections, review_events, file_claims, outbox
+    drift_alarms = sa.Table(
+        "drift_alarms", metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("raised_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("product", sa.String(64), nullable=False), sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("stream", sa.String(16), nullable=False),
+        sa.Column("inspection_id", sa.Integer, sa.ForeignKey("inspections.id"), nullable=False),
+        sa.Column("observations", sa.Integer, nullable=False), sa.Column("martingale", sa.Float, nullable=False),
+        sa.Column("delta", sa.Float, nullable=False),
+        sa.UniqueConstraint("product", "version", "stream", name="uq_drift_alarms_product_version_stream"),
+    )  # fmt: skip
+    return metadata, inspections, review_events, file_claims, outbox, drift_alarms
 
 
 @dataclass(frozen=True)
@@ -133,18 +166,47 @@ class History:
         >>> history.inspections(product="bottle", label="anomalous", limit=10)  # doctest: +SKIP
     """
 
-    def __init__(self, url: str, *, upgrade: bool = True):
+    def __init__(self, url: str, *, upgrade: bool = True, wait_s: float | None = 0.0):
         sa = _sqlalchemy()
-        self.url = str(url)
+        self.url = database_url(str(url))
         self.sa = sa
         self.sqlite = self.url.startswith("sqlite")
         self.engine = sa.create_engine(self.url, pool_pre_ping=True, **({"connect_args": {"timeout": 60}}
                                                                        if self.sqlite else {}))  # fmt: skip
         if self.sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        self.metadata, self.inspections_table, self.reviews_table, self.claims_table, self.outbox_table = _tables(sa)
+        (self.metadata, self.inspections_table, self.reviews_table, self.claims_table, self.outbox_table,
+         self.drift_table) = _tables(sa)  # fmt: skip
         if upgrade:
-            self.upgrade()
+            self._upgrade_when_reachable(wait_s)
+
+    @property
+    def where(self) -> str:
+        """The database, for messages: the URL without user and password."""
+        return self.url.split("@")[-1] if "@" in self.url else self.url
+
+    def _upgrade_when_reachable(self, wait_s: float | None) -> None:
+        """:meth:`upgrade`; a database server that cannot be reached is tried again (1 s, 2 s, 4 s ... 30 s apart)
+        for up to ``wait_s`` seconds (``None``: until it answers; the long-running ``serve`` and ``watch`` wait, so
+        a line that boots before its database still starts). An SQLite file is never waited for.
+
+        Raises:
+            HistoryUnavailable: Still unreachable when the wait is over (one line, no credentials).
+        """
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        delay = 1.0
+        while True:
+            try:
+                self.upgrade()
+                return
+            except self.sa.exc.OperationalError as error:
+                reason = str(error.orig if error.orig is not None else error).strip().splitlines()[0]
+                if self.sqlite or (deadline is not None and time.monotonic() + delay > deadline):
+                    raise HistoryUnavailable(f"history database {self.where} cannot be reached: {reason}") from None
+                logger.error("history database %s cannot be reached (%s); trying again in %.0f s", self.where,
+                             reason, delay)  # fmt: skip
+                time.sleep(delay)
+                delay = min(30.0, delay * 2)
 
     @staticmethod
     def default_url(models: str | os.PathLike) -> str:
@@ -273,12 +335,15 @@ class History:
 
     def claims(self, product: str | None = None) -> list[dict[str, Any]]:
         """Every file claim (for reconciling a folder against the history)."""
-        sa, table = self.sa, self.claims_table
-        query = sa.select(table).order_by(table.c.id)
+        return self._every_row(self.claims_table, product, dict)
+
+    def _every_row(self, table, product: str | None, convert) -> list[dict[str, Any]]:
+        """Every row of ``table`` (of one product), in id order, each through ``convert``."""
+        query = self.sa.select(table).order_by(table.c.id)
         if product is not None:
             query = query.where(table.c.product == product)
         with self.engine.connect() as connection:
-            return [dict(row) for row in connection.execute(query).mappings()]
+            return [convert(row) for row in connection.execute(query).mappings()]
 
     # ------------------------------------------------------------------ reading
     def inspections(self, *, product: str | None = None, since: dt.datetime | None = None,
@@ -384,12 +449,15 @@ class History:
         with self.engine.connect() as connection:
             return [_row(row) for row in connection.execute(query).mappings()]
 
-    def false_alarms(self, product: str, alpha: float | None = None) -> FalseAlarms:
+    def false_alarms(self, product: str, alpha: float | None = None, version: int | None = None) -> FalseAlarms:
         """The false-alarm rate on the reviewed audit sample: of audited inspections confirmed normal, the share
-        the detector flagged, with its Clopper-Pearson 95% interval (``None`` without such inspections)."""
+        the detector flagged, with its Clopper-Pearson 95% interval (``None`` without such inspections); only
+        one detector version's inspections with ``version``."""
         sa, table = self.sa, self.inspections_table
         query = sa.select(table.c.label).where(table.c.product == product, table.c.audit.is_(True),
                                                table.c.review_verdict == "normal")  # fmt: skip
+        if version is not None:
+            query = query.where(table.c.version == version)
         with self.engine.connect() as connection:
             labels = [row[0] for row in connection.execute(query)]
         flagged, normal = sum(label == "anomalous" for label in labels), len(labels)
@@ -404,6 +472,44 @@ class History:
         query = sa.select(table.c.score).where(table.c.product == product).order_by(table.c.id.desc()).limit(limit)
         with self.engine.connect() as connection:
             return [float(row[0]) for row in connection.execute(query)]
+
+    # ------------------------------------------------------------------ drift
+    def stream_scores(self, product: str, version: int, after_id: int = 0, passing: bool = True,
+                      limit: int | None = None) -> list[tuple[int, float]]:  # fmt: skip
+        """``(id, score)`` of the inspections of one product version after ``after_id`` (only the passing ones with
+        ``passing``), in id order: the order every process sees, the drift tests' streams."""
+        sa, table = self.sa, self.inspections_table
+        query = (sa.select(table.c.id, table.c.score).where(table.c.product == product, table.c.version == version,
+                 table.c.id > after_id).order_by(table.c.id))  # fmt: skip
+        if passing:
+            query = query.where(table.c.label == "normal")
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as connection:
+            return [(int(row[0]), float(row[1])) for row in connection.execute(query)]
+
+    def raise_drift_alarm(self, product: str, version: int, stream: str, inspection_id: int, observations: int,
+                          martingale: float, delta: float, webhooks: Sequence[str] = ()) -> bool:  # fmt: skip
+        """Record the drift alarm of a product version's stream (``delta``: that test's share), with a webhook
+        event per URL in the same transaction; ``False`` if it was recorded already (by this or another process:
+        once per version and stream)."""
+        sa = self.sa
+        row = {"raised_at": now(), "product": product, "version": version, "stream": stream,
+               "inspection_id": inspection_id, "observations": observations, "martingale": float(martingale),
+               "delta": float(delta)}  # fmt: skip
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(sa.insert(self.drift_table).values(**row))
+                self._enqueue(connection, webhooks, "drift", {"event": "drift", **row})
+        except sa.exc.IntegrityError:
+            return False
+        logger.warning("drift alarm: %s version %d, %s parts: martingale %.3g >= %.3g after %d parts", product,
+                       version, stream, martingale, 1 / delta, observations)  # fmt: skip
+        return True
+
+    def drift_alarms(self, product: str | None = None) -> list[dict[str, Any]]:
+        """Every drift alarm recorded (of one product), oldest first."""
+        return self._every_row(self.drift_table, product, _row)
 
     # ------------------------------------------------------------------ the outbox
     def due_events(self, owner: str, lease_s: float = 60.0, limit: int = 20) -> list[dict[str, Any]]:
@@ -455,6 +561,10 @@ class History:
             for path in paths:
                 connection.execute(sa.update(table).where(table.c.image_path == path).values(image_path=None))
                 connection.execute(sa.update(table).where(table.c.overlay_path == path).values(overlay_path=None))
+
+
+class HistoryUnavailable(ConnectionError):
+    """The history database cannot be reached (an ``OSError``: the command line prints it as one line)."""
 
 
 class ClaimLost(RuntimeError):

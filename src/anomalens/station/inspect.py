@@ -22,6 +22,7 @@ import numpy as np
 from anomalens.engines.run_folder import label_text
 from anomalens.io.images import ImageLimits, load_image_bytes, probe_image
 from anomalens.io.outputs import defect_regions, heatmap_overlay, jpeg_bytes
+from anomalens.station.drift import DriftWatch, version_delta
 from anomalens.station.history import History
 from anomalens.station.models import ModelStore
 from anomalens.station.pool import DetectorPool
@@ -45,6 +46,7 @@ class Station:
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
+        self.drift = DriftWatch(self.history, tuple(self.settings.webhook))
 
     def inspect(self, product: str, data: bytes, name: str, source: str, *,
                 claim: tuple[str, str] | None = None, timeout: float = 600.0) -> dict[str, Any]:  # fmt: skip
@@ -70,6 +72,7 @@ class Station:
         if self.settings.keep_images:
             self._keep(row, data, kind, array, result, scale)
         row["id"] = self.history.record(row, claim=claim, webhooks=self.settings.webhook)
+        self.drift.observe_quietly(product, version.number, version_delta(version.record))
         return row
 
     def _row(self, product: str, version, detector, result, array: np.ndarray, sha256: str, name: str,
@@ -103,22 +106,39 @@ class Station:
             self.history.forget_images(removed)
         return len(removed)
 
+    def apply_retention(self) -> int:
+        """:meth:`prune`, logged, for the servers' and watchers' periodic runs: a failure is logged, never raised
+        (retention must never stop the line). Returns how many files were removed."""
+        try:
+            removed = self.prune()
+        except Exception as error:  # noqa: BLE001
+            logger.error("retention of %s failed: %s", self.images.root, error)
+            return 0
+        if removed:
+            logger.info("retention: removed %d stored file(s) from %s", removed, self.images.root)
+        return removed
+
 
 
 def open_station(paths: StationPaths, inspection: InspectionSettings | None = None, pool: PoolOptions | None = None,
-                 server=None, device: str = "cpu", seed: int | None = None) -> Station:  # fmt: skip
+                 server=None, device: str = "cpu", seed: int | None = None,
+                 wait_s: float | None = 0.0) -> Station:  # fmt: skip
     """A station over a models directory: its detectors, its history (upgraded to the newest schema) and its
     image store (``MODELS/store`` by default).
+
+    ``wait_s``: how long to wait for a database server that cannot be reached (``None``: until it answers).
 
     Raises:
         ValueError: No models directory given.
         ImportError: SQLAlchemy or Alembic missing (the message gives the install command).
+        HistoryUnavailable: The database cannot be reached within ``wait_s``.
     """
     inspection = inspection or InspectionSettings()
     pool = pool or PoolOptions()
     root = paths.models_dir()
     store = ModelStore(root)
     limits = server.image_limits if server is not None else ImageLimits()
-    return Station(pool=DetectorPool(store, pool.max_loaded, server, device), history=History(paths.db_url()),
+    history = History(paths.db_url(), wait_s=wait_s)
+    return Station(pool=DetectorPool(store, pool.max_loaded, server, device), history=history,
                    images=ImageStore(inspection.store or root / "store", inspection.keep_days, inspection.keep_gb),
                    settings=inspection, limits=limits, seed=seed)  # fmt: skip

@@ -19,18 +19,19 @@ The directory is ``--models DIR`` or ``$ANOMALENS_MODELS``.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from anomalens.io.outputs import atomic_write_text, honour_umask, sha256_file
 from anomalens.persistence import CONFIG_FILE, config_from_saved
+from anomalens.station.drift import DEFAULT_DELTA, drift_record
 
 MODELS_ENV = "ANOMALENS_MODELS"
 VERSION_FILE = "version.json"
@@ -137,7 +138,8 @@ class ModelStore:
 
     # ------------------------------------------------------------------ writing
     def add(self, product: str, detector_dir: str | os.PathLike, *, references: list[str] | None = None,
-            source: str = "add", note: str | None = None, extra: dict[str, Any] | None = None) -> Version:
+            source: str = "add", note: str | None = None, extra: dict[str, Any] | None = None,
+            drift_delta: float | None = DEFAULT_DELTA) -> Version:
         """Copy the saved detector in ``detector_dir`` in as the product's next version and make it active.
 
         Args:
@@ -147,11 +149,14 @@ class ModelStore:
             source: What made the version (``add``, ``fit``, ``update``...).
             note: A free note.
             extra: More fields for ``version.json``.
+            drift_delta: ``δ`` of the version's drift alarm (:mod:`anomalens.station.drift`), recorded with the rule
+                and its assumptions; ``None``: none recorded here (``extra`` may carry a parent's).
 
         Raises:
             ValueError: An invalid name, or a folder that is not a saved detector (or fails its checks).
         """
         check_product_name(product)
+        drift = drift_record(drift_delta) if drift_delta is not None else None
         meta = config_from_saved(detector_dir)  # a saved detector, its files' hashes checked
         versions = self.root / product / "versions"
         versions.mkdir(parents=True, exist_ok=True)
@@ -161,13 +166,15 @@ class ModelStore:
             for item in Path(detector_dir).iterdir():
                 if item.is_file() and not item.name.startswith("."):
                     shutil.copy2(item, staging / item.name)
-            record = {"product": product, "version": number, "created": time.time(), "source": source,
-                      "note": note, "method": meta["method"], "fingerprint": meta.get("fingerprint"),
+            created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            record = {"product": product, "version": number, "created": created, "source": source, "note": note,
+                      "method": meta["method"], "fingerprint": meta.get("fingerprint"),
                       "config_hash": meta.get("config_hash"), "class_name": meta.get("class_name"),
                       "calibration": {key: meta.get(key) for key in ("threshold", "threshold_source",
                                                                      "pixel_threshold", "threshold_calibration")},
                       "references_sha256": [sha256_file(path) for path in references or []],
-                      "anomalens_version": meta.get("anomalens_version"), **(extra or {})}  # fmt: skip
+                      "anomalens_version": meta.get("anomalens_version"), "drift": drift,
+                      **(extra or {})}  # fmt: skip
             (staging / VERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
             honour_umask(staging, directory=True)
             os.replace(staging, versions / f"{number:04d}")  # over the empty claim: one rename, no gap

@@ -15,7 +15,10 @@ COLUMNS = ("id", "created_at", "product", "version", "fingerprint", "method", "s
            "width", "height", "score", "threshold", "label", "p_value", "pixel_threshold", "regions", "audit",
            "review_verdict", "reviewer", "reviewed_at", "review_note", "image_path", "overlay_path",
            "store_error")  # fmt: skip
-TABLE = ("id", "created_at", "product", "version", "score", "label", "p_value", "review_verdict", "image_name")
+TABLE = (("id", "id"), ("created_at", "time (UTC)"), ("product", "product"), ("version", "v"), ("score", "score"),
+         ("label", "label"), ("p_value", "p"), ("review_verdict", "review"), ("source", "source"),
+         ("image_name", "image"))  # (column, heading) of the plain table
+MAX_CELL = 40  # a longer cell keeps its end, after "…"
 
 
 def parse_time(text: str | None, option: str) -> dt.datetime | None:
@@ -36,22 +39,27 @@ def history_rows(history: History, options: Any) -> list[dict[str, Any]]:
                                until=parse_time(options.until, "until"), limit=options.limit)  # fmt: skip
 
 
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
+def _plain(row: dict[str, Any], *, nested: bool = False) -> dict[str, Any]:
+    """A row with ISO 8601 times; the regions as JSON text (CSV, Parquet) or as they are (``nested``: JSON)."""
     item = {column: row.get(column) for column in COLUMNS}
     for key in ("created_at", "reviewed_at"):
         if item[key] is not None:
             item[key] = item[key].isoformat()
-    if item["regions"] is not None:
+    if item["regions"] is not None and not nested:
         item["regions"] = json.dumps(item["regions"])
     return item
 
 
 def write_history(rows: list[dict[str, Any]], options: Any) -> str | None:
     """Render ``rows`` in ``options.format``; written to ``options.out`` (atomically) if given, else returned."""
-    plain = [_plain(row) for row in rows]
+    plain = [_plain(row, nested=options.format == "json") for row in rows]
     if options.format == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("history --format parquet needs pyarrow: pip install 'anomalens[station]' "
+                              "(or pip install pyarrow)") from None
 
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table({column: [row[column] for row in plain] for column in COLUMNS}), sink)
@@ -66,19 +74,35 @@ def write_history(rows: list[dict[str, Any]], options: Any) -> str | None:
     elif options.format == "json":
         text = json.dumps(plain, indent=1) + "\n"
     else:
-        lines = ["  ".join(f"{column:>14s}" for column in TABLE)]
-        for row in plain:
-            lines.append("  ".join(f"{_cell(row[column]):>14s}" for column in TABLE))
-        text = "\n".join(lines) + "\n"
+        text = _table(rows)
     if options.out:
         atomic_write_text(options.out, text)
         return None
     return text
 
 
-def _cell(value: Any) -> str:
+def _table(rows: list[dict[str, Any]]) -> str:
+    """The plain table: one line per inspection, columns as wide as their widest cell."""
+    cells = [[heading for _, heading in TABLE]]
+    for row in rows:
+        cells.append([_cell(column, row.get(column)) for column, _ in TABLE])
+    widths = [max(len(line[index]) for line in cells) for index in range(len(TABLE))]
+    numeric = {"id", "version", "score", "p_value"}
+    lines = []
+    for line in cells:
+        lines.append("  ".join(text.rjust(width) if column in numeric else text.ljust(width)
+                               for (column, _), text, width in zip(TABLE, line, widths, strict=True)).rstrip())
+    if not rows:
+        lines.append("(no inspections match)")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(column: str, value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, float):
-        return f"{value:.5g}"
-    return str(value)[-14:] if isinstance(value, str) and len(str(value)) > 14 else str(value)
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= MAX_CELL else "…" + text[-(MAX_CELL - 1):]

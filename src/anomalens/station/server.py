@@ -21,8 +21,8 @@ Access (API key, Host and Origin checks, body limits) is the single-detector ser
 (:mod:`anomalens.engines.access`); every state change (scoring, reviews) needs the key when one is set.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations (File, Form, Request),
+# which are imported inside the functions that declare the routes, at definition time.
 import asyncio
 import base64
 import datetime as dt
@@ -43,6 +43,7 @@ from anomalens.engines.serve import (
     Problem,
     ServerSettings,
     add_login_and_static,
+    error_response,
     install_error_handlers,
     require_fastapi,
     safe_name,
@@ -69,8 +70,10 @@ def product_alpha(record: dict[str, Any], default: float) -> float:
 
 def create_station_app(station: Station, settings: ServerSettings | None = None, *,
                        access: AccessSettings | None = None, bound_host: str = "127.0.0.1",
-                       default_alpha: float = 0.05):  # fmt: skip
-    """The ASGI app of a station (see the module docstring), behind the access guard."""
+                       default_alpha: float = 0.05, update_after: int | None = None):  # fmt: skip
+    """The ASGI app of a station (see the module docstring), behind the access guard; with ``update_after``, a
+    product takes its reviewed false alarms in as a new version after that many
+    (:class:`~anomalens.station.feedback.UpdatePolicy`)."""
     require_fastapi()
     from contextlib import asynccontextmanager
 
@@ -88,12 +91,33 @@ def create_station_app(station: Station, settings: ServerSettings | None = None,
                   lifespan=lifespan)  # fmt: skip
     app.state.station = station
     install_error_handlers(app)
+    _add_database_error_handler(app)
     _add_detector_routes(app, station, settings, default_alpha)
-    _add_history_routes(app, station, default_alpha)
+    _add_history_routes(app, station)
+    policy = None
+    if update_after is not None:
+        from anomalens.station.feedback import UpdatePolicy
+
+        policy = UpdatePolicy(update_after, station.pool.store, station.history, station.images, station.pool.device)
+    app.state.update_policy = policy
+    _add_review_routes(app, station, default_alpha, policy)
+    _add_drift_route(app, station)
     _add_page(app, access)
     guarded = AccessGuard(app, access, bound_host, settings.max_request_bytes)
     guarded.state = app.state  # type: ignore[attr-defined]
     return guarded
+
+
+def _add_database_error_handler(app) -> None:
+    """A history that cannot be read or written is a 503 naming it (the client tries again), not a 500."""
+    from fastapi import Request
+    from sqlalchemy.exc import SQLAlchemyError
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_away(_request: Request, error: SQLAlchemyError):
+        error_id = uuid.uuid4().hex[:12]
+        logger.error("history database error (error id %s): %s", error_id, error)
+        return error_response(503, f"the history database cannot be used now; try again (error id {error_id})")
 
 
 def _product(station: Station, name: str):
@@ -192,8 +216,7 @@ async def _inspect_upload(station: Station, settings: ServerSettings, product: s
     return item
 
 
-def _add_history_routes(app, station: Station, default_alpha: float) -> None:
-    from fastapi import Form
+def _add_history_routes(app, station: Station) -> None:
     from fastapi.responses import FileResponse
 
     history = station.history
@@ -226,6 +249,13 @@ def _add_history_routes(app, station: Station, default_alpha: float) -> None:
             raise Problem(404, f"inspection {inspection_id}'s {kind} is not kept (retention, or not stored)")
         return FileResponse(station.images.path(relative))
 
+
+
+def _add_review_routes(app, station: Station, default_alpha: float, policy=None) -> None:
+    from fastapi import Form
+
+    history = station.history
+
     @app.post("/v1/inspections/{inspection_id}/review", summary="An inspector's verdict")
     async def review(inspection_id: int, verdict: Annotated[str, Form(description="normal or anomalous")],
                      reviewer: Annotated[str, Form(max_length=100, description="who reviewed")],
@@ -237,6 +267,8 @@ def _add_history_routes(app, station: Station, default_alpha: float) -> None:
                                           station.settings.webhook)  # fmt: skip
         except ValueError as problem:
             raise Problem(404 if "no inspection" in str(problem) else 422, str(problem)) from None
+        if policy is not None and verdict == "normal" and row["label"] == "anomalous":
+            await asyncio.to_thread(policy.reviewed, row["product"])
         return _public(row)
 
     @app.get("/v1/detectors/{name}/queue", summary="What to review next")
@@ -255,10 +287,21 @@ def _add_history_routes(app, station: Station, default_alpha: float) -> None:
             raise Problem(422, "bins must be in [2, 200]")
         alpha = product_alpha(version.record, default_alpha)
         scores = await asyncio.to_thread(history.scores, name)
-        alarms = await asyncio.to_thread(history.false_alarms, name, alpha)
+        alarms = await asyncio.to_thread(history.false_alarms, name, alpha, version.number)
+        every = await asyncio.to_thread(history.false_alarms, name, alpha)
         threshold = (version.record.get("calibration") or {}).get("threshold")
         return {"product": name, "version": version.number, "count": len(scores), "threshold": threshold,
-                "histogram": _histogram(scores, threshold, bins), "false_alarms": asdict(alarms)}  # fmt: skip
+                "histogram": _histogram(scores, threshold, bins), "false_alarms": asdict(alarms),
+                "false_alarms_all_versions": asdict(every)}  # fmt: skip
+
+
+def _add_drift_route(app, station: Station) -> None:
+    from anomalens.station.drift import version_delta
+
+    @app.get("/v1/detectors/{name}/drift", summary="The drift test of the active version: its martingale and alarm")
+    async def drift(name: str) -> dict:
+        version = _product(station, name)
+        return await asyncio.to_thread(station.drift.series, name, version.number, version_delta(version.record))
 
 
 def _histogram(scores: list[float], threshold: float | None, bins: int) -> dict[str, list[float]]:

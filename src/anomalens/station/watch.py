@@ -13,7 +13,8 @@ A camera or PLC gateway drops image files into ``DIR``. The watcher
 
 So a watcher killed at any moment (``kill -9``) loses nothing and records nothing twice: a file still in ``DIR``
 is either unrecorded (scored again) or recorded (moved without scoring). If the database cannot be written, files
-stay where they are and the watcher logs the error and tries again (nothing is silently dropped).
+stay where they are and the watcher logs the error and tries again, waiting 1 s, 2 s, 4 s ... up to 10 s between
+passes while the error lasts (nothing is silently dropped).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from anomalens.station.inspect import Station
 logger = logging.getLogger(__name__)
 
 PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial")
+MAX_BACKOFF_S = 10.0  # the longest wait between passes while the database cannot be written
 
 
 @dataclass
@@ -144,7 +146,8 @@ class Watcher:
 
     def _retry(self, path: Path, error: Exception) -> str:
         self.counts.errors += 1
-        logger.error("%s: not recorded, will retry: %s: %s", path.name, type(error).__name__, error)
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300]
+        logger.error("%s: not recorded, will retry: %s: %s", path.name, type(error).__name__, reason)
         return "retry"
 
     def _score(self, path: Path, product: str, sha256: str, data: bytes) -> str:
@@ -185,27 +188,25 @@ class Watcher:
         """Watch until ``stop`` is set (or, with ``once``, until the folder is empty of settled files)."""
         stop = stop or threading.Event()
         last_prune = 0.0
+        backoff = 0.0  # seconds to wait after a pass that hit an error not of a file's making (the database away)
         while not stop.is_set():
             ready = self.ready()
             for path in ready:
                 if stop.is_set():
                     break
-                self.process(path)
+                if self.process(path) == "retry":  # the next files would fail the same way: wait, then again
+                    backoff = min(MAX_BACKOFF_S, max(1.0, backoff * 2))
+                    logger.error("waiting %.0f s before trying again", backoff)
+                    break
+            else:
+                backoff = 0.0
             if time.monotonic() - last_prune > prune_every_s:
                 last_prune = time.monotonic()
-                self._prune()
+                self.station.apply_retention()
             if self.options.once and not ready and not any(self._candidate(path) for path in self.folder.iterdir()):
                 break
-            stop.wait(self.options.poll_s)
+            stop.wait(max(self.options.poll_s, backoff))
         return self.counts
-
-    def _prune(self) -> None:
-        try:
-            removed = self.station.prune()
-            if removed:
-                logger.info("retention: removed %d stored file(s)", removed)
-        except Exception as error:  # noqa: BLE001 - retention must never stop the line
-            logger.error("retention failed: %s", error)
 
 
 def _read(path: Path) -> bytes:

@@ -20,6 +20,8 @@ function say(message) {
   if (message) { const line = document.createElement("p"); line.textContent = message; box.appendChild(line); }
 }
 
+function when(iso) { return iso ? `${iso.replace("T", " ").slice(0, 19)} UTC` : "–"; }
+
 function number(value, digits = 4) { return value === null || value === undefined ? "–" : Number(value).toPrecision(digits); }
 
 // ------------------------------------------------------------------------------------------------ products
@@ -95,11 +97,12 @@ function show(item) {
   viewer.className = item.label || "";
   const position = state.mode === "queue" ? ` (${state.index + 1} of ${state.items.length})` : "";
   $("viewer-title").textContent = `#${item.id} ${item.image_name || ""}${position}`;
-  const reason = item.audit ? "audit sample" : "uncertain band";
-  const review = item.review_verdict ? `; reviewed ${item.review_verdict} by ${item.reviewer}` : "";
-  $("viewer-meta").textContent = `detector: ${item.label || "no threshold"} (score ${number(item.score)} vs ` +
-    `${number(item.threshold)}, p ${number(item.p_value, 3)}), version ${item.version}, ${item.created_at}, ` +
-    `${item.source}; ${state.mode === "queue" ? reason : ""}${review}`;
+  const parts = [`detector: ${item.label || "no threshold"} (score ${number(item.score)} vs ` +
+    `${number(item.threshold)}, p ${number(item.p_value, 3)})`, `version ${item.version}`, when(item.created_at),
+    item.source];
+  if (state.mode === "queue") { parts.push(item.audit ? "audit sample" : "uncertain band"); }
+  if (item.review_verdict) { parts.push(`reviewed ${item.review_verdict} by ${item.reviewer} ${when(item.reviewed_at)}`); }
+  $("viewer-meta").textContent = parts.join("; ");
   $("viewer-image").src = item.image_kept ? `/v1/inspections/${item.id}/image` : "";
   $("viewer-overlay").src = item.overlay_kept ? `/v1/inspections/${item.id}/overlay` : "";
   const regions = $("viewer-regions");
@@ -160,7 +163,7 @@ async function loadList(resetViewer = true) {
   for (const item of inspections) {
     const row = document.createElement("tr");
     row.tabIndex = 0;
-    for (const value of [item.id, item.created_at.replace("T", " ").slice(0, 19), number(item.score),
+    for (const value of [item.id, when(item.created_at), number(item.score),
       item.label || "–", number(item.p_value, 3), item.review_verdict ? `${item.review_verdict} (${item.reviewer})` : "–",
       item.image_name || ""]) {
       const cell = document.createElement("td");
@@ -186,34 +189,53 @@ async function loadStats() {
       `${(100 * alarms.rate).toFixed(1)}% (95% interval ${(100 * alarms.low).toFixed(1)}–${(100 * alarms.high).toFixed(1)}%), ` +
       `against the promised ${(100 * alarms.alpha).toFixed(1)}%.`
     : `No reviewed audit-sample part confirmed good yet (promised rate ${(100 * alarms.alpha).toFixed(1)}%).`;
+  const drift = await api(`/v1/detectors/${encodeURIComponent(state.product)}/drift`);
+  drawDrift(drift);
+  const names = { passing: "passing parts", all: "all parts" };
+  const lines = Object.entries(drift.streams).map(([name, stream]) => {
+    const alarm = stream.alarm_record;
+    return alarm
+      ? `DRIFT ALARM (${names[name]}): the martingale reached ${number(alarm.martingale)} ≥ ${number(stream.bound)} ` +
+        `after ${alarm.observations} parts (inspection #${alarm.inspection_id}, ${when(alarm.raised_at)}).`
+      : `${names[name]}: martingale ${number(stream.martingale)} after ${stream.observations} parts, alarm at ` +
+        `${number(stream.bound)}.`;
+  });
+  lines.push(drift.alarm
+    ? `Version ${drift.version} has drifted. Without drift this happens with probability at most δ = ${drift.delta}.`
+    : `No drift alarm on version ${drift.version} (on a line that does not drift, one is ever raised with ` +
+      `probability at most δ = ${drift.delta}).`);
+  $("drift-status").textContent = lines.join(" ");
+  $("drift-status").classList.toggle("alarm", drift.alarm);
 }
 
-function drawHistogram(histogram, threshold) {
-  const svg = $("histogram");
+const STREAM_COLOURS = { passing: "#2e86c1", all: "#8e44ad" };
+
+function drawDrift(drift) {
+  const svg = $("drift");
   for (const child of [...svg.children]) { if (child.tagName !== "title") { child.remove(); } }
-  const { edges, counts } = histogram;
-  if (!counts.length) { return; }
-  const width = 640, height = 200, left = edges[0], right = edges[edges.length - 1];
-  const x = (value) => ((value - left) / (right - left || 1)) * width;
-  const tallest = Math.max(...counts, 1);
+  const streams = Object.entries(drift.streams);
+  const logs = streams.map(([, stream]) => stream.martingale_series.map((value) => Math.log10(Math.max(value, 1e-12))));
+  const bound = Math.log10(streams[0][1].bound);
+  const width = 640, height = 140, top = Math.max(bound + 0.5, ...logs.flat());
+  const bottom = Math.min(-1, ...logs.flat());
+  const y = (value) => height - ((value - bottom) / (top - bottom)) * height;
   const make = (tag, attributes) => {
     const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
     for (const [key, value] of Object.entries(attributes)) { node.setAttribute(key, value); }
     svg.appendChild(node);
     return node;
   };
-  counts.forEach((count, index) => {
-    const bar = make("rect", { x: x(edges[index]), width: Math.max(1, x(edges[index + 1]) - x(edges[index]) - 1),
-      y: height - (count / tallest) * height, height: (count / tallest) * height, fill: "#5d6d7e" });
-    const tip = document.createElementNS("http://www.w3.org/2000/svg", "title");
-    tip.textContent = `${count} score(s) in [${number(edges[index])}, ${number(edges[index + 1])})`;
-    bar.appendChild(tip);
+  make("line", { x1: 0, x2: width, y1: y(bound), y2: y(bound), stroke: "#c0392b", "stroke-dasharray": "6 4" });
+  make("text", { x: width, y: y(bound) - 4, fill: "#c0392b", "text-anchor": "end" }).textContent =
+    `alarm: 2/δ = ${number(streams[0][1].bound, 3)}`;
+  make("text", { x: 0, y: 156, fill: "#5d6d7e" }).textContent = "parts →  (blue: passing parts; purple: all parts)";
+  streams.forEach(([name], index) => {
+    const values = logs[index];
+    if (values.length < 2) { return; }
+    const x = (position) => (position / (values.length - 1)) * width;
+    make("polyline", { points: values.map((value, position) => `${x(position)},${y(value)}`).join(" "), fill: "none",
+      stroke: STREAM_COLOURS[name], "stroke-width": 2, "data-stream": name, "data-points": String(values.length) });
   });
-  if (threshold !== null && threshold !== undefined) {
-    make("line", { x1: x(threshold), x2: x(threshold), y1: 0, y2: height, stroke: "#c0392b", "stroke-width": 2 });
-    make("text", { x: Math.min(x(threshold) + 4, width - 120), y: 14, fill: "#c0392b" }).textContent =
-      `threshold ${number(threshold)}`;
-  }
 }
 
 // ------------------------------------------------------------------------------------------------ wiring
@@ -226,6 +248,7 @@ document.addEventListener("keydown", (event) => {
   if (typing(event) || event.ctrlKey || event.metaKey || event.altKey) { return; }
   const item = state.current;
   const key = event.key.toLowerCase();
+  if (key === "enter" && event.target.closest("button, a, tr, [role=tab]")) { return; }  // its own click acts
   if (!$("viewer").hidden && item) {
     if ((key === "a" || key === "enter") && item.label) { event.preventDefault(); review(item.label); return; }
     if (key === "o" && item.label) { event.preventDefault(); review(opposite(item.label)); return; }

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -184,6 +184,7 @@ class CLIPFusion(OffloadMixin, Detector):
     few_shot = True
     cannot_export = ("its diffusion branch samples noise and reads the UNet's cross-attention through attention "
                      "processors, and the SD VAE + UNet exceed ONNX's 2 GB protobuf limit")
+    cannot_update = None  # update() with references: the vision-guided memories grow
 
     def __init__(
         self, config: CLIPFusionConfig, *, weights_dir: str | os.PathLike | None = None, load_pretrained: bool = True
@@ -432,6 +433,21 @@ class CLIPFusion(OffloadMixin, Detector):
         if "diffusion_vision" in self.config.components:
             for block in self.config.feature_blocks:
                 self.diffusion_memories[block.replace(".", "_")].fit(torch.cat([item[block] for item in encoded]))
+
+    def _extend_encoded(self, encoded: list[dict[str, torch.Tensor]], max_memory: int | None) -> dict[str, Any]:
+        if not bool(self._few_shot):
+            raise ValueError("CLIPFusion was fitted zero-shot: it keeps no references to add to (fit it with "
+                             "references for the few-shot vision-guided maps)")  # fmt: skip
+        updates = {}
+        if "clip_vision" in self.config.components:
+            for layer, memory in enumerate(self.clip_memories):
+                updates[f"clip{layer}"] = memory.extend(torch.cat([item[f"clip{layer}"] for item in encoded]),
+                                                        max_memory)  # fmt: skip
+        if "diffusion_vision" in self.config.components:
+            for block in self.config.feature_blocks:
+                memory = self.diffusion_memories[block.replace(".", "_")]
+                updates[block] = memory.extend(torch.cat([item[block] for item in encoded]), max_memory)
+        return updates
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, joint, raw = self._clip_features(images)

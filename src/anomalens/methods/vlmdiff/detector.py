@@ -124,6 +124,7 @@ class VLMDiff(Detector):
     zero_shot = True
     few_shot = False
     cannot_export = "scoring runs a DDIM reconstruction loop (VAE, several caption-conditioned UNet steps) per image"
+    cannot_update = "its normal model is a trained diffusion network (retrain it with anomalens train vlmdiff)"
 
     def __init__(
         self,

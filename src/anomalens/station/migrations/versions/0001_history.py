@@ -3,6 +3,11 @@
 Revision ID: 0001
 Revises:
 Created: 2026-12-06
+
+The tables are written out here, not imported from :mod:`anomalens.station.history`: a migration is a frozen record
+of one schema version, and must not change when the code's tables change later.
+``tests/test_station.py::test_the_migrations_build_exactly_the_schema_the_code_uses`` compares the migrated
+database with the code's tables (Alembic's own comparison), so the two cannot drift apart unnoticed.
 """
 
 from __future__ import annotations
