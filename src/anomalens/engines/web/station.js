@@ -238,6 +238,36 @@ function drawDrift(drift) {
   });
 }
 
+function drawHistogram(histogram, threshold) {
+  const svg = $("histogram");
+  for (const child of [...svg.children]) { if (child.tagName !== "title") { child.remove(); } }
+  const { edges, counts } = histogram;
+  if (!counts.length) { return; }
+  const width = 640, height = 200, left = edges[0], right = edges[edges.length - 1];
+  const x = (value) => ((value - left) / (right - left || 1)) * width;
+  const tallest = Math.max(...counts, 1);
+  const make = (tag, attributes) => {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [key, value] of Object.entries(attributes)) { node.setAttribute(key, value); }
+    svg.appendChild(node);
+    return node;
+  };
+  counts.forEach((count, index) => {
+    const bar = make("rect", { x: x(edges[index]), width: Math.max(1, x(edges[index + 1]) - x(edges[index]) - 1),
+      y: height - (count / tallest) * height, height: (count / tallest) * height, fill: "#5d6d7e" });
+    const tip = document.createElementNS("http://www.w3.org/2000/svg", "title");
+    tip.textContent = `${count} score(s) in [${number(edges[index])}, ${number(edges[index + 1])})`;
+    bar.appendChild(tip);
+  });
+  make("text", { x: 0, y: 216, fill: "#5d6d7e" }).textContent = number(left);
+  make("text", { x: width, y: 216, fill: "#5d6d7e", "text-anchor": "end" }).textContent = number(right);
+  if (threshold !== null && threshold !== undefined) {
+    make("line", { x1: x(threshold), x2: x(threshold), y1: 0, y2: height, stroke: "#c0392b", "stroke-width": 2 });
+    make("text", { x: Math.min(x(threshold) + 4, width - 120), y: 14, fill: "#c0392b" }).textContent =
+      `threshold ${number(threshold)}`;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ wiring
 function typing(event) {
   const tag = event.target.tagName;
