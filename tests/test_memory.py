@@ -12,19 +12,20 @@ from anomalens.nn.memory import NearestNeighbourMemory, greedy_coreset_indices
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("max_chunk_bytes", [2**12, 2**28])  # tiny chunks exercise the running top-k merge
-def test_search_matches_brute_force(metric, max_chunk_bytes):
+@pytest.mark.parametrize("max_chunk_bytes", [2**9, 2**12, 2**28])  # tiny blocks exercise the running merges
+@pytest.mark.parametrize("k", [1, 3])  # k = 1: the blocked running minimum; k > 1: the running top-k
+def test_search_matches_brute_force(metric, max_chunk_bytes, k):
     generator = torch.Generator().manual_seed(1)
-    bank = torch.randn(300, 16, generator=generator)
+    bank = torch.randn(1300, 16, generator=generator)  # more than one bank block of the default size
     queries = torch.randn(70, 16, generator=generator)
     memory = NearestNeighbourMemory(metric=metric, max_chunk_bytes=max_chunk_bytes).fit(bank)
-    distances, indices = memory.search(queries, k=3)
+    distances, indices = memory.search(queries, k=k)
     if metric == "l2":
         expected = torch.cdist(queries.double(), bank.double())
     else:
         normalised = torch.nn.functional.normalize
         expected = 1 - normalised(queries.double(), dim=1) @ normalised(bank.double(), dim=1).T
-    expected_distances, expected_indices = expected.topk(3, dim=1, largest=False)
+    expected_distances, expected_indices = expected.topk(k, dim=1, largest=False)
     assert torch.allclose(distances.double(), expected_distances, atol=1e-4)
     assert torch.equal(indices, expected_indices)
 

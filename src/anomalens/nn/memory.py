@@ -25,6 +25,8 @@ METRICS = ("l2", "cosine")
 CANDIDATES = 2048  # points tracked between two passes of greedy_coreset_indices (speed only, not the picks)
 REFRESH_GROUPS = 8  # matrix products per refresh, grouping points by how far behind the selection they are
 REFRESH_BLOCK = 2**24  # distances per matrix product in a refresh (64 MB in float32), whatever the picks' count
+QUERY_BLOCK = 4096  # queries per distance block of a search (4096 x 512 float32 = 8 MB, reduced while in cache;
+BANK_BLOCK = 512  # the best of a sweep on a 2-core EPYC: 71% of the fp32 matmul peak, memory-search-round3.json)
 
 
 def greedy_coreset_indices(
@@ -379,32 +381,19 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
     def _search(self, queries: torch.Tensor, k: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.metric == "cosine":
             queries = torch.nn.functional.normalize(queries, dim=1)
-        bank_norms = (self.bank * self.bank).sum(1)
-        bank_chunk = max(k, min(len(self), self.max_chunk_bytes // (4 * 1024)))
-        query_chunk = max(1, self.max_chunk_bytes // (4 * bank_chunk))
-        all_distances, all_indices = [], []
-        for query_start in range(0, queries.shape[0], query_chunk):
-            block = queries[query_start : query_start + query_chunk]
-            block_norms = (block * block).sum(1, keepdim=True)
-            best_distances = best_indices = None
-            for bank_start in range(0, len(self), bank_chunk):
-                bank = self.bank[bank_start : bank_start + bank_chunk]
-                if self.metric == "l2":
-                    distances = block_norms - 2.0 * block @ bank.T + bank_norms[bank_start : bank_start + bank_chunk]
-                else:
-                    distances = 1.0 - block @ bank.T
-                top = min(k, distances.shape[1])
-                chunk_distances, chunk_indices = distances.topk(top, dim=1, largest=False)
-                chunk_indices += bank_start
-                if best_distances is not None:
-                    chunk_distances = torch.cat([best_distances, chunk_distances], 1)
-                    chunk_indices = torch.cat([best_indices, chunk_indices], 1)
-                    chunk_distances, order = chunk_distances.topk(k, dim=1, largest=False)
-                    chunk_indices = chunk_indices.gather(1, order)
-                best_distances, best_indices = chunk_distances, chunk_indices
-            all_distances.append(best_distances)
-            all_indices.append(best_indices)
-        distances, indices = torch.cat(all_distances), torch.cat(all_indices)
+        # Rank by |b|^2 - 2 q.b (l2) or 1 - q.b (cosine): one fused addmm per block; |q|^2 is the same along a
+        # row, so it never changes the ranking and is added to the k chosen values only.
+        bias, alpha = ((self.bank * self.bank).sum(1), -2.0) if self.metric == "l2" else (
+            torch.ones(len(self), device=self.bank.device), -1.0)  # fmt: skip
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        rows, columns = self._blocks(k, tracing)
+        if k == 1 and not tracing:
+            distances, indices = self._nearest(queries, bias, alpha, rows, columns)
+        else:  # an exported graph: out= buffers and in-place updates do not trace, large functional blocks do
+            distances, indices = self._k_nearest(queries, k, bias, alpha, rows, columns)
+        query_chunk = rows
+        if self.metric == "l2":
+            distances = distances + (queries * queries).sum(1, keepdim=True)
         if self.metric == "l2" and not exact:
             return distances.clamp_min(0.0).sqrt(), indices
         if self.metric == "l2":
@@ -423,6 +412,64 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
     def extra_repr(self) -> str:
         return f"metric={self.metric!r}, size={tuple(self.bank.shape)}"
 
+    def _blocks(self, k: int, tracing: bool = False) -> tuple[int, int]:
+        """Queries and bank entries per distance block: :data:`QUERY_BLOCK` x :data:`BANK_BLOCK` (a block that
+        stays in cache while it is reduced), fewer to keep a block within ``max_chunk_bytes``; for a traced graph,
+        blocks of up to ``max_chunk_bytes`` (few unrolled steps)."""
+        columns = max(k, min(len(self), self.max_chunk_bytes // 4096 if tracing else BANK_BLOCK,
+                             self.max_chunk_bytes // 4))  # fmt: skip
+        if tracing:
+            return max(1, self.max_chunk_bytes // (4 * columns)), columns
+        rows = max(1, min(QUERY_BLOCK, self.max_chunk_bytes // (4 * columns)))
+        return rows, columns
+
+    def _nearest(self, queries: torch.Tensor, bias: torch.Tensor, alpha: float, rows: int,
+                 columns: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Each query's smallest ``bias + alpha q.b`` and its index, ``(N, 1)`` each. Per block: one ``addmm`` into a
+        reused buffer and its row minima into a ``(blocks, rows)`` table (no allocation, the block reduced while in
+        cache); then one pass over the table."""
+        count, device = queries.shape[0], self.bank.device
+        starts = list(range(0, len(self), columns))
+        block = torch.empty(min(rows, count), columns, device=device)
+        minima = torch.empty(len(starts), min(rows, count), device=device)
+        positions = torch.empty(len(starts), min(rows, count), dtype=torch.long, device=device)
+        best, best_index = [], []
+        for first in range(0, count, rows):
+            query = queries[first : first + rows]
+            height = query.shape[0]
+            for number, start in enumerate(starts):
+                width = min(columns, len(self) - start)
+                out = block[:height, :width]
+                torch.addmm(bias[start : start + width], query, self.bank[start : start + width].T, alpha=alpha,
+                            out=out)  # fmt: skip
+                torch.min(out, 1, out=(minima[number, :height], positions[number, :height]))
+            low, which = minima[:, :height].min(0)  # the first block holding the minimum, as one pass would
+            offsets = torch.tensor(starts, device=device)[which]
+            best.append(low)
+            best_index.append(positions[:, :height].gather(0, which[None])[0] + offsets)
+        return torch.cat(best)[:, None], torch.cat(best_index)[:, None]
+
+    def _k_nearest(self, queries: torch.Tensor, k: int, bias: torch.Tensor, alpha: float, rows: int,
+                   columns: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Each query's ``k`` smallest ``bias + alpha q.b``, ascending, and their indices: a running top-k."""
+        all_values, all_indices = [], []
+        for first in range(0, queries.shape[0], rows):
+            query = queries[first : first + rows]
+            kept_values = kept_indices = None
+            for start in range(0, len(self), columns):
+                width = min(columns, len(self) - start)
+                block = torch.addmm(bias[start : start + width], query, self.bank[start : start + width].T,
+                                    alpha=alpha)  # fmt: skip
+                values, indices = block.topk(min(k, width), dim=1, largest=False)
+                indices += start
+                if kept_values is not None:
+                    values, indices = torch.cat([kept_values, values], 1), torch.cat([kept_indices, indices], 1)
+                    values, order = values.topk(k, dim=1, largest=False)
+                    indices = indices.gather(1, order)
+                kept_values, kept_indices = values, indices
+            all_values.append(kept_values)
+            all_indices.append(kept_indices)
+        return torch.cat(all_values), torch.cat(all_indices)
 
 def _smallest_gap(points: torch.Tensor, max_chunk_bytes: int) -> float:
     """The smallest distance between two of ``(M, d)`` points (0 with fewer than two)."""
