@@ -23,7 +23,7 @@ from anomalens.evaluation.speed import (
     stage_group,
 )
 
-from conftest import ASSETS, TINY_CLIP, TINY_CONFIGS, write_noise_images
+from conftest import ASSETS, TINY_CLIP, TINY_CONFIGS, tiny_detector, write_noise_images
 
 
 def test_full_size_settings_cover_every_registered_method():
@@ -142,6 +142,19 @@ def test_flops_of_fused_attention_are_counted():
     assert mha.get_fastpath_enabled()  # switched back on for the timed batches
 
 
+def test_the_memory_search_flops_are_counted_by_hand():
+    """PatchCore's search: one fused addmm per block, 2 M D per query, for every patch (k = 1) and each image's
+    re-weighting anchor (k = b); the exact recomputation of the chosen distances is no matrix product."""
+    detector = tiny_detector("patchcore", coreset_ratio=1.0)
+    rng = np.random.default_rng(0)
+    detector.fit([(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(2)], threshold=None)
+    images = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    grid = detector.embed(torch.zeros(1, 3, 32, 32)).shape  # (1, h, w, D)
+    bank, channels = detector.memory.bank.shape
+    _, stage_flops = count_flops(detector, images)
+    assert stage_flops["memory_search"] == 3 * (grid[1] * grid[2] + 1) * 2 * bank * channels
+
+
 def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(capsys, tmp_path):
     images = write_noise_images(tmp_path / "images", 4, seed=0)
     (images / "9-broken.png").write_bytes(b"not a png")  # reported and skipped before any setting runs
@@ -182,6 +195,7 @@ def test_benchmark_speed_times_every_setting_and_keeps_going_past_a_failure(caps
     assert stages["text encoder"] < stages["image encoder"]  # a cache lookup against a network's forward pass
     assert winclip["batches"]["2"]["stages_gflops_per_image"]["text encoder"] == 0  # prompts cached after warm-up
     assert "memory search" in patchcore["batches"]["2"]["stages_seconds_per_image"]
+    assert patchcore["batches"]["2"]["networks_percent_of_peak"]["memory search"] > 0  # the search's % of peak too
     assert "skipped" in dual["batches"]["1"] and dual["batches"]["2"]["seconds_per_image"] > 0  # pooled
     table = out.with_suffix(".md").read_text()
     assert table == markdown(result) and "| patchcore (bad) | 0 | float32 | – | error:" in table
