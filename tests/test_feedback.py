@@ -156,6 +156,17 @@ def test_update_takes_new_normals_in_and_recalibrates_by_the_same_rule(method):
     assert report.threshold_after == detector.threshold and report.recalibrated
 
 
+def test_an_ensemble_update_re_estimates_its_common_scale_on_the_calibration_images():
+    detector = tiny_detector("ensemble").fit(_normal(0, 12), false_alarm_rate=0.1)
+    calibration = _odd_normal(2, 5) + _normal(3, 5)
+    detector.update(_odd_normal(1, 2), calibration)
+    for number, member in enumerate(detector.members):  # z-scores: mean and sample std of each member's scores
+        scores = np.array([result.score for result in member.predict(calibration)], dtype=np.float64)
+        assert detector.score_stats[number].tolist() == pytest.approx([scores.mean(), scores.std(ddof=1)], rel=1e-5)
+    fused = sorted(result.score for result in detector.predict(calibration))
+    assert detector.threshold == pytest.approx(fused[math.ceil(11 * 0.9) - 1], rel=1e-5)  # on the new scale
+
+
 def test_an_added_image_scores_within_the_coverage_radius():
     """PatchCore's image score (Eq. 7) is at most its largest patch distance, and every patch of a taken-in image
     lies within the coverage radius of the memory."""

@@ -332,6 +332,10 @@ class Detector(Calibrated, nn.Module):
         with torch.inference_mode(), self.autocast():
             return self._extend_encoded([item for group in encoded for item in group], max_memory)
 
+    def _rescale_on(self, normals: list[np.ndarray]) -> None:
+        """After an update, re-estimate any scale fitted on held-out normal scores from ``normals`` (normal
+        images the updated detector never saw). Default: nothing (a method with no such scale)."""
+
     def _extend_encoded(self, encoded: list[Any], max_memory: int | None) -> dict[str, MemoryUpdate]:
         """Grow each memory with the encoded items of new normal images; what each memory did, by name."""
         raise NotImplementedError(f"{type(self).__name__} implements no _extend_encoded")

@@ -95,6 +95,7 @@ def update_detector(detector: Any, images: Sequence[ImageLike], calibration_imag
     grown = time.perf_counter() - grown
     notes = []
     if held_out:
+        detector._rescale_on(held_out)  # a method with a common scale (an ensemble) re-estimates it first
         results = []
         for first in range(0, len(held_out), detector.config.batch_size):
             results.extend(detector.predict_arrays(held_out[first : first + detector.config.batch_size]))

@@ -112,7 +112,8 @@ class Ensemble(Detector):
 
     method_name = "ensemble"
     cannot_export = "each member is its own graph: export the members"
-    cannot_update = None  # update(): each member with references grows; the common scale is kept from the fit
+    cannot_update = None  # update(): each member with references grows; the common scale is re-estimated on the
+    # calibration images when given
     config_class = EnsembleConfig
 
     def __init__(self, config: EnsembleConfig, *, weights_dir=None, load_pretrained: bool = True):
@@ -241,6 +242,20 @@ class Ensemble(Detector):
         if not updates:
             raise ValueError("no member of this ensemble keeps references that an update could grow")
         return updates
+
+    def _rescale_on(self, normals: list[np.ndarray]) -> None:
+        """The common scale again, from the members' results on ``normals`` (held-out normal images the updated
+        members never saw), as the fit estimated it from held-out references."""
+        if self.config.normalisation == "none":
+            return
+        if len(normals) < 2:
+            raise ValueError(f"ensemble normalisation={self.config.normalisation!r} needs at least 2 calibration "
+                             f"images to re-estimate its scale, got {len(normals)}")  # fmt: skip
+        with torch.inference_mode():
+            for number, member in enumerate(self.members):
+                results = member.predict_arrays(normals)
+                self.score_stats[number] = torch.tensor(self._stats([result.score for result in results]))
+                self.map_stats[number] = torch.tensor(self._map_stats([result.anomaly_map for result in results]))
 
     # ------------------------------------------------------------------ scoring
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list[AnomalyResult]:
