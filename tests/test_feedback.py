@@ -4,6 +4,7 @@ conformal rank, and reviews into a new version (CLI, server policy, rollback res
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -299,6 +300,8 @@ def test_models_update_on_the_command_line(tmp_path, capsys):
     assert "part@2 is active: 3 image(s) taken in" in capsys.readouterr().out
     record = json.loads((store.active("part").path / "version.json").read_text())
     assert record["update"]["calibration_images"] == 10 and len(record["feedback"]["taken_in_now_sha256"]) == 3
+    by_hashlib = sorted(hashlib.sha256(path.read_bytes()).hexdigest() for path in (tmp_path / "new").glob("?.png"))
+    assert record["feedback"]["taken_in_sha256"] == by_hashlib  # the lineage's set, for later --from-reviews
     assert main(["models", "update", "part", "--models", str(models)]) == 2  # neither source given
     assert "exactly one of --from-reviews and --images DIR" in capsys.readouterr().err
 

@@ -460,9 +460,10 @@ def cmd_models_update(options: Any, quiet: bool) -> int:
     else:
         version, record = _update_from_folders(store, options.name, update)
     report = record["update"]
+    how = f"recalibrated on {report['calibration_images']} held-out images" if report["recalibrated"] else "kept"
     print(f"{version.label} is active: {report['images']} image(s) taken in, memory {report['memory_size_before']} -> "
           f"{report['memory_size_after']}, threshold {report['threshold_before']} -> {report['threshold_after']} "
-          f"({'recalibrated on ' + str(report['calibration_images']) + ' held-out images' if report['recalibrated'] else 'kept'})")  # noqa: E501
+          f"({how})")
     for note in report["notes"]:
         print(f"note: {note}")
     return 0
@@ -470,10 +471,9 @@ def cmd_models_update(options: Any, quiet: bool) -> int:
 
 def _update_from_folders(store, product: str, update) -> tuple[Any, dict[str, Any]]:
     """``models update NAME --images DIR [--calibration DIR]``."""
-    import tempfile
-
     import anomalens
     from anomalens.io.outputs import sha256_file
+    from anomalens.station.feedback import publish_update
 
     active = store.active(product)
     paths: list[str] = []
@@ -488,14 +488,7 @@ def _update_from_folders(store, product: str, update) -> tuple[Any, dict[str, An
     finally:
         bar.close()
     added = [sha256_file(path) for path in paths]
-    record = {"update": report.to_dict(), "references_sha256": [*active.record.get("references_sha256", []), *added],
-              "feedback": {"parent_version": active.number, "images_folder": str(update.images),
-                           "taken_in_now_sha256": added}}  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix=f".update-{product}.", dir=store.root) as folder:
-        detector.save(folder)
-        version = store.add(product, folder, source="update", note=update.note, drift_delta=None,
-                            extra={**record, "drift": active.record.get("drift")})  # fmt: skip
-    return version, record
+    return publish_update(store, active, detector, report, added, {"images_folder": str(update.images)}, update.note)
 
 
 def cmd_models_list(options: Any, quiet: bool) -> int:

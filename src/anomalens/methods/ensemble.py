@@ -203,13 +203,17 @@ class Ensemble(Detector):
                 member._fit_and_hold_out([], class_name, ThresholdPlan("none"), lambda done, total: None)
                 per_member.append(member.predict_arrays([arrays[index] for index in held_indices]))
             report(number + 1, len(self.members))
+        self._set_scale(per_member)
+        self._is_fitted.fill_(True)
+        return [self._fuse([results[index] for results in per_member], results_source(per_member, index))
+                for index in range(len(held_indices))]  # fmt: skip
+
+    def _set_scale(self, per_member: list[list[AnomalyResult]]) -> None:
+        """The common scale from each member's results on held-out normal images."""
         with torch.inference_mode():
             for number, results in enumerate(per_member):
                 self.score_stats[number] = torch.tensor(self._stats([result.score for result in results]))
                 self.map_stats[number] = torch.tensor(self._map_stats([result.anomaly_map for result in results]))
-        self._is_fitted.fill_(True)
-        return [self._fuse([results[index] for results in per_member], results_source(per_member, index))
-                for index in range(len(held_indices))]  # fmt: skip
 
     def _stats(self, values: Sequence[float]) -> tuple[float, float]:
         values = np.asarray(values, dtype=np.float64)
@@ -251,11 +255,7 @@ class Ensemble(Detector):
         if len(normals) < 2:
             raise ValueError(f"ensemble normalisation={self.config.normalisation!r} needs at least 2 calibration "
                              f"images to re-estimate its scale, got {len(normals)}")  # fmt: skip
-        with torch.inference_mode():
-            for number, member in enumerate(self.members):
-                results = member.predict_arrays(normals)
-                self.score_stats[number] = torch.tensor(self._stats([result.score for result in results]))
-                self.map_stats[number] = torch.tensor(self._map_stats([result.anomaly_map for result in results]))
+        self._set_scale([member.predict_arrays(normals) for member in self.members])
 
     # ------------------------------------------------------------------ scoring
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list[AnomalyResult]:

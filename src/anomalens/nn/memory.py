@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -212,9 +212,7 @@ class MemoryUpdate:
     bounded: bool  # the max_memory bound stopped the additions (the radius grew)
 
     def to_dict(self) -> dict[str, float | int | bool]:
-        return {"offered": self.offered, "added": self.added, "size_before": self.size_before,
-                "size_after": self.size_after, "radius_before": self.radius_before,
-                "radius_after": self.radius_after, "bounded": self.bounded}  # fmt: skip
+        return asdict(self)
 
 
 def _unknown() -> torch.Tensor:
@@ -340,9 +338,9 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         distances = NearestNeighbourMemory("l2", self.max_chunk_bytes).fit(bank_points).search(new_points)[0][:, 0]
         room = (max_memory - len(self)) if max_memory is not None else features.shape[0]
         picks: list[int] = []
-        while len(picks) < room:
-            best = int(torch.argmax(distances)) if distances.numel() else 0
-            if not distances.numel() or not float(distances[best]) > radius:
+        while len(picks) < room and distances.numel():
+            best = int(torch.argmax(distances))
+            if not float(distances[best]) > radius:
                 break
             picks.append(best)
             to_pick = (new_points - new_points[best]).norm(dim=1)
@@ -391,23 +389,18 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
             distances, indices = self._nearest(queries, bias, alpha, rows, columns)
         else:  # an exported graph: out= buffers and in-place updates do not trace, large functional blocks do
             distances, indices = self._k_nearest(queries, k, bias, alpha, rows, columns)
-        query_chunk = rows
-        if self.metric == "l2":
-            distances = distances + (queries * queries).sum(1, keepdim=True)
-        if self.metric == "l2" and not exact:
-            return distances.clamp_min(0.0).sqrt(), indices
-        if self.metric == "l2":
-            # The expansion finds the neighbours fast but cancels badly for near neighbours (small distances
-            # beside large norms); recompute the k chosen distances exactly, chunk by chunk.
-            exact = []
-            for start in range(0, queries.shape[0], query_chunk):
-                block = queries[start : start + query_chunk]
-                neighbours = self.bank[indices[start : start + query_chunk]]  # (n, k, D)
-                exact.append((block[:, None, :] - neighbours).norm(dim=-1))
-            distances = torch.cat(exact)
-            distances, order = distances.sort(dim=1)
-            indices = indices.gather(1, order)
-        return distances, indices
+        if self.metric == "cosine":
+            return distances, indices
+        if not exact:
+            return (distances + (queries * queries).sum(1, keepdim=True)).clamp_min(0.0).sqrt(), indices
+        # The expansion finds the neighbours fast but cancels badly for near neighbours (small distances beside
+        # large norms); recompute the k chosen distances exactly, block by block.
+        recomputed = []
+        for start in range(0, queries.shape[0], rows):
+            neighbours = self.bank[indices[start : start + rows]]  # (n, k, D)
+            recomputed.append((queries[start : start + rows, None, :] - neighbours).norm(dim=-1))
+        distances, order = torch.cat(recomputed).sort(dim=1)
+        return distances, indices.gather(1, order)
 
     def extra_repr(self) -> str:
         return f"metric={self.metric!r}, size={tuple(self.bank.shape)}"
@@ -430,6 +423,7 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         cache); then one pass over the table."""
         count, device = queries.shape[0], self.bank.device
         starts = list(range(0, len(self), columns))
+        offsets = torch.tensor(starts, device=device)
         block = torch.empty(min(rows, count), columns, device=device)
         minima = torch.empty(len(starts), min(rows, count), device=device)
         positions = torch.empty(len(starts), min(rows, count), dtype=torch.long, device=device)
@@ -444,9 +438,8 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
                             out=out)  # fmt: skip
                 torch.min(out, 1, out=(minima[number, :height], positions[number, :height]))
             low, which = minima[:, :height].min(0)  # the first block holding the minimum, as one pass would
-            offsets = torch.tensor(starts, device=device)[which]
             best.append(low)
-            best_index.append(positions[:, :height].gather(0, which[None])[0] + offsets)
+            best_index.append(positions[:, :height].gather(0, which[None])[0] + offsets[which])
         return torch.cat(best)[:, None], torch.cat(best_index)[:, None]
 
     def _k_nearest(self, queries: torch.Tensor, k: int, bias: torch.Tensor, alpha: float, rows: int,
@@ -470,6 +463,7 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
             all_values.append(kept_values)
             all_indices.append(kept_indices)
         return torch.cat(all_values), torch.cat(all_indices)
+
 
 def _smallest_gap(points: torch.Tensor, max_chunk_bytes: int) -> float:
     """The smallest distance between two of ``(M, d)`` points (0 with fewer than two)."""

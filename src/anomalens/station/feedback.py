@@ -53,8 +53,9 @@ def taken_in(version: Version) -> set[str]:
 
 
 def sort_reviews(history: History, images: ImageStore, version: Version, include_passes: int = 0,
-                 seed: int = 0) -> ReviewedParts:  # fmt: skip
-    """The product's parts confirmed normal by review, sorted into memory additions and calibration."""
+                 seed: int = 0, check_images: bool = True) -> ReviewedParts:  # fmt: skip
+    """The product's parts confirmed normal by review, sorted into memory additions and calibration;
+    ``check_images=False`` counts them without looking for their stored images (none is then ``missing``)."""
     if isinstance(include_passes, bool) or not isinstance(include_passes, int) or include_passes < 0:
         raise ValueError(f"include_passes={include_passes!r} must be an integer >= 0")
     seen = taken_in(version)
@@ -64,7 +65,7 @@ def sort_reviews(history: History, images: ImageStore, version: Version, include
         sha = row["image_sha256"]
         if sha in seen:
             continue
-        if not row.get("image_path") or not images.path(row["image_path"]).is_file():
+        if check_images and (not row.get("image_path") or not images.path(row["image_path"]).is_file()):
             parts.missing.append(row)
             continue
         seen.add(sha)
@@ -122,19 +123,27 @@ def update_from_reviews(models: ModelStore, history: History, images: ImageStore
                              max_memory=max_memory, calibration_from="the line's random audit sample, confirmed "
                              "normal by review")  # fmt: skip
     added = [row["image_sha256"] for row in parts.additions]
-    feedback = {"parent_version": active.number, "false_alarms": len(parts.false_alarms),
-                "passes": len(parts.passes), "taken_in_now_sha256": added,
-                "taken_in_sha256": sorted(taken_in(active) | set(added)),
+    feedback = {"false_alarms": len(parts.false_alarms), "passes": len(parts.passes),
                 "calibration_sha256": [row["image_sha256"] for row in parts.calibration] if calibration else [],
                 "missing_images": len(parts.missing)}  # fmt: skip
+    return publish_update(models, active, detector, report, added, feedback,
+                          note or f"{len(added)} reviewed part(s) taken in from version {active.number}")
+
+
+def publish_update(models: ModelStore, active: Version, detector, report, added: list[str],
+                   feedback: dict[str, Any], note: str | None) -> tuple[Version, dict[str, Any]]:  # fmt: skip
+    """Save an updated ``detector`` as the product's next, active version, recording the update ``report``, the
+    SHA-256 of the images taken in (``added``; the lineage's cumulative set too), ``feedback``'s details and the
+    parent's drift rule. Returns the version and its update record."""
+    feedback = {"parent_version": active.number, **feedback, "taken_in_now_sha256": added,
+                "taken_in_sha256": sorted(taken_in(active) | set(added))}  # fmt: skip
     record = {"update": report.to_dict(), "feedback": feedback,
               "references_sha256": [*active.record.get("references_sha256", []), *added]}
-    with tempfile.TemporaryDirectory(prefix=f".update-{product}.", dir=models.root) as folder:
+    with tempfile.TemporaryDirectory(prefix=f".update-{active.product}.", dir=models.root) as folder:
         detector.save(folder)
-        version = models.add(product, folder, source="update", note=note or f"{len(added)} reviewed part(s) taken in "
-                             f"from version {active.number}", extra={**record, "drift": active.record.get("drift")},
-                             drift_delta=None)  # fmt: skip
-    logger.info("%s: %d part(s) taken in, memory %d -> %d, threshold %s -> %s", version.label, len(added),
+        version = models.add(active.product, folder, source="update", note=note, drift_delta=None,
+                             extra={**record, "drift": active.record.get("drift")})  # fmt: skip
+    logger.info("%s: %d image(s) taken in, memory %d -> %d, threshold %s -> %s", version.label, len(added),
                 report.memory_size_before, report.memory_size_after, report.threshold_before,
                 report.threshold_after)  # fmt: skip
     return version, record
@@ -162,7 +171,7 @@ class UpdatePolicy:
     def reviewed(self, product: str) -> threading.Thread | None:
         """Called after each review of ``product``; the update's thread if one was started."""
         active = self.models.active(product)
-        pending = sort_reviews(self.history, self.images, active).false_alarms
+        pending = sort_reviews(self.history, self.images, active, check_images=False).false_alarms  # a count only
         if len(pending) < self.after:
             return None
         with self._lock:
