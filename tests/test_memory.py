@@ -138,3 +138,89 @@ def test_gaussian_blur_matches_scipy(sigma):
         for index in range(2):
             expected = ndimage.gaussian_filter(maps[index].astype(np.float64), sigma, mode=border, truncate=4.0)
             assert np.allclose(one_pass[index], expected, atol=1e-5)
+
+
+def test_memory_leaves_a_references_entries_out_and_restores_them():
+    """``without`` keeps exactly the entries of other owners, in order, and puts the bank back even on an error;
+    extended entries belong to no reference; unknown owners and an emptied memory are refused."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 5, generator=generator)
+    owners = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 3, 3, 3, 3])
+    memory = NearestNeighbourMemory("l2").fit(features, owners=owners)
+    bank = memory.bank.clone()
+    with memory.without([1, 3]):
+        assert torch.equal(memory.bank, features[[0, 1, 5, 6, 7]])
+        distances = memory.search(features[2:3])[0][0, 0]
+        assert float(distances) == pytest.approx(float(torch.cdist(features[2:3], features[[0, 1, 5, 6, 7]]).min()))
+    assert torch.equal(memory.bank, bank)
+    with pytest.raises(RuntimeError, match="inside"):
+        with memory.without([0]):
+            raise RuntimeError("inside")
+    assert torch.equal(memory.bank, bank) and memory.leaves_entries_without([0, 1, 2])
+    assert not memory.leaves_entries_without([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"leaving out references \[0, 1, 2, 3\] would empty the memory"):
+        with memory.without([0, 1, 2, 3]):
+            pass
+    memory.extend(features[:2] + 100.0)
+    assert memory.owners.tolist() == owners.tolist() + [-1, -1]
+    with pytest.raises(ValueError, match="does not know which reference"):
+        with NearestNeighbourMemory("l2").fit(features).without([0]):
+            pass
+    with pytest.raises(ValueError, match=r"owners must be \(12,\)"):
+        NearestNeighbourMemory("l2").fit(features, owners=owners[:3])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_approximate_search_finds_the_nearest_entry_of_the_probed_lists(metric):
+    """Inverted lists: every returned entry is, by brute force (torch.cdist), the nearest among the entries whose
+    nearest centre is one of the query's ``probes`` nearest centres; its distance is never below the exact one;
+    probing every list is the exact search."""
+    from anomalens.nn.memory import InvertedLists, _ivf_index
+
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(12, 16, generator=generator) * 4
+    bank = centres[torch.randint(12, (600,), generator=generator)] + torch.randn(600, 16, generator=generator)
+    queries = centres[torch.randint(12, (200,), generator=generator)] + torch.randn(200, 16, generator=generator)
+    memory = NearestNeighbourMemory(metric).fit(bank)
+    settings = InvertedLists(lists=10, probes=3)
+    distances, indices = memory.search(queries, approximate=settings)
+    exact_distances, exact_indices = memory.search(queries)
+    assert (distances[:, 0] >= exact_distances[:, 0] - 1e-5).all()
+    index = _ivf_index(memory, settings)
+    entries = memory.bank
+    unit = torch.nn.functional.normalize(queries, dim=1) if metric == "cosine" else queries
+    home = torch.cdist(entries, index.centres).argmin(1)  # each entry's list, by brute force
+    probed = torch.cdist(unit, index.centres).topk(3, largest=False).indices
+    for row in range(queries.shape[0]):
+        allowed = torch.isin(home, probed[row]).nonzero()[:, 0]
+        nearest = allowed[torch.cdist(unit[row : row + 1], entries[allowed])[0].argmin()]
+        assert int(indices[row, 0]) == int(nearest)
+    recall = float((indices[:, 0] == exact_indices[:, 0]).float().mean())
+    assert recall > 0.8  # clustered data: most nearest neighbours lie in the probed lists
+    everything = memory.search(queries, approximate=InvertedLists(lists=10, probes=10))[1]
+    assert torch.equal(everything, exact_indices)
+    with pytest.raises(ValueError, match=r"approximate search probes=0 must be an integer >= 1"):
+        InvertedLists(probes=0)
+
+
+@pytest.mark.parametrize("limit", [2**31, 0])  # the exact assignment, and the inverted lists' (large fits)
+def test_a_fold_without_its_references_still_covers_the_others_within_the_radius(monkeypatch, limit):
+    """After a reference's coreset entries are left out and the holes refilled, every feature of the other
+    references lies within the coverage radius of the memory (brute force, torch.cdist), as it does of a coreset
+    fitted on them; the held-out reference's own features never enter."""
+    import anomalens.nn.memory as memory_module
+
+    monkeypatch.setattr(memory_module, "EXACT_ASSIGNMENT_LIMIT", limit)
+    generator = torch.Generator().manual_seed(2)
+    centres = torch.randn(20, 8, generator=generator) * 3
+    features = centres[torch.randint(20, (900,), generator=generator)] + torch.randn(900, 8, generator=generator)
+    owners = torch.arange(900) // 100  # nine references of 100 features each
+    memory = NearestNeighbourMemory("l2").fit(features, coreset_ratio=0.1, owners=owners)
+    radius = memory.coverage_radius
+    assert float(torch.cdist(features, memory.bank).min(1).values.max()) <= radius + 1e-5
+    for reference in range(9):
+        with memory.without([reference]):
+            others = features[owners != reference]
+            assert float(torch.cdist(others, memory.bank).min(1).values.max()) <= radius + 1e-5
+            own = features[owners == reference]
+            assert not bool((torch.cdist(memory.bank, own).min(1).values == 0).any())

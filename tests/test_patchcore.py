@@ -11,7 +11,7 @@ import torch
 import anomalens
 from anomalens.methods.patchcore import PatchCore
 
-from conftest import plant_defect, textured_image, tiny_detector
+from conftest import TINY_CONFIGS, plant_defect, textured_image, tiny_detector
 
 
 def test_embedding_grid_and_width():
@@ -221,3 +221,23 @@ def test_detectors_saved_before_the_compat_fields_keep_their_scoring(tmp_path):
     loaded = anomalens.load(tmp_path / "saved")
     query = textured_image(rng, 32, 32)
     assert loaded.predict([query])[0].score == pytest.approx(former.predict([query])[0].score, rel=1e-6)
+
+
+def test_approximate_search_probing_every_list_scores_as_the_exact_search():
+    """``search="approximate"`` with as many probes as lists searches every entry: the exact scores and maps; with
+    fewer probes a score can only rise (a neighbour missed is farther). Bad settings name the field."""
+    rng = np.random.default_rng(5)
+    references = [textured_image(rng, 40, 40) for _ in range(3)]
+    queries = [textured_image(rng, 40, 40) for _ in range(2)]
+    options = {**TINY_CONFIGS["patchcore"], "coreset_ratio": 1.0, "image_score": "max"}
+    exact = anomalens.create("patchcore", **options).fit(references, threshold=None)
+    every = anomalens.create("patchcore", **options, search="approximate", search_lists=6, search_probes=6)
+    every.fit(references, threshold=None)
+    few = anomalens.create("patchcore", **options, search="approximate", search_lists=6, search_probes=1)
+    few.fit(references, threshold=None)
+    for a, b, c in zip(exact.predict(queries), every.predict(queries), few.predict(queries)):
+        assert b.score == pytest.approx(a.score, rel=1e-6)
+        assert np.allclose(b.anomaly_map, a.anomaly_map, atol=1e-6)
+        assert c.score >= a.score - 1e-6  # the smoothed map's maximum, over distances that can only grow
+    with pytest.raises(ValueError, match="search='fast'.*exact or approximate"):
+        anomalens.create("patchcore", **options, search="fast")

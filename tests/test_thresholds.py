@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import anomalens
 from anomalens.cli import main
@@ -14,6 +15,7 @@ from anomalens.thresholds import (
     ThresholdOptions,
     apply_threshold_options,
     conformal_threshold,
+    fit_holding_out,
     plan_thresholds,
     required_references,
 )
@@ -122,9 +124,10 @@ def test_cli_false_alarm_rate_records_the_rule_and_refuses_too_few_references(ca
     assert code == 2 and "needs at least 19 reference images" in capsys.readouterr().err
 
 
-def test_default_rule_holds_many_references_out_in_folds_not_one_by_one():
-    """Above 16 references the default rule refits once per fold (5), not once per reference; each held-out score
-    equals the score from a detector fitted by hand on the references outside its fold."""
+def test_default_rule_holds_many_references_out_in_folds_on_one_fit():
+    """Above 16 references the default rule holds references out in 5 folds, all scored on one fit with each
+    fold's memory entries left out; each held-out score equals the score from a detector fitted by hand on the
+    references outside its fold."""
     references = _references(18)
     options = {**TINY_CONFIGS["patchcore"], "coreset_ratio": 1.0}
     detector = anomalens.create("patchcore", **options)
@@ -132,7 +135,8 @@ def test_default_rule_holds_many_references_out_in_folds_not_one_by_one():
     fit_encoded = detector._fit_encoded
     detector._fit_encoded = lambda encoded, class_name: fits.append(len(encoded)) or fit_encoded(encoded, class_name)
     detector.fit(references)
-    assert detector.threshold_calibration["calibration"] == "k-fold" and len(fits) == 5 + 1 and fits[-1] == 18
+    assert detector.threshold_calibration["calibration"] == "k-fold" and fits == [18]
+    assert detector.threshold_calibration["fold_memory"].startswith("one fit on all references")
     plan = plan_thresholds(ThresholdOptions(), 18, seed=detector.config.seed)
     assert sorted(index for fold in plan.folds for index in fold) == list(range(18)) and len(plan.folds) == 5
     for fold in plan.folds:
@@ -141,6 +145,73 @@ def test_default_rule_holds_many_references_out_in_folds_not_one_by_one():
         scores = [result.score for result in by_hand.predict([references[index] for index in fold])]  # one batch
         assert [detector.held_out_scores[index] for index in fold] == pytest.approx(scores, rel=1e-5)
     assert detector.threshold == pytest.approx(max(detector.held_out_scores))
+    whole = anomalens.create("patchcore", **options).fit(references, threshold=None)
+    assert torch.equal(detector.memory.bank, whole.memory.bank)  # the memory is back whole after the folds
+
+
+@pytest.mark.parametrize("method", ["winclip", "clipfusion"])
+def test_few_shot_clip_methods_hold_out_on_one_fit_as_refitting_by_hand(method):
+    """WinCLIP+ and CLIPFusion keep every reference feature (no coreset): leaving a reference's entries out is
+    exactly a fit on the others, checked against fits by hand."""
+    references = _references(4)
+    detector = anomalens.create(method, **TINY_CONFIGS[method]).fit(references)
+    assert detector.threshold_calibration["fold_memory"].startswith("one fit on all references")
+    for index in range(4):
+        others = references[:index] + references[index + 1 :]
+        by_hand = anomalens.create(method, **TINY_CONFIGS[method]).fit(others, threshold=None)
+        assert detector.held_out_scores[index] == pytest.approx(by_hand.predict(references[index])[0].score,
+                                                                rel=1e-5, abs=1e-6)  # fmt: skip
+
+
+def _greedy_refill(kept: torch.Tensor, offered: torch.Tensor, radius: float) -> torch.Tensor:
+    """The k-center rule one pick at a time: add the offered feature farthest from the memory while it lies beyond
+    ``radius``."""
+    memory = kept.clone()
+    while offered.shape[0]:
+        distances = torch.cdist(offered, memory).min(1).values
+        best = int(distances.argmax())
+        if not float(distances[best]) > radius:
+            break
+        memory = torch.cat([memory, offered[best : best + 1]])
+    return memory
+
+
+def test_coreset_folds_leave_out_their_entries_and_refill_the_holes_as_by_hand():
+    """With a coreset, a held-out reference is scored against the other references' entries of the fit on all,
+    plus the others' features whose nearest entry was the held-out one's, added by the k-center rule while beyond
+    the coverage radius. All recomputed by hand: the coreset (public greedy_coreset_indices, the seed's
+    generator), owners by integer division, nearest entries and the radius by torch.cdist, a one-pick-at-a-time
+    refill, and a detector whose memory is set by hand. The refilled memory covers the others within the radius."""
+    from anomalens.nn.memory import greedy_coreset_indices
+
+    references = _references(6)
+    options = {**TINY_CONFIGS["patchcore"], "coreset_ratio": 0.25}
+    detector = anomalens.create("patchcore", **options).fit(references, calibration="leave-one-out")
+    assert detector.memory.owners is None  # dropped after the folds
+    with torch.inference_mode():
+        grids = detector._embed_arrays(references)  # (6, h, w, C)
+    rows = grids.reshape(-1, grids.shape[-1]).clone()
+    per_image = grids.shape[1] * grids.shape[2]
+    count = int(np.ceil(0.25 * rows.shape[0]))
+    picks = greedy_coreset_indices(rows, count, projection_dim=detector.config.coreset_projection_dim,
+                                   generator=torch.Generator().manual_seed(detector.config.seed))  # fmt: skip
+    assert torch.equal(detector.memory.bank, rows[picks])
+    owners, row_owners = picks // per_image, torch.arange(rows.shape[0]) // per_image
+    distances = torch.cdist(rows, rows[picks])
+    radius, nearest = float(distances.min(1).values.max()), distances.argmin(1)
+    for index in range(6):
+        offered = rows[(owners[nearest] == index) & (row_owners != index)]
+        memory = _greedy_refill(rows[picks[owners != index]], offered, radius)
+        others = rows[row_owners != index]
+        assert float(torch.cdist(others, memory).min(1).values.max()) <= radius + 1e-5
+        by_hand = anomalens.create("patchcore", **{**options, "coreset_ratio": 1.0})
+        by_hand.fit(references[:1], threshold=None)
+        by_hand.memory.bank = memory.contiguous()
+        assert detector.held_out_scores[index] == pytest.approx(by_hand.predict(references[index])[0].score, rel=1e-5)
+    plan = plan_thresholds(ThresholdOptions(calibration="leave-one-out"), 6, seed=detector.config.seed)
+    refit = anomalens.create("patchcore", **options)
+    fit_holding_out(refit, references, None, plan, lambda done, total: None, 4, refit_folds=True)
+    assert plan.fold_memory == "refit" and torch.equal(refit.memory.bank, detector.memory.bank)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "high", True])

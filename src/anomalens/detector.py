@@ -42,7 +42,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,7 +60,7 @@ from anomalens.thresholds import Calibrated, Calibration, ThresholdOptions, Thre
 from anomalens.tiling import AUTO, TileConfig, choose_tiling, score_tiled, tiles_of
 
 if TYPE_CHECKING:
-    from anomalens.nn.memory import MemoryUpdate
+    from anomalens.nn.memory import MemoryUpdate, NearestNeighbourMemory
     from anomalens.updates import UpdateReport
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ class Detector(Calibrated, nn.Module):
 
         Each reference passes through the backbone once (as its tiles, with ``tiling``); held-out folds reuse those
         features, so leave-one-out costs one more pass per reference (for the held-out score), not a refit from
-        images per fold. The rules and their guarantees: :mod:`anomalens.thresholds`.
+        images per fold; memory methods fit once and leave each fold's entries out
+        (:func:`~anomalens.thresholds.fit_holding_out`). The rules and their guarantees: :mod:`anomalens.thresholds`.
 
         Args:
             reference_images: Normal images (paths, PIL images or arrays). Zero-shot methods accept none;
@@ -287,12 +288,61 @@ class Detector(Calibrated, nn.Module):
                 report(owners[last] + complete, total)
         return grouped
 
-    def _fit_on(self, encoded: list[list], class_name: str | None, empty: bool = False) -> None:
-        """Fit on the encoded tiles of some references (``empty``: the zero-shot fit, on nothing)."""
+    def _fit_on(self, encoded: list[list], class_name: str | None, empty: bool = False,
+                owners: Sequence[int] | None = None) -> None:  # fmt: skip
+        """Fit on the encoded tiles of some references (``empty``: the zero-shot fit, on nothing). ``owners``: the
+        reference index of each group, which memories then keep per entry (:meth:`_without_references`)."""
         with torch.inference_mode(), self.autocast():
             items = [item for group in encoded for item in group]
-            self._fit_encoded(self._encode_references([]) if empty else items, class_name)
+            self._item_owners = None if owners is None else [owner for owner, group in zip(owners, encoded)
+                                                             for _ in group]  # fmt: skip
+            try:
+                self._fit_encoded(self._encode_references([]) if empty else items, class_name)
+            finally:
+                self._item_owners = None
         self._is_fitted.fill_(True)
+
+    def _row_owners(self, rows: Sequence[int]) -> torch.Tensor | None:
+        """While :meth:`_fit_on` fits with owners: the reference of each memory row, for a memory whose ``i``-th
+        encoded item gave ``rows[i]`` rows (in the items' order); else ``None``."""
+        owners = getattr(self, "_item_owners", None)
+        if owners is None:
+            return None
+        if len(rows) != len(owners):
+            raise ValueError(f"{len(rows)} row counts for {len(owners)} encoded items")
+        return torch.repeat_interleave(torch.tensor(owners, dtype=torch.long), torch.tensor(list(rows)))
+
+    def _reference_memories(self) -> list[NearestNeighbourMemory]:
+        """The memories holding the references' features, where they are the only thing a fit learns from the
+        references (so leaving a reference's entries out equals not having fitted on it). Default: none, and a
+        held-out fold is a refit."""
+        return []
+
+    @property
+    def folds_share_memory(self) -> bool:
+        """Whether held-out folds are scored on one fit with their references' entries left out of the memories
+        (:func:`anomalens.thresholds.fit_holding_out`), not a refit per fold."""
+        return bool(self._reference_memories())
+
+    def _can_leave_out(self, folds: Sequence[Sequence[int]]) -> bool:
+        """Whether every fold can be scored by leaving its references' entries out of the memories
+        (:meth:`_without_references`) instead of a refit."""
+        memories = self._reference_memories()
+        return bool(memories) and all(memory.leaves_entries_without(fold) for memory in memories for fold in folds)
+
+    def _forget_owners(self) -> None:
+        """Drop what the memories kept for :meth:`_without_references` (after the held-out folds)."""
+        for memory in self._reference_memories():
+            memory.forget_owners()
+
+    @contextmanager
+    def _without_references(self, references: Sequence[int]) -> Iterator[None]:
+        """Within the block, every reference memory holds only the entries of references other than
+        ``references`` (:meth:`NearestNeighbourMemory.without`)."""
+        with ExitStack() as stack:
+            for memory in self._reference_memories():
+                stack.enter_context(memory.without(references))
+            yield
 
     def update(self, images: Sequence[ImageLike], calibration_images: Sequence[ImageLike] | None = None, *,
                max_memory: int | None = None, calibration_from: str = "held-out normal images",

@@ -25,10 +25,16 @@ The threshold rules (``Detector.fit(threshold=..., false_alarm_rate=...)``, ``--
     ``α`` in practice but with no finite-sample proof (the benchmark's false-alarm table measures it).
   - ``k-fold``: the references are split into :data:`FOLDS` seeded folds; each fold is scored by the detector
     fitted on the others, and the detector is then fitted on all. Cross-conformal: like leave-one-out (its
-    special case) at the cost of ``FOLDS`` refits; held-out scores come from detectors fitted on fewer
-    references, which makes the threshold conservative rather than loose.
-  - ``auto``: leave-one-out with up to :data:`LOO_LIMIT` references (one refit per reference), else split (the
-    guarantee, at the cost of the held-out references in the memory).
+    special case); held-out scores come from detectors fitted on fewer references, which makes the threshold
+    conservative rather than loose.
+  - ``auto``: leave-one-out with up to :data:`LOO_LIMIT` references, else split (the guarantee, at the cost of
+    the held-out references in the memory).
+
+  For memory methods (PatchCore, WinCLIP+, CLIPFusion few-shot) leave-one-out and k-fold cost one fit: the
+  detector is fitted on all references once and each fold is scored with its own references' memory entries
+  left out (:func:`fit_holding_out`). Without coreset subsampling that is exactly a fit on the others; with a
+  coreset, the holes left are refilled from the others' features so that the memory covers them within the
+  coverage radius, as a coreset fitted on them would. Other methods refit per fold.
 
 - **leave-one-out** (the default with two or more references): the largest held-out score, i.e. the conformal rule
   at ``α = 1 / (n + 1)``, the smallest rate ``n`` references can certify. Held out one by one up to
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
@@ -63,6 +70,10 @@ GUARANTEE = {
     "is added (nearest-neighbour memory banks without subsampling); otherwise cross-conformal, approximately alpha",
     "k-fold": "cross-conformal: approximately alpha; held-out scores come from detectors fitted on fewer references, "
     "so for nearest-neighbour scores the threshold errs high (fewer false alarms)",
+}
+FOLD_MEMORY = {  # how held-out folds were scored (fit_holding_out), in the calibration record
+    "shared": "one fit on all references; each fold scored with its own references' memory entries left out",
+    "refit": "a fit on the other references for each fold, then one on all",
 }
 ASSUMPTIONS = (
     "normal images to be scored and the held-out references are exchangeable (same product, same capture, "
@@ -238,6 +249,8 @@ class ThresholdPlan:
     calibration_indices: list[int] = field(default_factory=list)  # references held out (split), else all
     given: float | None = None  # the given threshold
     folds: list[list[int]] = field(default_factory=list)  # leave-one-out / k-fold: the references of each fold
+    fold_memory: str | None = None  # how folds were scored: "shared" (one fit, each fold's entries left out) or
+    # "refit" (a fit per fold); set by fit_holding_out
 
     def fit_indices(self, count: int) -> list[int]:
         """The references the final detector is fitted on: all but the held-out ones for ``split``."""
@@ -324,6 +337,8 @@ def describe_plan(plan: ThresholdPlan, references: int) -> dict[str, Any]:
         record["n_fitted_on"] = len(plan.fit_indices(references))
     if plan.calibration == "k-fold":
         record["folds"] = len(plan.folds)
+    if plan.fold_memory:
+        record["fold_memory"] = FOLD_MEMORY[plan.fold_memory]
     if plan.calibration == "split":
         record["held_out_indices"] = list(plan.calibration_indices)
     if plan.rule in RULES:
@@ -339,37 +354,73 @@ class Refittable(Protocol):
 
     def _encode_tiled(self, arrays: list, report: Callable[[int, int], None], total: int) -> list[list]: ...
 
-    def _fit_on(self, encoded: list[list], class_name: str | None, empty: bool = False) -> None: ...
+    def _fit_on(self, encoded: list[list], class_name: str | None, empty: bool = False,
+                owners: Sequence[int] | None = None) -> None: ...  # fmt: skip
+
+    folds_share_memory: bool
+
+    def _can_leave_out(self, folds: Sequence[Sequence[int]]) -> bool: ...
+
+    def _without_references(self, references: Sequence[int]) -> AbstractContextManager[None]: ...
+
+    def _forget_owners(self) -> None: ...
 
     def predict_arrays(self, arrays: Sequence[np.ndarray], sources: Sequence[str] | None = None) -> list: ...
 
 
 def fit_holding_out(detector: Refittable, arrays: list[np.ndarray], class_name: str | None, plan: ThresholdPlan,
-                    report: Callable[[int, int], None], batch_size: int) -> list:  # fmt: skip
+                    report: Callable[[int, int], None], batch_size: int,
+                    refit_folds: bool = False) -> list:  # fmt: skip
     """Fit ``detector`` on ``arrays`` as ``plan`` says and return the held-out references' results (maps
     included), in the order of ``plan.calibration_indices`` (none without calibration).
 
-    Each reference is encoded once; a fold refits from those encodings (leave-one-out costs one more pass per
-    reference, for its held-out score, not a refit from images). ``report(done, total)`` follows the work.
+    Each reference is encoded once. Leave-one-out and k-fold folds are scored in one of two ways (recorded in
+    ``plan.fold_memory``):
+
+    - ``"shared"``: where all a method learns from references is a memory of their features (PatchCore, WinCLIP+,
+      CLIPFusion few-shot), the detector is fitted once on all references, each memory entry knowing its
+      reference, and each fold is scored with its own references' entries left out: one fit (one coreset) and
+      one scoring pass per reference, whatever the number of folds. Without subsampling that is exactly the
+      memory a fit on the other references holds; with a coreset, the holes the fold's entries leave are refilled
+      from the other references' features (:meth:`~anomalens.nn.memory.NearestNeighbourMemory.without`), so the
+      memory covers the others within the coverage radius, as their own coreset would.
+    - ``"refit"`` (other methods, or ``refit_folds``): a fit on the other references' features per fold, then one
+      on all.
+
+    ``report(done, total)`` follows the work.
     """
     held = plan.calibration_indices if plan.calibration else []
     total = len(arrays) + len(held)
     encoded = detector._encode_tiled(arrays, report, total)
     by_index: dict[int, Any] = {}
+
+    def score(indices: Sequence[int]) -> None:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            by_index.update(zip(chunk, detector.predict_arrays([arrays[index] for index in chunk])))
+            report(len(arrays) + len(by_index), total)
+
+    keep = plan.fit_indices(len(arrays))
+    if plan.folds and not refit_folds and detector.folds_share_memory:
+        detector._fit_on([encoded[index] for index in keep], class_name, owners=keep)
+        try:
+            if detector._can_leave_out(plan.folds):
+                plan.fold_memory = "shared"
+                for fold in plan.folds:
+                    with detector._without_references(fold):
+                        score(fold)
+                return [by_index[index] for index in held]
+        finally:
+            detector._forget_owners()
+    if plan.folds:
+        plan.fold_memory = "refit"
     for fold in plan.folds:  # leave-one-out or k-fold: each fold scored by the detector fitted on the others
         chosen = set(fold)
         detector._fit_on([group for index, group in enumerate(encoded) if index not in chosen], class_name)
-        for start in range(0, len(fold), batch_size):
-            chunk = fold[start : start + batch_size]
-            by_index.update(zip(chunk, detector.predict_arrays([arrays[index] for index in chunk])))
-            report(len(arrays) + len(by_index), total)
-    keep = plan.fit_indices(len(arrays))
+        score(fold)
     detector._fit_on([encoded[index] for index in keep], class_name, empty=not arrays)
     if plan.calibration == "split":
-        for start in range(0, len(held), batch_size):
-            chunk = held[start : start + batch_size]
-            by_index.update(zip(chunk, detector.predict_arrays([arrays[index] for index in chunk])))
-            report(len(arrays) + len(by_index), total)
+        score(held)
     return [by_index[index] for index in held]
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from anomalens.cli.parser import MethodOptions, ReferenceOptions
+from anomalens.distributed import is_main_process
 
 logger = logging.getLogger("anomalens")
 
@@ -671,13 +672,15 @@ def cmd_weights_download(options: Any, quiet: bool) -> int:
 def cmd_train_patchclip(options: Any, quiet: bool) -> int:
     from anomalens.methods.clipfusion.training import train_patchclip
 
-    bar, advance = loss_bar(None, "training patchclip", quiet, "img")
+    main = is_main_process()  # under torchrun, process 0 alone reports
+    bar, advance = loss_bar(None, "training patchclip", quiet or not main, "img")
     try:
         path = train_patchclip(options.train, progress=advance)
     finally:
         bar.close()
-    print(f"saved PatchCLIP projections to {path}; use them with --set clip_projection=trained "
-          f"--set clip_projection_weights={path}")  # fmt: skip
+    if main:
+        print(f"saved PatchCLIP projections to {path}; use them with --set clip_projection=trained "
+              f"--set clip_projection_weights={path}")  # fmt: skip
     return 0
 
 
@@ -687,6 +690,8 @@ def cmd_train_vlmdiff(options: Any, quiet: bool) -> int:
     from anomalens.methods.vlmdiff.training import train_vlmdiff
 
     config = options.train
+    main = is_main_process()  # under torchrun, process 0 alone reports
+    quiet = quiet or not main
     bar, advance = loss_bar(config.steps, "training vlmdiff", quiet, "step")
 
     def caption_bar(iterable):
@@ -697,8 +702,9 @@ def cmd_train_vlmdiff(options: Any, quiet: bool) -> int:
                             caption_progress=caption_bar)  # fmt: skip
     finally:
         bar.close()
-    print(f"trained VLMDiff in {out}; score with: "
-          f"anomalens predict --method vlmdiff --set checkpoint={out} IMAGES --out DIR")  # fmt: skip
+    if main:
+        print(f"trained VLMDiff in {out}; score with: "
+              f"anomalens predict --method vlmdiff --set checkpoint={out} IMAGES --out DIR")  # fmt: skip
     return 0
 
 

@@ -57,7 +57,7 @@ from anomalens.detector import Detector
 from anomalens.export import ExportSpec, PixelsGraph
 from anomalens.io.images import images_to_tensor
 from anomalens.nn.maps import BLUR_BORDERS, gaussian_blur
-from anomalens.nn.memory import MemoryUpdate, NearestNeighbourMemory
+from anomalens.nn.memory import InvertedLists, MemoryUpdate, NearestNeighbourMemory
 
 PATCHCORE_COMPAT = {  # the scoring details each compat preset sets (fields left None)
     "paper": {"neighbourhood_padding": "zeros", "feature_dim": 1024, "map_upsampling": "bilinear",
@@ -102,6 +102,11 @@ class PatchCoreConfig(DetectorConfig):
     # differences) or "expansion" (|q|^2 - 2 q.m + |m|^2, anomalib's: ~1e-3 relative error for near neighbours)
     smoothing_kernel: str | None = None  # "separable" (two 1-D passes) or "2d" (one pass with the outer product,
     # anomalib's: the same blur up to float32 rounding); None: compat's
+    search: str = "exact"  # nearest-neighbour search of the patches: "exact", or "approximate": inverted lists
+    # (k-means clusters of the memory, the nearest search_probes of them searched; recall and metrics in
+    # benchmarks/results/approximate-search-bottle.md)
+    search_lists: int = 0  # clusters of the approximate search; 0: round(sqrt(memory entries))
+    search_probes: int = 8  # clusters searched per patch by the approximate search
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +132,9 @@ class PatchCoreConfig(DetectorConfig):
                 "image_score": (self.image_score in ("reweighted", "max"), "reweighted or max"),
                 "distances": (self.distances in ("exact", "expansion"), "exact or expansion"),
                 "smoothing_kernel": (self.smoothing_kernel in ("separable", "2d"), "separable or 2d"),
+                "search": (self.search in ("exact", "approximate"), "exact or approximate"),
+                "search_lists": (self.search_lists >= 0, ">= 0 (0: the square root of the memory's size)"),
+                "search_probes": (self.search_probes >= 1, ">= 1"),
             },
         )
 
@@ -214,7 +222,11 @@ class PatchCore(Detector):
             coreset_ratio=self.config.coreset_ratio,
             projection_dim=self.config.coreset_projection_dim,
             generator=generator,
+            owners=self._row_owners([item.shape[0] * item.shape[1] for item in encoded]),
         )
+
+    def _reference_memories(self) -> list[NearestNeighbourMemory]:
+        return [self.memory]
 
     def _extend_encoded(self, encoded: list[torch.Tensor], max_memory: int | None) -> dict[str, MemoryUpdate]:
         features = torch.stack(encoded)
@@ -236,7 +248,10 @@ class PatchCore(Detector):
         batch, height, width, channels = features.shape
         with self.timed("memory_search"):
             exact = self.config.distances == "exact"
-            distances, indices = self.memory.search(features.reshape(-1, channels), k=1, exact=exact)
+            approximate = InvertedLists(self.config.search_lists, self.config.search_probes, seed=self.config.seed) \
+                if self.config.search == "approximate" else None  # fmt: skip
+            distances, indices = self.memory.search(features.reshape(-1, channels), k=1, exact=exact,
+                                                    approximate=approximate)  # fmt: skip
         with self.timed("post_processing"):
             patch_scores = distances[:, 0].reshape(batch, 1, height, width)
             size, mode = self.config.image_size, self.config.map_upsampling

@@ -241,9 +241,13 @@ class WinCLIP(Detector):
         self._few_shot.fill_(bool(encoded))
         for name, memory in self.memories.items():
             if encoded:
-                memory.fit(torch.cat([item[name] for item in encoded]))
+                memory.fit(torch.cat([item[name] for item in encoded]),
+                           owners=self._row_owners([item[name].shape[0] for item in encoded]))  # fmt: skip
             else:
                 memory.clear()
+
+    def _reference_memories(self) -> list[NearestNeighbourMemory]:
+        return list(self.memories.values())
 
     def _extend_encoded(self, encoded: list[dict[str, torch.Tensor]], max_memory: int | None) -> dict[str, Any]:
         if not bool(self._few_shot):

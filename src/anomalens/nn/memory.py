@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -200,6 +202,34 @@ class _FarthestPoints:
 
 
 @dataclass(frozen=True)
+class _FoldSupport:
+    """A coreset fit's features and where they went, for :meth:`NearestNeighbourMemory.without`."""
+
+    features: torch.Tensor  # (N, D) every feature the memory was fitted on (as the bank keeps them)
+    owners: torch.Tensor  # (N,) the reference of each
+    assignment: torch.Tensor  # (N,) a bank entry within the coverage radius of each (its nearest, or near it)
+    uncovered: torch.Tensor  # (N,) bool: no such entry was found (offered to every fold's refill)
+
+
+EXACT_ASSIGNMENT_LIMIT = 2**31  # feature x entry pairs up to which the fold support's assignment is exact
+
+
+def _fold_support(features: torch.Tensor, owners: torch.Tensor, coreset: Coreset, max_chunk_bytes: int) -> _FoldSupport:
+    """Each feature's covering entry, in the selection's space. A fold's refill needs, for every feature, some bank
+    entry within the coverage radius (if it is kept, the feature stays covered): the nearest one, found exactly up
+    to :data:`EXACT_ASSIGNMENT_LIMIT` pairs, above it by the inverted lists (:class:`InvertedLists`, a tenth of
+    the work on full-shot bottle); a feature whose entry found lies beyond the radius is marked uncovered and
+    offered to every fold, so the refill's cover holds either way."""
+    points = project(features, coreset.projection)
+    entries = NearestNeighbourMemory("l2", max_chunk_bytes).fit(points[coreset.indices])
+    approximate = InvertedLists() if points.shape[0] * len(entries) > EXACT_ASSIGNMENT_LIMIT else None
+    distances, assignment = entries.search(points, approximate=approximate)
+    radius = coreset.radius if coreset.radius is not None else float("inf")
+    uncovered = distances[:, 0] > radius * (1 + 1e-4)  # beyond float rounding of the radius itself
+    return _FoldSupport(features, owners.to(features.device, torch.long), assignment[:, 0], uncovered)
+
+
+@dataclass(frozen=True)
 class MemoryUpdate:
     """What :meth:`NearestNeighbourMemory.extend` did."""
 
@@ -245,6 +275,9 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         self.register_buffer("bank", torch.empty(0, 0))
         self.register_buffer("projection", torch.empty(0, 0))  # (D, p) of the coreset selection; (0, 0): none
         self.register_buffer("coverage", torch.tensor(0.0))  # the coverage radius; NaN: unknown (an older file)
+        self.owners: torch.Tensor | None = None  # (M,) the reference each entry came from, while fitting (not saved)
+        self._fold_support: _FoldSupport | None = None  # what without() needs to refill a coreset's holes
+        self._ivf: _IVFIndex | None = None  # the approximate search's index, built on first use (not saved)
 
     def __len__(self) -> int:
         return int(self.bank.shape[0])
@@ -272,6 +305,11 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         self.bank = self.bank.new_empty(0, 0)
         self.projection = self.projection.new_empty(0, 0)
         self.coverage = torch.zeros((), device=self.bank.device)
+        return self.forget_owners()
+
+    def forget_owners(self) -> NearestNeighbourMemory:
+        """Drop what :meth:`without` needs (the owners, and with a coreset every fitted feature)."""
+        self.owners, self._fold_support = None, None
         return self
 
     def fit(
@@ -281,21 +319,32 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         coreset_ratio: float = 1.0,
         projection_dim: int | None = 128,
         generator: torch.Generator | None = None,
+        owners: torch.Tensor | None = None,
     ) -> NearestNeighbourMemory:
         """Store ``(N, D)`` features, keeping a greedy coreset of ``ceil(ratio * N)`` of them when ``ratio < 1``
-        (for ``"cosine"``, of the unit-normalised features), and record the coverage radius."""
+        (for ``"cosine"``, of the unit-normalised features), and record the coverage radius.
+
+        ``owners`` ``(N,)``: the reference each feature came from; the kept entries' owners are then known, so
+        :meth:`without` can leave references out for a held-out fold (not saved with the memory)."""
         if features.ndim != 2 or features.shape[0] == 0:
             raise ValueError(f"memory features must be a non-empty (N, D) tensor, got shape {tuple(features.shape)}")
+        if owners is not None and tuple(owners.shape) != (features.shape[0],):
+            raise ValueError(f"owners must be ({features.shape[0]},), one per feature; got {tuple(owners.shape)}")
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         features = self._in_metric(features.float())
         projection, radius = None, 0.0
+        self._fold_support = None
         if coreset_ratio < 1.0:
             count = max(1, math.ceil(coreset_ratio * features.shape[0]))
             coreset = greedy_coreset(features, count, projection_dim=projection_dim, generator=generator)
             logger.debug("coreset: kept %d of %d features, radius %.4g", count, features.shape[0], coreset.radius)
+            if owners is not None:  # for refilling a fold's holes (without())
+                self._fold_support = _fold_support(features, owners, coreset, self.max_chunk_bytes)
+                owners = owners[coreset.indices.to(owners.device)]
             features, projection, radius = features[coreset.indices.to(features.device)], coreset.projection, \
                 coreset.radius
+        self.owners = owners.to(self.bank.device, torch.long) if owners is not None else None
         self.bank = features.contiguous().to(self.bank.device)
         self.projection = (projection if projection is not None else torch.empty(0, 0)).to(self.bank.device)
         self.coverage = torch.tensor(float(radius), device=self.bank.device)
@@ -337,25 +386,76 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
             radius = _smallest_gap(bank_points, self.max_chunk_bytes)
         distances = NearestNeighbourMemory("l2", self.max_chunk_bytes).fit(bank_points).search(new_points)[0][:, 0]
         room = (max_memory - len(self)) if max_memory is not None else features.shape[0]
+        # Only features beyond the radius can be picked or keep the loop going, and distances only fall: the loop
+        # follows those alone, dropping each once it is covered (the same picks, in the same order).
+        active = (distances > radius).nonzero()[:, 0]
+        points, remaining = new_points[active], distances[active]
         picks: list[int] = []
-        while len(picks) < room and distances.numel():
-            best = int(torch.argmax(distances))
-            if not float(distances[best]) > radius:
-                break
-            picks.append(best)
-            to_pick = (new_points - new_points[best]).norm(dim=1)
-            torch.minimum(distances, to_pick, out=distances)
-        left = float(distances.max()) if distances.numel() else 0.0
+        while len(picks) < room and remaining.numel():
+            best = int(torch.argmax(remaining))
+            picks.append(int(active[best]))
+            torch.minimum(remaining, (points - points[best]).norm(dim=1), out=remaining)
+            beyond = remaining > radius
+            if not bool(beyond.all()):
+                active, points, remaining = active[beyond], points[beyond], remaining[beyond]
+        left = float(remaining.max()) if remaining.numel() else 0.0
         bounded = left > radius
         before, size_before = radius, len(self)
         if picks:
             self.bank = torch.cat([self.bank, features[torch.tensor(picks, device=features.device)]]).contiguous()
+            if self.owners is not None:  # added entries belong to no reference
+                self.owners = torch.cat([self.owners, self.owners.new_full((len(picks),), -1)])
         after = max(radius, left)
         self.coverage = torch.tensor(after, device=self.bank.device)
         return MemoryUpdate(features.shape[0], len(picks), size_before, len(self), before, after, bounded)
 
-    def search(self, queries: torch.Tensor, k: int = 1, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k nearest neighbours of each query.
+    def leaves_entries_without(self, references: Iterable[int]) -> bool:
+        """Whether entries of other references remain when ``references`` are left out (owners known)."""
+        if self.owners is None:
+            return False
+        left_out = torch.tensor(sorted(set(references)), dtype=torch.long, device=self.owners.device)
+        return bool((~torch.isin(self.owners, left_out)).any())
+
+    @contextmanager
+    def without(self, references: Iterable[int]) -> Iterator[NearestNeighbourMemory]:
+        """Within the block, the memory is what the references other than ``references`` (the owners given to
+        :meth:`fit`) put there: a held-out fold scored without a refit.
+
+        - Without a coreset: their entries, in order; exactly the memory a fit on them would hold.
+        - With a coreset: their entries, and the holes left by the removed entries refilled: the other references'
+          features whose nearest entry was removed are offered to :meth:`extend`, which adds those beyond the
+          coverage radius ``r``. Every feature of the other references then lies within ``r`` of the memory, as
+          it does of a coreset fitted on them alone; so a held-out image's score ``d`` obeys the same bounds as a
+          new image's against the full memory: ``d(x, features) <= d <= d(x, features) + r``.
+
+        Raises:
+            ValueError: The owners are unknown (fitted without them, or loaded from a file), or no entry would
+                remain.
+        """
+        if self.owners is None:
+            raise ValueError("this memory does not know which reference each entry came from (fit it with owners)")
+        left_out = torch.tensor(sorted(set(references)), dtype=torch.long, device=self.owners.device)
+        keep = ~torch.isin(self.owners, left_out)
+        if not bool(keep.any()):
+            raise ValueError(f"leaving out references {sorted(set(references))} would empty the memory")
+        bank, owners, coverage = self.bank, self.owners, self.coverage
+        self.bank, self.owners = bank[keep.to(bank.device)].contiguous(), owners[keep]
+        try:
+            support = self._fold_support
+            if support is not None:
+                removed = (~keep).to(support.assignment.device)
+                holes = (removed[support.assignment] | support.uncovered) & ~torch.isin(
+                    support.owners, left_out.to(support.owners.device))  # fmt: skip
+                if bool(holes.any()):
+                    self.extend(support.features[holes])
+            yield self
+        finally:
+            self.bank, self.owners, self.coverage = bank, owners, coverage
+
+    def search(self, queries: torch.Tensor, k: int = 1, exact: bool = True,
+               approximate: InvertedLists | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The k nearest neighbours of each query: exact, or with ``approximate`` (``k = 1`` only) among the bank
+        entries of the lists nearest the query (:class:`InvertedLists`).
 
         Args:
             queries: ``(N, D)`` features.
@@ -363,6 +463,10 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
             exact: For ``"l2"``, recompute the chosen neighbours' distances as norms of differences. ``False``
                 returns the expansion ``sqrt(max(|q|^2 - 2 q.b + |b|^2, 0))`` that found them, as anomalib does;
                 it cancels in float32 for near neighbours beside large norms (about 1e-3 relative).
+            approximate: Search only the ``probes`` inverted lists nearest each query (an exported graph searches
+                exactly). The neighbour found is the nearest among those entries, its distance exact; where the
+                true nearest lies in another list, the distance is larger (the recall is measured in
+                ``benchmarks/approximate_search.py``).
 
         Returns:
             ``distances`` ``(N, k)`` ascending and ``indices`` ``(N, k)`` into the bank.
@@ -374,9 +478,10 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}], got {k}")
         with torch.autocast(queries.device.type, enabled=False):  # distances in float32 under any autocast
-            return self._search(queries.to(self.bank.device, torch.float32), k, exact)
+            return self._search(queries.to(self.bank.device, torch.float32), k, exact, approximate)
 
-    def _search(self, queries: torch.Tensor, k: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, queries: torch.Tensor, k: int, exact: bool,
+                approximate: InvertedLists | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         if self.metric == "cosine":
             queries = torch.nn.functional.normalize(queries, dim=1)
         # Rank by |b|^2 - 2 q.b (l2) or 1 - q.b (cosine): one fused addmm per block; |q|^2 is the same along a
@@ -385,7 +490,9 @@ class NearestNeighbourMemory(ResizableBuffers, nn.Module):
             torch.ones(len(self), device=self.bank.device), -1.0)  # fmt: skip
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         rows, columns = self._blocks(k, tracing)
-        if k == 1 and not tracing:
+        if k == 1 and not tracing and approximate is not None:
+            distances, indices = approximate.nearest(self, queries, bias, alpha)
+        elif k == 1 and not tracing:
             distances, indices = self._nearest(queries, bias, alpha, rows, columns)
         else:  # an exported graph: out= buffers and in-place updates do not trace, large functional blocks do
             distances, indices = self._k_nearest(queries, k, bias, alpha, rows, columns)
@@ -470,3 +577,95 @@ def _smallest_gap(points: torch.Tensor, max_chunk_bytes: int) -> float:
     if points.shape[0] < 2:
         return 0.0
     return float(NearestNeighbourMemory("l2", max_chunk_bytes).fit(points).search(points, k=2)[0][:, 1].min())
+
+
+@dataclass(frozen=True)
+class InvertedLists:
+    """Settings of the approximate search: the bank is split into ``lists`` clusters (k-means, seeded), and each
+    query searches exactly the entries of the ``probes`` clusters whose centres are nearest it (an IVF index, as
+    faiss's ``IndexIVFFlat``, in torch). Work per query: about ``probes / lists`` of the exact search's.
+
+    The index is built on first use for a bank and kept with the memory until the bank changes (never saved).
+    """
+
+    lists: int = 0  # clusters; 0: round(sqrt(bank entries)), the usual choice for IVF indexes
+    probes: int = 8  # clusters searched per query
+    iterations: int = 10  # k-means (Lloyd) iterations when building
+    seed: int = 0  # k-means's initial centres (drawn among the entries)
+
+    def __post_init__(self) -> None:
+        for name, low in (("lists", 0), ("probes", 1), ("iterations", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"approximate search {name}={value!r} must be an integer >= {low}")
+
+    def nearest(self, memory: NearestNeighbourMemory, queries: torch.Tensor, bias: torch.Tensor,
+                alpha: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Each query's smallest ``bias + alpha q.b`` over the entries of its ``probes`` nearest lists, and its
+        index into the bank, ``(N, 1)`` each."""
+        index = _ivf_index(memory, self)
+        centres = NearestNeighbourMemory("l2", memory.max_chunk_bytes).fit(index.centres)
+        probes = min(self.probes, index.centres.shape[0])
+        chosen = centres.search(queries, k=probes, exact=False)[1]  # (N, probes)
+        pairs = chosen.flatten()
+        owners = torch.arange(queries.shape[0], device=queries.device).repeat_interleave(probes)
+        order = torch.argsort(pairs, stable=True)
+        pairs, owners = pairs[order], owners[order]
+        counts = torch.bincount(pairs, minlength=index.centres.shape[0]).tolist()
+        best = torch.full((queries.shape[0],), float("inf"), device=queries.device)
+        best_index = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+        sorted_bias = bias[index.order]
+        start_pair = 0
+        for cluster, count in enumerate(counts):
+            if count == 0:
+                continue
+            asking = owners[start_pair : start_pair + count]
+            start_pair += count
+            first, last = index.offsets[cluster], index.offsets[cluster + 1]
+            if first == last:
+                continue
+            scores = torch.addmm(sorted_bias[first:last], queries[asking], index.entries[first:last].T, alpha=alpha)
+            low, position = scores.min(1)
+            better = low < best[asking]
+            best[asking[better]] = low[better]
+            best_index[asking[better]] = index.order[first + position[better]]
+        return best[:, None], best_index[:, None]
+
+
+@dataclass(frozen=True)
+class _IVFIndex:
+    bank: torch.Tensor  # the bank it was built for (the tensor itself: a bank replaced is a new tensor)
+    key: tuple  # the settings it was built with
+    centres: torch.Tensor  # (lists, D) cluster centres
+    order: torch.Tensor  # (M,) bank indices sorted by cluster
+    entries: torch.Tensor  # (M, D) the bank in that order
+    offsets: list[int]  # cluster c holds entries[offsets[c]:offsets[c + 1]]
+
+
+def _ivf_index(memory: NearestNeighbourMemory, settings: InvertedLists) -> _IVFIndex:
+    """The memory's inverted lists for ``settings``: built by seeded k-means on first use, kept until the bank
+    changes."""
+    bank = memory.bank
+    lists = min(len(memory), settings.lists or max(1, round(math.sqrt(len(memory)))))
+    key = (lists, settings.iterations, settings.seed)
+    cached = memory._ivf
+    if cached is not None and cached.bank is bank and cached.key == key:  # the same tensor object: the same bank
+        return cached
+    generator = torch.Generator().manual_seed(settings.seed)
+    centres = bank[torch.randperm(len(memory), generator=generator)[:lists].to(bank.device)].clone()
+    def assign() -> torch.Tensor:  # each entry's nearest centre
+        return NearestNeighbourMemory("l2", memory.max_chunk_bytes).fit(centres).search(bank, exact=False)[1][:, 0]
+
+    for _ in range(settings.iterations):  # Lloyd: assign, then move each centre to its entries' mean
+        assignment = assign()
+        sums = torch.zeros_like(centres).index_add_(0, assignment, bank)
+        counts = torch.bincount(assignment, minlength=lists).to(bank.dtype)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]  # an empty cluster keeps its centre
+    assignment = assign()
+    order = torch.argsort(assignment, stable=True)
+    offsets = [0, *torch.cumsum(torch.bincount(assignment, minlength=lists), 0).tolist()]
+    index = _IVFIndex(bank, key, centres, order, bank[order].contiguous(), offsets)
+    memory._ivf = index
+    logger.debug("inverted lists: %d clusters over %d entries", lists, len(memory))
+    return index

@@ -427,27 +427,28 @@ class CLIPFusion(OffloadMixin, Detector):
             memory.clear()
         if not encoded:
             return
+        for key, memory in self._memories_by_key():
+            memory.fit(torch.cat([item[key] for item in encoded]),
+                       owners=self._row_owners([item[key].shape[0] for item in encoded]))  # fmt: skip
+
+    def _memories_by_key(self) -> list[tuple[str, NearestNeighbourMemory]]:
+        """The few-shot memories the components use, each with its key in an encoded reference."""
+        pairs: list[tuple[str, NearestNeighbourMemory]] = []
         if "clip_vision" in self.config.components:
-            for layer, memory in enumerate(self.clip_memories):
-                memory.fit(torch.cat([item[f"clip{layer}"] for item in encoded]))
+            pairs += [(f"clip{layer}", memory) for layer, memory in enumerate(self.clip_memories)]
         if "diffusion_vision" in self.config.components:
-            for block in self.config.feature_blocks:
-                self.diffusion_memories[block.replace(".", "_")].fit(torch.cat([item[block] for item in encoded]))
+            pairs += [(block, self.diffusion_memories[block.replace(".", "_")]) for block in self.config.feature_blocks]
+        return pairs
+
+    def _reference_memories(self) -> list[NearestNeighbourMemory]:
+        return [memory for _, memory in self._memories_by_key()]
 
     def _extend_encoded(self, encoded: list[dict[str, torch.Tensor]], max_memory: int | None) -> dict[str, Any]:
         if not bool(self._few_shot):
             raise ValueError("CLIPFusion was fitted zero-shot: it keeps no references to add to (fit it with "
                              "references for the few-shot vision-guided maps)")  # fmt: skip
-        updates = {}
-        if "clip_vision" in self.config.components:
-            for layer, memory in enumerate(self.clip_memories):
-                updates[f"clip{layer}"] = memory.extend(torch.cat([item[f"clip{layer}"] for item in encoded]),
-                                                        max_memory)  # fmt: skip
-        if "diffusion_vision" in self.config.components:
-            for block in self.config.feature_blocks:
-                memory = self.diffusion_memories[block.replace(".", "_")]
-                updates[block] = memory.extend(torch.cat([item[block] for item in encoded]), max_memory)
-        return updates
+        return {key: memory.extend(torch.cat([item[key] for item in encoded]), max_memory)
+                for key, memory in self._memories_by_key()}  # fmt: skip
 
     def _predict_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, joint, raw = self._clip_features(images)

@@ -32,6 +32,7 @@ from torch import nn
 from anomalens.backbones.clip import CLIPBackbone
 from anomalens.backbones.prompts import build_prompt_set
 from anomalens.checks import check_options
+from anomalens.distributed import DataParallel
 from anomalens.io.datasets import list_datasets, open_dataset
 from anomalens.io.images import ImageLoadError, load_image
 from anomalens.io.outputs import honour_umask
@@ -63,6 +64,7 @@ class PatchCLIPTrainConfig:
     # on MVTec AD: 0.2; on VisA: 0)
     seed: int = 0  # data order and random initialisation
     weights_dir: str | None = None  # folder with pretrained weights, searched first
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK where CUDA is there, else the CPU; or a device name
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(layer) for layer in self.layers)
@@ -89,9 +91,22 @@ def train_patchclip(config: PatchCLIPTrainConfig, progress: Callable[[int, float
         config: What to train on and how (see :class:`PatchCLIPTrainConfig`).
         progress: Called after each step with (images done, loss).
 
+    Launched by ``torchrun`` (several processes), training is data-parallel (:mod:`anomalens.distributed`): every
+    process loads each global batch of ``batch_size`` images (and draws its mosaics) as one process would, and
+    computes the loss of its share; the projections are those one process would train (to float tolerance).
+    Process 0 writes the file.
+
     Returns:
         The path written (atomically); its metadata records the CLIP model and layers.
     """
+    parallel = DataParallel.from_environment(config.device)
+    try:
+        return _train(config, parallel, progress if parallel.is_main else None)
+    finally:
+        parallel.close()
+
+
+def _train(config: PatchCLIPTrainConfig, parallel: DataParallel, progress: Callable[[int, float], Any] | None) -> Path:
     data = open_dataset(config.dataset, config.root)
     chosen = list(config.categories) if config.categories else data.categories()
     samples = [sample for category in chosen for sample in data.test_samples(category)]
@@ -101,11 +116,13 @@ def train_patchclip(config: PatchCLIPTrainConfig, progress: Callable[[int, float
         config.backbone, config.pretrained, image_size=config.image_size, weights_dir=config.weights_dir,
         method_hint="clipfusion", init_seed=config.seed,
     )  # fmt: skip
+    clip.to(parallel.device)
     layer_indices = [layer % clip.depth for layer in config.layers]
-    projections = _initial_projections(clip, len(layer_indices))
+    projections = _initial_projections(clip, len(layer_indices)).to(parallel.device)
     with torch.no_grad():
         texts = {category: clip.text_embeddings(category, build_prompt_set()) for category in chosen}
     optimiser = torch.optim.Adam(projections.parameters(), lr=config.learning_rate, betas=config.betas)
+    model = parallel.wrap(projections)
     generator = torch.Generator().manual_seed(config.seed)
     by_category: dict[str, list] = {}
     for sample in samples:
@@ -118,12 +135,24 @@ def train_patchclip(config: PatchCLIPTrainConfig, progress: Callable[[int, float
             if batch is None:
                 continue
             batch = _with_mosaics(batch, by_category, config.mosaic_rate, generator)
-            loss = _step(clip, projections, optimiser, layer_indices, texts, *batch, config=config)
-            done += len(batch[0])
+            count = len(batch[0])
+            first, last = parallel.share(count)
+            # a process whose share is empty (a batch smaller than the job) still joins the gradient average, with
+            # one image at weight 0
+            mine = [part[first:last] if last > first else part[:1] for part in batch]
+            weight = (last - first) * parallel.world_size / count
+            loss = _step(clip, model, optimiser, layer_indices, texts, *mine, config=config, weight=weight)
+            loss = parallel.sum(loss * weight) / parallel.world_size
+            done += count
             if progress is not None:
                 progress(done, loss)
-        logger.info("epoch %d of %d done", epoch + 1, config.epochs)
-    return _save_projections(projections, config, layer_indices, chosen)
+        if parallel.is_main:
+            logger.info("epoch %d of %d done", epoch + 1, config.epochs)
+    path = Path(config.out)
+    if parallel.is_main:
+        path = _save_projections(projections, config, layer_indices, chosen)
+    parallel.barrier()
+    return path
 
 
 def _initial_projections(clip: CLIPBackbone, count: int) -> nn.Module:
@@ -193,9 +222,11 @@ def _with_mosaics(batch: tuple, by_category: dict[str, list], rate: float, gener
     return images, masks, categories
 
 
-def _step(clip, projections, optimiser, layer_indices, texts, images, masks, categories, *, config) -> float:
+def _step(clip, projections, optimiser, layer_indices, texts, images, masks, categories, *, config,
+          weight: float = 1.0) -> float:  # fmt: skip
     """One optimiser step of focal + dice between each layer's anomaly probabilities and the masks, at the image's
-    resolution (probabilities upsampled) or the patch grid's (masks averaged down), per ``config``."""
+    resolution (probabilities upsampled) or the patch grid's (masks averaged down), per ``config``; the gradient
+    is that of ``weight`` x the loss (a data-parallel process's share). Returns the loss, unweighted."""
     height, width = clip.grid
     size = clip.image_size
     with torch.no_grad():
@@ -209,9 +240,10 @@ def _step(clip, projections, optimiser, layer_indices, texts, images, masks, cat
         targets = torch.stack([F.adaptive_avg_pool2d(mask[None, None], (height, width)).flatten() for mask in masks])
     if config.binarise_masks:
         targets = (targets > 0.5).float()
+    targets = targets.to(tokens[0].device)
     text = torch.stack([texts[category] for category in categories])  # (B, 2, E)
     optimiser.zero_grad()
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=targets.device)
     for joint in projections(tokens):
         logits = clip.logit_scale * torch.einsum("bne,bke->bnk", F.normalize(joint, dim=-1), text)  # (B, N, 2)
         if config.loss_resolution == "image":  # upsample the logits, then softmax (APRIL-GAN's order)
@@ -221,7 +253,7 @@ def _step(clip, projections, optimiser, layer_indices, texts, images, masks, cat
             )
         probabilities = logits.softmax(-1)[..., 1]
         loss = loss + focal_loss(probabilities, targets) + dice_loss(probabilities, targets)
-    loss.backward()
+    (loss * weight).backward()
     optimiser.step()
     return float(loss.detach())
 

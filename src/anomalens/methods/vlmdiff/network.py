@@ -246,19 +246,29 @@ class VLMDiffNet(nn.Module):
         latents: torch.Tensor,
         images: torch.Tensor,
         captions: list[str],
-        generator: torch.Generator,
+        generator: torch.Generator | None = None,
+        *,
+        draws: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Noise-prediction MSE for normalised ``latents`` of ``images`` conditioned on ``captions``.
 
-        Timesteps and noise are drawn from ``generator`` (on the CPU), so training is reproducible.
+        Timesteps and noise are drawn from ``generator`` (on the CPU, :meth:`draw_noise`), so training is
+        reproducible; or given as ``draws`` (``(B,)`` timesteps, noise shaped like ``latents``): a data-parallel
+        process's share of the global batch's draws.
         """
-        batch = latents.shape[0]
-        timesteps = torch.randint(0, self.alphas_cumprod.numel(), (batch,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        timesteps, noise = draws if draws is not None else self.draw_noise(tuple(latents.shape), generator)
+        noise = noise.to(latents)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps.to(latents.device))
         condition = self.condition(captions)
         predicted = self.predict_noise(noisy, timesteps.to(latents.device), condition, images)
         return F.mse_loss(predicted.float(), noise.float())
+
+    def draw_noise(self, shape: tuple[int, ...],
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A training batch's random draws for latents of ``shape`` ``(B, C, h, w)``: ``(B,)`` timesteps, then noise
+        of ``shape`` (in that order, from ``generator``; on the CPU)."""
+        timesteps = torch.randint(0, self.alphas_cumprod.numel(), (shape[0],), generator=generator)
+        return timesteps, torch.randn(shape, generator=generator)
 
     @torch.no_grad()
     def reconstruct(

@@ -21,6 +21,7 @@ learns the caption-free condition used at test time).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalens.distributed import DataParallel
 from anomalens.io.datasets import list_datasets, open_dataset
 from anomalens.io.images import images_to_tensor, readable_images
 from anomalens.io.outputs import atomic_write_bytes, honour_umask, png_bytes
@@ -106,7 +108,7 @@ class VLMDiffTrainConfig:
     autoencoder_perceptual_weights: str | None = "default"  # its weights: "default" (torchvision's ImageNet
     # vgg16_bn), a file (e.g. CRAFT's craft_mlt_25k.pth, whose VGG16-BN layers load), or None (random: a guess)
     autoencoder_kl_weight: float = 1e-6  # weight of the KL term of a KL VAE (LDM's kl-f8 config)
-    device: str = "auto"  # "auto": the first GPU if present, else the CPU
+    device: str = "auto"  # "auto": the first GPU (under torchrun: cuda:LOCAL_RANK) if present, else the CPU
     weights_dir: str | None = None  # folder searched first for pretrained weights
 
     def __post_init__(self) -> None:
@@ -413,17 +415,33 @@ def train_vlmdiff(
         caption_progress: Wraps the captioning loop (e.g. ``tqdm``).
         stop_after: Stop (after checkpointing) once this step is reached, as an interruption would; for tests.
 
+    Launched by ``torchrun`` (several processes), training is data-parallel (:mod:`anomalens.distributed`): each
+    process takes its share of every global batch of ``batch_size`` images, and the weights are those one
+    process would train (to float tolerance); process 0 writes the run folder.
+
     Returns:
         The run folder.
 
     Raises:
-        ValueError: ``out`` holds a checkpoint of a run with different settings (the message names them).
+        ValueError: ``out`` holds a checkpoint of a run with different settings (the message names them), or
+            ``batch_size`` is smaller than the number of processes.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    resume = _read_resume(config, out, overwrite)
-    trainer = _Trainer(config, out, resume, caption_progress)
-    trainer.run(progress, stop_after)
+    parallel = DataParallel.from_environment(config.device)
+    try:
+        if config.batch_size < parallel.world_size:
+            raise ValueError(f"train vlmdiff option batch_size={config.batch_size} (the global batch) must be at least "
+                             f"the {parallel.world_size} data-parallel processes")  # fmt: skip
+        if parallel.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            resume = _read_resume(config, out, overwrite)
+        parallel.barrier()
+        if not parallel.is_main:  # after process 0 has cleared the run (overwrite) or checked it
+            resume = _read_resume(config, out, overwrite=False) if not overwrite else None
+        trainer = _Trainer(config, out, resume, caption_progress if parallel.is_main else None, parallel)
+        trainer.run(progress if parallel.is_main else None, stop_after)
+    finally:
+        parallel.close()
     return out
 
 
@@ -464,6 +482,18 @@ def _read_resume(config: VLMDiffTrainConfig, out: Path, overwrite: bool) -> dict
     return None
 
 
+class _NoiseLoss(torch.nn.Module):
+    """The training loss as a module's forward, for DistributedDataParallel to wrap (its parameters: the net's)."""
+
+    def __init__(self, net: VLMDiffNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, latents: torch.Tensor, images: torch.Tensor, captions: list[str], timesteps: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return self.net.training_loss(latents, images, captions, draws=(timesteps, noise))
+
+
 class _Trainer:
     """One training run: data, captions, model, optimiser and the training loop, resumable from a checkpoint.
 
@@ -471,27 +501,37 @@ class _Trainer:
     timesteps and noise), and its state is checkpointed, so a resumed run continues bit for bit.
     """
 
-    def __init__(self, config: VLMDiffTrainConfig, out: Path, resume: dict | None, caption_progress: Callable | None):
+    def __init__(self, config: VLMDiffTrainConfig, out: Path, resume: dict | None, caption_progress: Callable | None,
+                 parallel: DataParallel | None = None):  # fmt: skip
         self.config, self.out, self.resume = config, out, resume
-        self.device = _device(config.device)
+        self.parallel = parallel or DataParallel(0, 1, _device(config.device))
+        self.device = self.parallel.device
         self.autocast_dtype = _autocast_dtype(config.mixed_precision, self.device)
         self.images, self.paths, self.categories = load_training_images(config)
-        logger.info("training on %d normal image(s) of %s", len(self.paths), sorted(set(self.categories)))
-        captioner = VLMCaptioner(config.captioner, config.caption_prompt) if config.captioner else None
-        self.captions = caption_images(
-            self.paths,
-            class_names=self.categories,
-            caption_file=config.caption_file,
-            captioner=captioner,
-            cache=CaptionCache(out / CAPTION_CACHE) if captioner is not None else None,
-            template=config.caption_template,
-            progress=caption_progress,
-        )
+        if self.parallel.is_main:
+            logger.info("training on %d normal image(s) of %s", len(self.paths), sorted(set(self.categories)))
+        for main_turn in (True, False):  # process 0 captions (and fills the cache) first, the others read the cache
+            if self.parallel.is_main == main_turn:
+                self.captions = self._captions(caption_progress)
+            self.parallel.barrier()
         self.net = VLMDiffNet(config.architecture, weights_dir=config.weights_dir, init_seed=config.seed)
         self.net.to(self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.latents = self._prepare_latents()
         self._prepare_optimiser()
+
+    def _captions(self, caption_progress: Callable | None) -> list[str]:
+        config = self.config
+        captioner = VLMCaptioner(config.captioner, config.caption_prompt) if config.captioner else None
+        return caption_images(
+            self.paths,
+            class_names=self.categories,
+            caption_file=config.caption_file,
+            captioner=captioner,
+            cache=CaptionCache(self.out / CAPTION_CACHE) if captioner is not None else None,
+            template=config.caption_template,
+            progress=caption_progress,
+        )
 
     def _prepare_latents(self) -> torch.Tensor:
         """Fine-tune (or restore) the autoencoder, then encode the images and fit the latent statistics."""
@@ -550,9 +590,11 @@ class _Trainer:
                     "autoencoder_step": step,
                     "autoencoder_history": history,
                 }
-                _write_checkpoint(self.out, state)
-                write_loss_csv(self.out / AUTOENCODER_LOSS_CSV, history)
-                logger.info("autoencoder step %d/%d: loss %.4f", step, total, loss_sum)
+                if self.parallel.is_main:  # every process fine-tunes the same autoencoder; process 0 writes
+                    _write_checkpoint(self.out, state)
+                    write_loss_csv(self.out / AUTOENCODER_LOSS_CSV, history)
+                    logger.info("autoencoder step %d/%d: loss %.4f", step, total, loss_sum)
+                self.parallel.barrier()
         autoencoder.eval().requires_grad_(False)
 
     def _prepare_optimiser(self) -> None:
@@ -568,6 +610,10 @@ class _Trainer:
             if parameter.requires_grad
         ]
         self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        net.requires_grad_(False)  # only what the optimiser updates takes gradients (DDP averages exactly those)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        self.model = self.parallel.wrap(_NoiseLoss(net))
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.step, self.history = 0, []
         self.sampler = EpochSampler(len(self.paths), self.generator)
@@ -580,7 +626,13 @@ class _Trainer:
             self.sampler.order, self.sampler.position = self.resume["order"], self.resume["position"]
 
     def checkpoint(self) -> None:
-        """Write the resumable state, the run's model and its loss curve (each file atomically)."""
+        """Write the resumable state, the run's model and its loss curve (each file atomically; process 0 only,
+        the others waiting for it)."""
+        if self.parallel.is_main:
+            self._save_files()
+        self.parallel.barrier()
+
+    def _save_files(self) -> None:
         config, net = self.config, self.net
         state = {
             "config": config.resumable_fields(),
@@ -603,25 +655,36 @@ class _Trainer:
         plot_losses(self.out / LOSS_PLOT, steps, [row["loss"] for row in self.history])
 
     def optimiser_step(self) -> tuple[float, float]:
-        """One optimiser step over ``gradient_accumulation`` micro-batches; returns (loss, learning rate)."""
-        config = self.config
+        """One optimiser step over ``gradient_accumulation`` micro-batches; returns (loss, learning rate).
+
+        Every process draws each global micro-batch whole (indices, caption dropout, timesteps, noise: the one
+        generator, in one order) and computes the loss of its share, weighted by the share's size so that DDP's
+        gradient average is the gradient of the global batch's mean loss."""
+        config, parallel = self.config, self.parallel
         learning_rate = _learning_rate(config, self.step)
         for group in self.optimiser.param_groups:
             group["lr"] = learning_rate
         self.optimiser.zero_grad(set_to_none=True)
+        first, last = parallel.share(config.batch_size)
+        share = (last - first) / config.batch_size
         total = 0.0
-        for _ in range(config.gradient_accumulation):
+        for micro in range(config.gradient_accumulation):
             indices = self.sampler.next(config.batch_size)
             keep = torch.rand(len(indices), generator=self.generator) >= config.caption_dropout
+            timesteps, noise = self.net.draw_noise((len(indices), *self.latents.shape[1:]), self.generator)
+            indices, keep = indices[first:last], keep[first:last]
             captions = [self.captions[i] if kept else "" for i, kept in zip(indices.tolist(), keep.tolist())]
             latents = self.latents[indices].to(self.device)
             images = self.images[indices].to(self.device).float() / 255.0
             dtype = self.autocast_dtype
-            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                loss = self.net.training_loss(latents, images, captions, self.generator)
-            loss = loss / config.gradient_accumulation
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += float(loss.detach())
+            syncing = parallel.world_size == 1 or micro == config.gradient_accumulation - 1
+            with contextlib.nullcontext() if syncing else self.model.no_sync():  # all-reduce once per step
+                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = self.model(latents, images, captions, timesteps[first:last], noise[first:last])
+                loss = loss * (share * parallel.world_size / config.gradient_accumulation)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss.detach()) / parallel.world_size
+        total = parallel.sum(total)
         if self.scaler:
             self.scaler.step(self.optimiser)
             self.scaler.update()
@@ -662,6 +725,8 @@ class _Trainer:
         return math.ceil(epochs * len(self.paths) / (config.batch_size * config.gradient_accumulation))
 
     def _log_progress(self, seconds_per_step: float) -> None:
+        if not self.parallel.is_main:
+            return
         recent = [row["loss"] for row in self.history[-self.config.checkpoint_every :]]
         logger.info(
             "step %d/%d: mean loss %.4f over the last %d steps, %.0f s elapsed, about %.0f s left; checkpointed",
