@@ -47,7 +47,7 @@ LAYERS = (
     ("tiling",),  # tiles and stitching
     ("config", "thresholds", "drift"),  # method configs; threshold rules, options and the Calibration; drift tests
     ("runtime",),  # exported detectors without torch
-    ("nn",),  # torch building blocks
+    ("nn", "distributed"),  # torch building blocks; data-parallel training (torch.distributed under torchrun)
     ("backbones",),  # pretrained networks, their registry and weight sources
     ("registry",),  # method names to classes (imported by path on first use)
     ("persistence", "export"),  # saving and loading; ONNX / OpenVINO export

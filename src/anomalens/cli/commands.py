@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from anomalens.cli.parser import MethodOptions, ReferenceOptions
-from anomalens.distributed import is_main_process
 
 logger = logging.getLogger("anomalens")
 
@@ -670,6 +669,7 @@ def cmd_weights_download(options: Any, quiet: bool) -> int:
 
 
 def cmd_train_patchclip(options: Any, quiet: bool) -> int:
+    from anomalens.distributed import is_main_process
     from anomalens.methods.clipfusion.training import train_patchclip
 
     main = is_main_process()  # under torchrun, process 0 alone reports
@@ -687,6 +687,7 @@ def cmd_train_patchclip(options: Any, quiet: bool) -> int:
 def cmd_train_vlmdiff(options: Any, quiet: bool) -> int:
     from tqdm.auto import tqdm
 
+    from anomalens.distributed import is_main_process
     from anomalens.methods.vlmdiff.training import train_vlmdiff
 
     config = options.train
