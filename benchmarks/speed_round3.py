@@ -11,7 +11,8 @@ writes ``benchmarks/results/speed-before-after-round3.{json,md}`` from their res
 3. calibrated fit: ``calibrated_fit.py --refit`` (a coreset per fold vs one shared fit, 209 references; the
    false-alarm check);
 4. training: ``training_data_parallel.py`` (1 process vs 2 under torchrun);
-5. parity: ``parity_anomalib.py --repeats 5`` (alternating, median and range), when ``--anomalib-python`` is given;
+5. parity: ``parity_anomalib.py --repeats 5`` on WinCLIP+ and PatchCore, 8 images (alternating, median and range),
+   when ``--anomalib-python`` is given;
 6. the memory search's % of peak in ``anomalens benchmark-speed`` (``speed-cpu-2threads-round3``, PatchCore rows).
 
     python3 benchmarks/speed_round3.py --shared ../shared --anomalib-python /tmp/venv-anomalib/bin/python
@@ -75,7 +76,9 @@ def main() -> None:
             _run([python, "benchmarks/training_data_parallel.py", "--shared", shared], log)
         if "5" in items and args.anomalib_python:
             _run([python, "benchmarks/parity_anomalib.py", "--anomalib-python", args.anomalib_python, "--root",
-                  f"{shared}/datasets/mvtec", "--category", "bottle", "--repeats", "5"], log)  # fmt: skip
+                  f"{shared}/datasets/mvtec", "--category", "bottle", "--images", "8", "--repeats", "5", "--cases",
+                  "winclip-1shot,patchcore-1shot", "--out", str(RESULTS / "parity-anomalib-round3.json")],
+                 log)  # fmt: skip
     summary = _summary()
     previous = _load("speed-before-after-round3.json")
     if args.summary_only and previous:  # keep the record of the runs the results came from
@@ -88,8 +91,9 @@ def _summary() -> dict:
     rows = []
     search = _load("memory-search-round3.json")
     if search:
-        rows.append({"item": "1. exact memory search (4,096 x 85,607 x 128)", "before": search.get("before"),
-                     "after": search.get("after"), "source": "memory-search-round3.json"})  # fmt: skip
+        rows.append({"item": "1. exact memory search (4,096 x 85,607 x 128)", "before": search["rows"]["before"],
+                     "after": search["rows"]["after"], "speedup": search["speedup"],
+                     "source": "memory-search-round3.json"})  # fmt: skip
     approximate = _load("approximate-search-bottle.json")
     if approximate:
         settings = approximate["settings"]
@@ -131,14 +135,20 @@ def _summary() -> dict:
                                 "networks_percent_of_peak": figures["networks_percent_of_peak"]}
                                for record in speed["records"] for batch, figures in record["batches"].items()],
                      "source": "speed-cpu-2threads-round3.json"})  # fmt: skip
-    parity = _load("parity-anomalib.json")
+    parity = _load("parity-anomalib-round3.json")
     if parity:
         rows.append({"item": "5. parity with anomalib, alternating repeats", "after": {
             name: {key: case.get(key) for key in ("anomalens_seconds_per_image", "anomalib_seconds_per_image",
                                                   "anomalens_seconds_per_image_range",
                                                   "anomalib_seconds_per_image_range", "paired_ratio_median",
                                                   "paired_ratio_range", "repeats", "target_met")}
-            for name, case in parity["cases"].items()}, "source": "parity-anomalib.json"})  # fmt: skip
+            for name, case in parity["cases"].items()}, "source": "parity-anomalib-round3.json"})  # fmt: skip
+    for row in rows:  # where each figure came from: the command and machine its own result file records
+        record = _load(row["source"].split(" ")[0]) if row["source"].endswith(".json") else None
+        if record:
+            row["made_by"] = record.get("command")
+            machine = record.get("machine")
+            row["when"] = machine.get("timestamp") if isinstance(machine, dict) else record.get("date")
     return {"benchmark": "speed round three, before and after", "items": rows}
 
 
@@ -146,6 +156,7 @@ def _markdown(result: dict) -> str:
     lines = [f"# {result['benchmark']}", "", f"`{result['command']}`", "",
              f"Machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} threads, torch "
              f"{result['machine']['torch']}.", ""]  # fmt: skip
+    lines += ["| item | before | after |", "|---|---|---|", *_glance(result["items"]), ""]
     for row in result["items"]:
         lines += [f"## {row['item']}", "", f"Source: `benchmarks/results/{row['source']}`.", "", "```json",
                   json.dumps({key: value for key, value in row.items() if key not in ("item", "source")}, indent=1,
@@ -154,6 +165,43 @@ def _markdown(result: dict) -> str:
         lines += ["## Runs", "", "| command | seconds | exit |", "|---|---|---|"]
         lines += [f"| `{run['command']}` | {run['seconds']} | {run['returncode']} |" for run in result["runs"]]
     return "\n".join(lines) + "\n"
+
+
+def _glance(items: list[dict]) -> list[str]:
+    """One line per item: the figures that answer it."""
+    lines = []
+    for row in items:
+        item, before, after = row["item"], row.get("before"), row.get("after")
+        if item.startswith("1. exact"):
+            lines.append(f"| {item} | {before['median_s']:.3f} s, {before['percent_of_peak']:.0f}% of the fp32 peak | "
+                         f"{after['median_s']:.3f} s, {after['percent_of_peak']:.0f}% ({row['speedup']:.2f}x) |")
+        elif item.startswith("1. approximate"):
+            best = after.get("probes=8") or next(iter(after.values()))
+            lines.append(f"| {item} | exact {before['memory_search_seconds_per_image']:.3f} s/img | probes 8: "
+                         f"{best['memory_search_seconds_per_image']:.3f} s/img, recall {best['recall']:.4f}, largest "
+                         f"metric difference {best['largest_metric_difference']:.4f} |")
+        elif item.startswith("1. full-shot") and before and after:
+            lines.append(f"| {item} | {before['seconds_per_image']:.3f} s/img, I-AUROC {before['image_auroc']:.4f} | "
+                         f"{after['seconds_per_image']:.3f} s/img, I-AUROC {after['image_auroc']:.4f} |")
+        elif item.startswith("2. bf16"):
+            cells = [f"{name}: eager {network['levers']['eager']['percent_of_bf16_peak']:.0f}%, best "
+                     f"{max(lever['percent_of_bf16_peak'] for lever in network['levers'].values()):.0f}%"
+                     for name, network in after.items()]
+            lines.append(f"| {item} | (the issue: 31-46% on an AMX Xeon) | {'; '.join(cells)} of the bf16 peak |")
+        elif item.startswith("3.") and before and after:
+            plain = row["plain"]["seconds"]
+            lines.append(f"| {item} | a coreset per fold: {before['seconds']} s ({before['seconds'] / plain:.2f}x the "
+                         f"plain fit) | one shared fit: {after['seconds']} s ({after['seconds'] / plain:.2f}x) |")
+        elif item.startswith("4."):
+            lines.append(f"| {item} | {before['seconds_per_step']} s/step | {after['seconds_per_step']} s/step "
+                         f"({row['speedup']}x), weights within {row['largest_weight_difference']:.1e} |")
+        elif item.startswith("5."):
+            cells = [f"{name}: anomalib / anomalens {case['paired_ratio_median']:.2f} (range "
+                     f"{case['paired_ratio_range'][0]:.2f}-{case['paired_ratio_range'][1]:.2f})"
+                     for name, case in after.items()]
+            repeats = next(iter(after.values()))["repeats"] if after else 0
+            lines.append(f"| {item} | one pass each | {'; '.join(cells)} over {repeats} alternating repeats |")
+    return lines
 
 
 if __name__ == "__main__":
