@@ -117,6 +117,8 @@ def test_memory_search_stays_float32_under_autocast():
 # differences of features rounded to bfloat16.
 BFLOAT16_TOLERANCE = {"min_correlation": 0.99, "max_relative_difference": 0.03}
 BFLOAT16_TOLERANCE_PER_METHOD = {"patchcore": {"min_correlation": 0.97, "max_relative_difference": 0.06}}
+# the ensemble's map is a weighted sum of its members' (PatchCore among them): no closer than its loosest member's
+BFLOAT16_TOLERANCE_PER_METHOD["ensemble"] = BFLOAT16_TOLERANCE_PER_METHOD["patchcore"]
 
 
 @pytest.mark.parametrize("method", METHODS)
