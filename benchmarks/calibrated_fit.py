@@ -27,18 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from false_alarm import clopper_pearson  # this folder's script, beside it on the path
 from sklearn.metrics import roc_auc_score
 
 import anomalens
 from anomalens.evaluation.profiling import write_benchmark_json
 from anomalens.io.outputs import atomic_write_text
-
-
-def clopper_pearson(flagged: int, total: int) -> tuple[float, float]:
-    low = stats.beta.ppf(0.025, flagged, total - flagged + 1) if flagged else 0.0
-    high = stats.beta.ppf(0.975, flagged + 1, total - flagged) if flagged < total else 1.0
-    return float(low), float(high)
 
 
 def refitting(detector):
